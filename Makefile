@@ -1,0 +1,34 @@
+# nanogdrt: the commands a user needs. `make setup` once, then `make test`.
+PY      ?= .venv/bin/python
+VENV    := .venv
+STAMP   := $(VENV)/.installed
+CKPT    := checkpoints/smollm2-135m-instruct/model.safetensors
+
+.PHONY: setup test train bench bench-train tutorials clean
+
+setup: $(STAMP) $(CKPT)
+
+# The CPU wheel of torch is pinned first so that nothing pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+$(CKPT): $(STAMP)
+	$(PY) -m nanogdrt.checkpoint
+
+test: setup
+	$(PY) -m pytest -q
+
+train: setup
+	$(PY) train.py
+
+bench: bench-train
+
+bench-train: setup
+	$(PY) bench/bench_train.py
+
+clean:
+	rm -rf $(VENV) checkpoints .pytest_cache
