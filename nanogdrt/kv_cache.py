@@ -119,14 +119,14 @@ class SharedPrefixCache(nn.Module):
         pre_v = self.prefix.v[layer, :, :, :P]
 
         # Prompt part: fold all beams (and the GQA group) of a user into the query axis.
-        q_shared = (q.view(N, beams, Hkv, g, T, D).permute(0, 2, 1, 3, 4, 5)
+        q_shared = (q.reshape(N, beams, Hkv, g, T, D).permute(0, 2, 1, 3, 4, 5)
                     .reshape(N, Hkv, beams * g * T, D))
         s_pre = (q_shared @ pre_k.transpose(-1, -2)) * scale                    # (N, Hkv, beams*g*T, P)
         s_pre = s_pre.masked_fill(~self.prefix.valid[:, None, None, :P], float("-inf"))
         s_pre = (s_pre.view(N, Hkv, beams, g * T, P).permute(0, 2, 1, 3, 4)
                  .reshape(B, Hkv, g * T, P))
         # Generated part: each beam's own tokens, causal among the new ones.
-        q_own = q.view(B, Hkv, g * T, D)
+        q_own = q.reshape(B, Hkv, g * T, D)
         s_gen = (q_own @ gen_k.transpose(-1, -2)) * scale                       # (B, Hkv, g*T, S)
         own_mask = self.generated._mask[:, :, None].expand(B, 1, g, T, -1).reshape(B, 1, g * T, -1)
         s_gen = s_gen.masked_fill(~own_mask, float("-inf"))
