@@ -137,4 +137,4 @@ class SharedPrefixCache(nn.Module):
                  .reshape(N, Hkv, beams * g * T, P))
         y_pre = (p_pre @ pre_v).view(N, Hkv, beams, g, T, D).permute(0, 2, 1, 3, 4, 5)
         y = y_pre.reshape(B, Hkv, g * T, D) + p_gen @ gen_v                     # (B, Hkv, g*T, D)
-        return y.view(B, Hq, T, D)
+        return y.reshape(B, Hq, T, D)
