@@ -1,0 +1,103 @@
+"""Metrics against hand-computed cases, and NDCG against scikit-learn's ndcg_score."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+from sklearn.metrics import ndcg_score
+
+from nanogdrt.metrics import (evaluate, group_distribution, group_unfairness, item_groups,
+                              per_user_metrics, target_ranks)
+
+# four users: target at rank 0, rank 4, rank 7, and absent
+RANKED = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+          [11, 12, 13, 14, 15, 16, 17, 18, 19, 20],
+          [21, 22, 23, 24, 25, 26, 27, 28, 29, 30],
+          [31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
+TARGETS = [1, 15, 28, 99]
+
+
+def test_ranks_hr_ndcg_by_hand():
+    assert target_ranks(RANKED, TARGETS) == [0, 4, 7, None]
+    m5 = per_user_metrics(RANKED, TARGETS, 5)
+    np.testing.assert_allclose(m5["hit"], [1, 1, 0, 0])
+    np.testing.assert_allclose(m5["ndcg"], [1, 1 / math.log2(6), 0, 0])
+    out = evaluate(RANKED, TARGETS, histories=[[]] * 4)
+    # HR@5 = 2/4; NDCG@5 = (1 + 1/log2(6)) / 4; HR@10 = 3/4; NDCG@10 adds 1/log2(9)
+    assert out["HR@5"] == pytest.approx(0.5)
+    assert out["NDCG@5"] == pytest.approx((1 + 0.3868528) / 4, abs=1e-7)
+    assert out["HR@10"] == pytest.approx(0.75)
+    assert out["NDCG@10"] == pytest.approx((1 + 0.3868528 + 0.3154649) / 4, abs=1e-7)
+    assert set(out) == {"NDCG@5", "HR@5", "NDCG@10", "HR@10"}  # no groups given: no MGU/DGU
+    assert all(isinstance(v, float) for v in out.values())
+
+
+def test_shared_titles_count_as_the_target():
+    titles = {1: "Uno", 2: "Jenga", 3: "Uno"}
+    assert target_ranks([[2, 3]], [1]) == [None]
+    assert target_ranks([[2, 3]], [1], titles=titles) == [1]
+    assert evaluate([[2, 3]], [1], [[]], titles=titles, ks=(1, 2)) == {
+        "NDCG@1": 0.0, "HR@1": 0.0, "NDCG@2": pytest.approx(1 / math.log2(3)), "HR@2": 1.0}
+
+
+def test_ndcg_matches_sklearn():
+    # one relevant item per user: scikit-learn's NDCG@k on scores that rank our list first
+    rng = random.Random(0)
+    ranked, targets = [], []
+    for _ in range(50):
+        items = rng.sample(range(100), 20)
+        ranked.append(items)
+        targets.append(rng.choice(items) if rng.random() < 0.8 else 100)
+    for k in (5, 10):
+        ours = per_user_metrics(ranked, targets, k)["ndcg"]
+        for items, target, value in zip(ranked, targets, ours):
+            y_true = np.zeros((1, 101))
+            y_true[0, target] = 1
+            y_score = np.full((1, 101), -1.0)  # unlisted items below every listed one
+            y_score[0, items] = np.arange(len(items), 0, -1)
+            if target == 100:
+                y_score[0, 100] = -2.0  # the absent target last: ndcg 0 at k <= 20
+            assert value == pytest.approx(ndcg_score(y_true, y_score, k=k), abs=1e-12)
+
+
+def test_item_groups_equal_sizes_highest_first():
+    relevance = {i: float(i) for i in range(1, 11)}  # item 10 most relevant
+    groups = item_groups(relevance)
+    assert groups == {10: 1, 9: 1, 8: 2, 7: 2, 6: 3, 5: 3, 4: 4, 3: 4, 2: 5, 1: 5}
+    sizes = np.bincount(list(item_groups({i: 0.0 for i in range(11)}).values()))[1:]
+    assert sizes.tolist() == [3, 2, 2, 2, 2]  # sizes differ by at most one
+    ties = item_groups({5: 1.0, 3: 1.0, 4: 1.0, 1: 1.0, 2: 1.0})
+    assert ties == {1: 1, 2: 2, 3: 3, 4: 4, 5: 5}  # ties broken by item id
+    with pytest.raises(ValueError):
+        item_groups({1: 0.0}, n_groups=5)
+
+
+def test_mgu_dgu_by_hand():
+    item_group = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 1}
+    ranked = [[1, 6, 3], [1, 2, 99]]   # 99 has no group: ignored
+    histories = [[3, 4], [5, 1, 99]]
+    # top-2 groups: 1, 1, 1, 2 -> GP = [.75, .25, 0, 0, 0]; history groups 3, 4, 5, 1 -> GH = [.25, 0, .25, .25, .25]
+    # GP - GH = [.5, .25, -.25, -.25, -.25] -> MGU = 1.5 / 5 = .3, DGU = .5 - (-.25) = .75
+    assert group_unfairness(ranked, histories, item_group, k=2) == pytest.approx((0.3, 0.75))
+    # top-1: groups 1, 1 -> GP = [1, 0, 0, 0, 0]; GP - GH = [.75, 0, -.25, -.25, -.25]
+    assert group_unfairness(ranked, histories, item_group, k=1) == pytest.approx((0.3, 1.0))
+    out = evaluate(ranked, [1, 2], histories, item_group=item_group, ks=(1, 2))
+    assert out["MGU@2"] == pytest.approx(0.3) and out["DGU@1"] == pytest.approx(1.0)
+    # recommendations that mirror the histories are perfectly fair
+    assert group_unfairness([[3, 4], [5, 1]], histories, item_group, k=2) == pytest.approx((0.0, 0.0))
+
+
+def test_group_distribution():
+    item_group = {1: 1, 2: 2, 3: 2, 4: 5}
+    np.testing.assert_allclose(group_distribution([1, 2, 3, 4, 7], item_group), [0.25, 0.5, 0, 0, 0.25])
+    np.testing.assert_allclose(group_distribution([], item_group), np.zeros(5))
+    top1 = group_distribution([r[0] for r in [[1, 2], [3], [3, 1]]], item_group, n_groups=5)
+    np.testing.assert_allclose(top1, [1 / 3, 2 / 3, 0, 0, 0])
+
+
+def test_bad_input():
+    with pytest.raises(ValueError):
+        evaluate([[1]], [1, 2], [[]])
+    with pytest.raises(ValueError):
+        per_user_metrics([[1]], [1], k=0)
