@@ -1,0 +1,83 @@
+"""Training checkpoints that resume exactly: adapter, AdamW moments, RNG states, counters.
+
+One folder, written whole or not at all:
+
+    state/adapter_model.safetensors + adapter_config.json   the LoRA weights (PEFT format)
+    state/optimizer.safetensors                             AdamW's step / exp_avg / exp_avg_sq
+    state/rng.safetensors                                   torch CPU (and CUDA) generator states
+    state/trainer_state.json                                epoch, batch, step, logs, best, config
+
+Only safetensors and JSON: nothing is unpickled. The folder is written as `state.tmp`, then
+swapped in by renames, so a crash mid-write leaves the previous checkpoint intact (`state.old`
+is picked up if the crash fell between the two renames). Batch order is a pure function of
+(seed, epoch) and dropout draws from the restored RNG, so a resumed run repeats exactly the
+steps an uninterrupted one would take.
+"""
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from nanogdrt.lora import load_adapter, save_adapter
+
+
+def _optimizer_tensors(optimizer):
+    sd = optimizer.state_dict()
+    tensors = {f"{idx}.{name}": t.detach().cpu().contiguous()
+               for idx, s in sd["state"].items() for name, t in s.items() if torch.is_tensor(t)}
+    return tensors, sd["param_groups"]
+
+
+def save_state(folder, model, optimizer, state: dict, lora_config, run_config):
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(model, tmp, lora_config)
+    tensors, groups = _optimizer_tensors(optimizer)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, str(tmp / "rng.safetensors"))
+    (tmp / "trainer_state.json").write_text(json.dumps(
+        {**state, "param_groups": groups, "config": asdict(run_config)}, indent=1))
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(folder, model, optimizer, device="cpu") -> dict:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "trainer_state.json").is_file():
+        old = folder.with_name(folder.name + ".old")
+        if not (old / "trainer_state.json").is_file():
+            raise SystemExit(f"--resume: no checkpoint in {folder} (nothing to resume)")
+        folder = old
+    try:
+        saved = json.loads((folder / "trainer_state.json").read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{folder / 'trainer_state.json'}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    load_adapter(model, folder)
+    model.to(device)
+    tensors = load_file(str(folder / "optimizer.safetensors"), device=str(device))
+    opt_state = {}
+    for key, t in tensors.items():
+        idx, name = key.split(".", 1)
+        opt_state.setdefault(int(idx), {})[name] = t.cpu() if name == "step" else t
+    optimizer.load_state_dict({"state": opt_state, "param_groups": saved.pop("param_groups")})
+    rng = load_file(str(folder / "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    saved.pop("config", None)
+    return saved

@@ -1,0 +1,364 @@
+"""Fine-tune an LLM recommender with SFT (Eq. 1) or GDRT (Eq. 5); choose on validation; test.
+
+    python train.py                                   # offline: synthetic data, embedded SmolLM2-135M
+    python train.py --dataset toy --method gdrt       # the paper's Amazon Toys split
+    python train.py --dataset toy --method sft --out runs/toy-sft
+
+The script follows §3 of the paper, top to bottom:
+  1. prompts: the history titles -> prompt ids; the target title -> the ids to generate
+  2. Eq. 3: every target token's relevance to the auxiliary tokens, with the history -> "N/A";
+     Eq. 2: every item's relevance (mean over its tokens), for the fairness groups of the metrics
+  3. §3.2: 1-D k-means over the target tokens' relevance -> G token groups
+  4. LoRA fine-tuning; each step weights the group losses L(g) by Q = softmax(L(g) / tau) (Eq. 5)
+  5. each epoch: NDCG@5 on validation by constrained beam search; the best adapter is kept
+  6. the best adapter is tested: NDCG/HR@5,10, MGU/DGU@5,10, top-1 item-group distribution
+Everything lands in <out>/: results.json, best_adapter/ (PEFT format), PNG figures, and state/
+(the last checkpoint: `--resume` continues an interrupted run and ends where it would have).
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import nanogdrt
+from nanogdrt import grouping, metrics, plots
+from nanogdrt.checkpoint import ensure_embedded_checkpoint
+from nanogdrt.data import load_dataset
+from nanogdrt.llama import Llama
+from nanogdrt.lora import LoRAConfig, inject_lora, load_adapter, lora_parameters, save_adapter
+from nanogdrt.loss import gdrt_loss, sft_loss, token_nll
+from nanogdrt.prompt import PromptBuilder
+from nanogdrt.recommend import RELEVANCE_CACHE, build_trie, recommend, score
+from nanogdrt.tokenizer import Tokenizer
+from nanogdrt.train_state import load_state, save_state
+
+
+@dataclass
+class RunConfig:
+    dataset: str = "synthetic"
+    data_dir: str | None = None
+    train_file: str | None = None
+    method: str = "gdrt"
+    model: str | None = None
+    train_samples: int | None = None
+    valid_users: int | None = None
+    test_users: int | None = None
+    epochs: int = 2
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    groups: int = 5
+    tau: float = 0.5
+    grouping: str = "kmeans"
+    regroup_every_epoch: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    beams: int = 10
+    eval_batch_size: int = 8
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    out: str | None = None
+    resume: bool = False
+    save_every: int = 50
+    max_steps: int | None = None
+    skip_bad: bool = False
+
+
+# Paper-like defaults scaled to 2 CPU cores, per dataset (a flag on the command line wins).
+DATASET_DEFAULTS = {
+    "synthetic": dict(train_samples=320, valid_users=64, test_users=200, epochs=2),
+    "toy": dict(train_file="train_1000.csv", train_samples=1000, valid_users=200, test_users=1000, epochs=2),
+}
+
+
+def parse_args(argv=None) -> RunConfig:
+    d = RunConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--dataset", default=d.dataset, help="toy | clothing | book | synthetic (embedded, offline)")
+    a("--data-dir", default=None, help="dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
+    a("--train-file", default=None, help="which train*.csv of the folder (toy: train_1000.csv)")
+    a("--method", default=d.method, choices=["sft", "gdrt"], help="SFT (Eq. 1) or GDRT (Eq. 5)")
+    a("--model", default=None, help="Hugging Face Llama folder (default: embedded SmolLM2-135M-Instruct)")
+    a("--train-samples", type=int, default=None, help="seeded sample of training windows (paper: 10,000)")
+    a("--valid-users", type=int, default=None, help="seeded sample of validation users per epoch")
+    a("--test-users", type=int, default=None, help="seeded sample of test users (default per dataset)")
+    a("--epochs", type=int, default=None, help="training epochs (paper: 5)")
+    a("--batch-size", type=int, default=d.batch_size, help="examples per micro-batch")
+    a("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    a("--lr", type=float, default=d.lr, help="AdamW learning rate of the LoRA parameters")
+    a("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    a("--clip", type=float, default=d.clip, help="gradient-norm clip")
+    a("--groups", type=int, default=d.groups, help="G token groups (paper grid: 2, 5, 10)")
+    a("--tau", type=float, default=d.tau, help="Group-DRO temperature (paper grid: 0.1 .. 1.0)")
+    a("--grouping", default=d.grouping, choices=["kmeans", "quantile"], help="how tokens are split by relevance")
+    a("--regroup-every-epoch", action="store_true", help="re-score relevance with the current model each epoch")
+    a("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
+    a("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA alpha (scale alpha/r)")
+    a("--lora-dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA path")
+    a("--lora-targets", nargs="+", default=d.lora_targets, help="module names that get LoRA")
+    a("--beams", type=int, default=d.beams, help="beam width of constrained beam search (paper: 10)")
+    a("--eval-batch-size", type=int, default=d.eval_batch_size, help="users decoded together")
+    a("--seed", type=int, default=d.seed, help="seed of sampling, batching, LoRA init and dropout")
+    a("--device", default=d.device, help="cpu | cuda | mps")
+    a("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="model dtype")
+    a("--out", default=None, help="run folder (default: runs/<dataset>-<method>)")
+    a("--resume", action="store_true", help="continue from <out>/state")
+    a("--save-every", type=int, default=d.save_every, help="checkpoint every N optimizer steps")
+    a("--max-steps", type=int, default=None, help="stop after N optimizer steps in all (then --resume)")
+    a("--skip-bad", action="store_true", help="skip malformed data rows (counted in results.json)")
+    args = vars(p.parse_args(argv))
+    for key, value in DATASET_DEFAULTS.get(args["dataset"], {}).items():
+        if args.get(key) is None:
+            args[key] = value
+    args["epochs"] = args["epochs"] or 2
+    args["out"] = args["out"] or f"runs/{args['dataset']}-{args['method']}"
+    return RunConfig(**{k.replace("-", "_"): v for k, v in args.items()})
+
+
+# ----------------------------------------------------------------------------- data -> tensors
+
+def make_examples(builder, interactions, titles):
+    """Prompt + target ids of each training window, with where the target lies."""
+    return [builder.build([titles[i] for i in x.history], titles[x.target]) for x in interactions]
+
+
+def collate(examples, token_groups, indices, pad_id, device):
+    """Right-padded (B, T) ids, the target mask and each target token's group id (0 elsewhere)."""
+    T = max(len(examples[i].ids) for i in indices)
+    ids = torch.full((len(indices), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(indices), T, dtype=torch.bool)
+    groups = torch.zeros(len(indices), T, dtype=torch.long)
+    for row, i in enumerate(indices):
+        ex = examples[i]
+        ids[row, :len(ex.ids)] = torch.tensor(ex.ids)
+        s, e = ex.target
+        mask[row, s:e] = True
+        groups[row, s:e] = token_groups[i]
+    return ids.to(device), mask.to(device), groups.to(device)
+
+
+def epoch_batches(n, batch_size, seed, epoch):
+    """The example indices of each micro-batch; a pure function of (seed, epoch) for --resume."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+# ----------------------------------------------------------------------------- steps
+
+def train_step(model, cfg, examples, token_groups, micro_batches, pad_id):
+    """One optimizer step's worth of forward/backward over `grad_accum` micro-batches."""
+    log = {"loss": 0.0, "group_loss": torch.zeros(cfg.groups), "q": torch.zeros(cfg.groups)}
+    for indices in micro_batches:
+        ids, target_mask, groups = collate(examples, token_groups, indices, pad_id, cfg.device)
+        hidden = model.hidden_states(ids)                               # right padding: no mask needed
+        nll = token_nll(model.logits, hidden, ids, target_mask).nll     # (N,) target tokens only
+        if cfg.method == "gdrt":
+            out = gdrt_loss(nll, groups[target_mask], cfg.groups, cfg.tau)   # Eq. 5
+            loss = out.loss
+            log["group_loss"] += out.group_loss.cpu() / len(micro_batches)
+            log["q"] += out.q.cpu() / len(micro_batches)
+        else:
+            loss = sft_loss(nll)                                            # Eq. 1
+            for g in range(cfg.groups):  # logged for Fig. 6 even though SFT ignores the groups
+                sel = groups[target_mask] == g + 1
+                if sel.any():
+                    log["group_loss"][g] += nll[sel].mean().item() / len(micro_batches)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()}")
+        (loss / len(micro_batches)).backward()
+        log["loss"] += loss.item() / len(micro_batches)
+    return log
+
+
+def evaluate(model, builder, trie, interactions, titles, item_group, cfg, desc):
+    model.eval()
+    records = recommend(model, builder, trie, interactions, titles, beams=cfg.beams,
+                        batch_size=cfg.eval_batch_size, progress=True)
+    model.train()
+    result = score(records, interactions, titles, item_group)
+    top1 = [r["topk_item_ids"][0] for r in records if r["topk_item_ids"]]
+    result["top1_group_distribution"] = metrics.group_distribution(top1, item_group, 5).tolist()
+    print(f"{desc}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+    return result, records
+
+
+def relevance_groups(model, builder, dataset, cfg, cached=True):
+    """Eq. 2/3 under `model`: per-item token log-probs, the token groups of every training
+    example (§3.2) and the 5 item groups of the fairness metrics."""
+    items = sorted(dataset.titles)
+    titles = [dataset.titles[i] for i in items]
+    logprobs = (grouping.load_or_compute(model, builder, dataset.name, titles, RELEVANCE_CACHE) if cached
+                else grouping.item_token_logprobs(model, builder, titles))
+    position = {item: k for k, item in enumerate(items)}
+    token_rel = grouping.token_relevance(logprobs, [position[x.target] for x in dataset.train])
+    token_groups = grouping.token_groups(token_rel, cfg.groups, method=cfg.grouping, seed=cfg.seed)
+    item_rel = dict(zip(items, grouping.item_relevance(logprobs).tolist()))
+    return token_groups, metrics.item_groups(item_rel, 5), token_rel
+
+
+# ----------------------------------------------------------------------------- the run
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    out = Path(cfg.out)
+    times = {}
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    dtype = getattr(torch, cfg.dtype)
+
+    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_file=cfg.train_file,
+                           train_samples=cfg.train_samples, valid_samples=cfg.valid_users,
+                           test_samples=cfg.test_users, seed=cfg.seed, skip_bad=cfg.skip_bad)
+    model_dir = Path(cfg.model) if cfg.model else ensure_embedded_checkpoint()
+    model = Llama.from_pretrained(model_dir, dtype=dtype, device=cfg.device)
+    tokenizer = Tokenizer(model_dir)
+    builder = PromptBuilder(tokenizer, cfg.dataset if cfg.dataset in ("toy", "book", "clothing") else "synthetic")
+    print(f"{cfg.dataset}: {len(dataset.titles)} items, {len(dataset.train)} train / {len(dataset.valid)} "
+          f"valid / {len(dataset.test)} test windows; model {model_dir}; method {cfg.method}")
+
+    # Steps 2-3: relevance under the model at the start of fine-tuning (no adapter), then groups.
+    t = time.perf_counter()
+    token_groups, item_group, token_rel = relevance_groups(model, builder, dataset, cfg)
+    times["grouping_s"] = time.perf_counter() - t
+    examples = make_examples(builder, dataset.train, dataset.titles)
+    trie = build_trie(builder, dataset.titles)
+
+    # Step 4: LoRA on the frozen model.
+    lora = LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                      target_modules=tuple(cfg.lora_targets))
+    inject_lora(model, lora)
+    model.to(cfg.device)
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = {"epoch": 0, "batch": 0, "step": 0, "steps": [], "epochs": [], "best": None}
+    if cfg.resume:
+        state = load_state(out / "state", model, optimizer, device=cfg.device)
+        print(f"resumed from {out / 'state'}: epoch {state['epoch'] + 1}, step {state['step']}")
+    elif (out / "state").exists():
+        raise SystemExit(f"{out / 'state'} exists: pass --resume to continue that run, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    model.train()
+
+    t = time.perf_counter()
+    stopped = False
+    for epoch in range(state["epoch"], cfg.epochs):
+        if cfg.regroup_every_epoch and epoch > 0:
+            model.eval()
+            token_groups, _, token_rel = relevance_groups(model, builder, dataset, cfg, cached=False)
+            model.train()
+        batches = epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch)
+        steps = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
+        bar = tqdm(range(state["batch"], len(steps)), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   initial=state["batch"], total=len(steps))
+        for b in bar:
+            try:
+                log = train_step(model, cfg, examples, token_groups, steps[b], tokenizer.pad_id)
+            except FloatingPointError as e:
+                raise SystemExit(f"{e} at epoch {epoch + 1}, step {state['step'] + 1}: stopping. The last "
+                                 f"good checkpoint is {out / 'state'} (--resume); try a lower --lr.") from None
+            torch.nn.utils.clip_grad_norm_(lora_parameters(model), cfg.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["batch"] = b + 1
+            state["steps"].append({"step": state["step"], "loss": log["loss"],
+                                   "group_loss": log["group_loss"].tolist(), "q": log["q"].tolist()})
+            bar.set_postfix(loss=f"{log['loss']:.3f}",
+                            Q=" ".join(f"{q:.2f}" for q in log["q"].tolist()) if cfg.method == "gdrt" else "-")
+            if state["step"] % cfg.save_every == 0:
+                save_state(out / "state", model, optimizer, state, lora, cfg)
+            if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
+                stopped = True
+                break
+        if stopped:
+            break
+        # Step 5: choose on validation (the paper's protocol), never on test.
+        result, _ = evaluate(model, builder, trie, dataset.valid, dataset.titles, item_group, cfg,
+                             f"epoch {epoch + 1} valid")
+        state["epochs"].append({"epoch": epoch + 1, "step": state["step"], "valid": result,
+                                "top1_group1_share": result["top1_group_distribution"][0]})
+        if state["best"] is None or result["NDCG@5"] > state["best"]["NDCG@5"]:
+            state["best"] = {"epoch": epoch + 1, "NDCG@5": result["NDCG@5"]}
+            save_adapter(model, out / "best_adapter", lora, str(model_dir))
+        state["epoch"], state["batch"] = epoch + 1, 0
+        save_state(out / "state", model, optimizer, state, lora, cfg)
+    times["train_and_valid_s"] = time.perf_counter() - t
+    if stopped:
+        save_state(out / "state", model, optimizer, state, lora, cfg)
+        print(f"stopped after {state['step']} steps (--max-steps); continue with --resume")
+        return
+
+    # Step 6: test the best adapter.
+    t = time.perf_counter()
+    load_adapter(model, out / "best_adapter")
+    test, records = evaluate(model, builder, trie, dataset.test, dataset.titles, item_group, cfg, "test")
+    times["test_s"] = time.perf_counter() - t
+    times["total_s"] = time.perf_counter() - t0
+    target_dist = metrics.group_distribution([x.target for x in dataset.test], item_group, 5).tolist()
+    results = {
+        "config": asdict(cfg),
+        "versions": {"nanogdrt": getattr(nanogdrt, "__version__", "0.1.0"), "torch": torch.__version__,
+                     "python": platform.python_version(), "machine": platform.machine()},
+        "relevance_model": ("current model, re-scored every epoch" if cfg.regroup_every_epoch
+                            else f"{model_dir} before fine-tuning (no adapter)"),
+        "dataset": {"name": dataset.name, "source": dataset.source, "items": len(dataset.titles),
+                    "train": len(dataset.train), "valid": len(dataset.valid), "test": len(dataset.test),
+                    "skipped": dataset.skipped},
+        "token_groups": {"counts": torch.bincount(torch.cat(token_groups), minlength=cfg.groups + 1)[1:].tolist(),
+                         "mean_relevance": [float(torch.cat(token_rel)[torch.cat(token_groups) == g].mean())
+                                            for g in range(1, cfg.groups + 1)]},
+        "best_epoch": state["best"]["epoch"],
+        "epochs": state["epochs"],
+        "test": test,
+        "test_target_group_distribution": target_dist,
+        "steps": state["steps"],
+        "wall_times": times,
+    }
+    write_json_atomic(out / "results.json", results)
+    draw_figures(out, cfg, state["steps"], test["top1_group_distribution"], target_dist)
+    print_table(cfg, test, times)
+
+
+def write_json_atomic(path: Path, obj):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def draw_figures(out, cfg, steps, top1_dist, target_dist):
+    x = [s["step"] for s in steps]
+    plots.group_distribution({"test targets": target_dist, f"{cfg.method.upper()} top-1": top1_dist},
+                             out / "top1_group_distribution.png")
+    plots.per_group_curves(x, [s["group_loss"] for s in steps], out / "group_loss.png",
+                           "mean NLL of the group's tokens", f"{cfg.method.upper()}: training loss by token group")
+    if cfg.method == "gdrt":
+        plots.per_group_curves(x, [s["q"] for s in steps], out / "group_weights.png", "Q(g)",
+                               f"GDRT: group weights Q(g) = softmax(L(g)/{cfg.tau})")
+
+
+def print_table(cfg, test, times):
+    keys = ["NDCG@5", "NDCG@10", "HR@5", "HR@10", "MGU@5", "DGU@5"]
+    print("\n| method | " + " | ".join(keys) + " |\n|---" * (len(keys) + 1) + "|")
+    print(f"| {cfg.method.upper()} | " + " | ".join(f"{test[k]:.4f}" for k in keys) + " |")
+    print(f"wall time: {times['total_s']:.0f} s (grouping {times['grouping_s']:.0f} s, "
+          f"train+valid {times['train_and_valid_s']:.0f} s, test {times['test_s']:.0f} s); "
+          f"results in {cfg.out}/results.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
