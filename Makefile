@@ -4,7 +4,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.installed
 CKPT    := checkpoints/smollm2-135m-instruct/model.safetensors
 
-.PHONY: setup test train bench bench-train tutorials clean
+.PHONY: setup test train bench bench-train bench-beam bench-attribution bench-gdrt clean
 
 setup: $(STAMP) $(CKPT)
 
@@ -25,10 +25,20 @@ test: setup
 train: setup
 	$(PY) train.py
 
-bench: bench-train
+# Benchmarks print nanogdrt and the reference library side by side; run them on an idle machine.
+bench: bench-train bench-beam bench-attribution bench-gdrt
 
 bench-train: setup
 	$(PY) bench/bench_train.py
+
+bench-beam: setup
+	$(PY) bench/bench_beam.py
+
+bench-attribution: setup
+	$(PY) bench/bench_attribution.py
+
+bench-gdrt: setup
+	$(PY) bench/bench_gdrt.py
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache
