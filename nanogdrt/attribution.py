@@ -1,0 +1,262 @@
+"""Feature-ablation attribution over prompt spans: the evidence for context bias.
+
+The paper's diagnosis (§2.2, Fig. 2) and its check that GDRT cures it (§4.3, Fig. 7) measure how
+much the predicted title leans on *auxiliary tokens* (the task description and the already
+generated prefix of the title) rather than on *interaction tokens* (the user's history). They
+use feature ablation: a feature's attribution is how much the target's log-probability drops when
+the feature is removed.
+
+Features (half-open token ranges of `PromptIds`, so the spans come from prompt.py):
+
+    head        the task text before the history (BOS, if any, is kept)   kind "task"
+    tail        "\\n\\n### Response:\\n"                                    kind "task"
+    item{i}     history item i: ' "Title"' or ', "Title"'                 kind "history"
+    prefix{j}   target token j, as context for target tokens after it      kind "prefix"
+
+For one target token y_t and feature f (Captum's FeatureAblation convention, "original minus
+ablated"):
+
+    a[t, f] = log P(y_t | y_<t, prompt) - log P(y_t | y_<t, prompt, f ablated)
+
+Prompt features condition every target token. A prefix feature j conditions only the tokens
+after it: under teacher forcing tokens t <= j never see y_j, so a[t, prefix_j] = 0 for t <= j.
+
+Ablation, two modes (as Captum's two text inputs):
+- text (`baseline` a str, default ""): the span's text is replaced by the baseline inside the
+  unchanged template, as `TextTemplateInput` does. Segments are tokenized on their own
+  (prompt.py), so this is exact id surgery: the span's ids become `encode(baseline)` and
+  everything after shifts. Removing item i removes ' "Title"' (or ', "Title"') whole: the user
+  never interacted with it. Rows then differ in length.
+- token (`baseline` an int): each token of the span becomes that id, as `TextTokenInput` does;
+  lengths stay equal.
+All ablations of one example (plus the unablated prompt) run as one forward pass: a row shares the
+unablated tokens before its span, so only its suffix is computed, packed beside the others
+(`PackedAttention`); the LM head is applied only at the target positions.
+
+Ratios (Fig. 2 / Fig. 7). Spans differ a lot in length (a 10-item history is ~100 tokens, the
+task text ~60, a prefix token 1), and a longer span removes more context at once, so raw span
+attributions would favour long spans merely by length. We therefore compare attribution *per
+token*: the sum of the span attributions of a kind divided by the number of tokens in those
+spans (span ablation is not additive over tokens; this is the per-token share of the span's
+effect, not a sum of single-token ablations).
+- task ratio: (A_head + A_tail) / (n_head + n_tail)  over  sum_i A_item_i / sum_i n_item_i,
+  with A summed over all target tokens (the title and EOS).
+- prefix ratio: the first title token's attribution (one token) over the interaction tokens'
+  per-token attribution, both summed over the same target tokens, those after it. The first
+  title token is the first target token with title text: every target opens with the quote
+  token '"', which is identical for all items and so carries no item information.
+Over examples we report the ratio of means (mean per-token auxiliary attribution over mean
+per-token interaction attribution), not the mean of per-example ratios: an example whose
+interaction attribution is near zero (or negative) makes its own ratio explode or flip sign and
+would dominate a mean of ratios. Per-example terms are returned too, for other summaries.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from nanogdrt.prompt import PromptIds
+from nanogdrt.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str               # "head", "tail", "item3", "prefix0", ...
+    kind: str               # "task" | "history" | "prefix"
+    span: tuple[int, int]   # [start, end) in PromptIds.ids
+
+    @property
+    def n_tokens(self) -> int:
+        return self.span[1] - self.span[0]
+
+
+@dataclass
+class Attribution:
+    """Feature-ablation attribution of one example."""
+    features: list[Feature]
+    token_attr: torch.Tensor   # (n_target, n_features): a[t, f] above (Captum's token_attr)
+    log_probs: torch.Tensor    # (n_target,): log P(y_t | y_<t, full prompt)
+    first_title_token: int     # index in the target of the first token with title text
+
+    @property
+    def seq_attr(self) -> torch.Tensor:
+        """(n_features,): attribution to the whole target, summed over its tokens (Captum's seq_attr)."""
+        return self.token_attr.sum(0)
+
+
+def features_of(p: PromptIds, tokenizer: Tokenizer) -> list[Feature]:
+    """Head and tail of the task text, each history item, each target token but the last."""
+    if p.target is None:
+        raise ValueError("attribution needs a prompt built with a target title")
+    (h0, h1), tail = p.task
+    # BOS is not text: a text template keeps it whatever its values are, so it is never ablated.
+    if h1 > h0 and tokenizer.add_bos and p.ids[h0] == tokenizer.bos_id:
+        h0 += 1
+    feats = [Feature("head", "task", (h0, h1))]
+    feats += [Feature(f"item{i}", "history", span) for i, span in enumerate(p.items)]
+    feats.append(Feature("tail", "task", tail))
+    t0, t1 = p.target
+    # The last target token (EOS) precedes nothing, so it conditions nothing.
+    feats += [Feature(f"prefix{j}", "prefix", (t0 + j, t0 + j + 1)) for j in range(t1 - t0 - 1)]
+    return feats
+
+
+def first_title_token(p: PromptIds, tokenizer: Tokenizer) -> int:
+    """Skip the target's leading quote token(s): '"Title"' starts with '"' for every item."""
+    target = p.ids[p.target[0]:p.target[1]]
+    j = 0
+    while j < len(target) - 2 and tokenizer.decode([target[j]]).strip() in ('"', ""):
+        j += 1
+    return j
+
+
+class Row(NamedTuple):
+    """One forward-pass row: the prompt with one feature ablated (row 0: nothing ablated)."""
+    start: int                      # tokens before `start` are the unablated prompt's, unchanged
+    ids: list[int]                  # the row's tokens from `start` on
+    scored: list[tuple[int, int]]   # (t, position of target token y_t in the row)
+
+
+def ablated_rows(p: PromptIds, features: list[Feature], baseline: str | int, tokenizer: Tokenizer):
+    """Row 0 is the unablated prompt; row 1 + i has feature i ablated.
+
+    A prefix row scores only the target tokens after the ablated one; the others score them all.
+    """
+    t0, t1 = p.target
+    text_ids = tokenizer.encode(baseline) if isinstance(baseline, str) else None
+    rows = [Row(0, list(p.ids), [(t, t0 + t) for t in range(t1 - t0)])]
+    for f in features:
+        s, e = f.span
+        repl = text_ids if text_ids is not None else [baseline] * (e - s)
+        shift = len(repl) - (e - s)  # later tokens move by this much (0 in token mode)
+        first = e - t0 if f.kind == "prefix" else 0
+        rows.append(Row(s, repl + p.ids[e:], [(t, t0 + t + shift) for t in range(first, t1 - t0)]))
+    return rows
+
+
+class PackedAttention:
+    """All rows packed into one sequence, each row attending to its shared prefix and itself.
+
+    Ablating the span [s, e) leaves the tokens before s, and so their keys and values, exactly
+    those of the unablated prompt (causal attention, same positions). A row therefore needs only
+    its tokens from s on, attending to row 0's first s tokens and causally to its own: one
+    forward pass over row 0 plus every row's suffix, with no padding at all. This object plugs
+    into `Llama.hidden_states(cache=...)`, which asks a cache for RoPE positions and attention;
+    it holds no state but the block mask.
+    """
+
+    def __init__(self, rows: list[Row], device):
+        offsets, positions = [], []
+        for r in rows:
+            offsets.append(len(positions))
+            positions += range(r.start, r.start + len(r.ids))   # a suffix continues its prefix
+        N = len(positions)
+        mask = torch.zeros(N, N, dtype=torch.bool)
+        for r, a in zip(rows, offsets):
+            b = a + len(r.ids)
+            mask[a:b, :r.start] = True                                          # row 0's prefix
+            mask[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()  # itself, causally
+        self.offsets = offsets
+        self._positions = torch.tensor(positions, device=device)[None]          # (1, N)
+        self.mask = mask.to(device)[None, None]                                 # (1, 1, N, N)
+
+    def positions(self, attention_mask, T):
+        return self._positions
+
+    def start_step(self, attention_mask, T):
+        pass
+
+    def end_step(self, T):
+        pass
+
+    def attend(self, layer, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+
+
+@torch.no_grad()
+def attribute(model, p: PromptIds, tokenizer: Tokenizer, baseline: str | int = "",
+              all_prefixes: bool = True) -> Attribution:
+    """Feature-ablation attribution of one example in one forward pass.
+
+    model: a nanogdrt Llama (anything with `hidden_states(ids, cache=)` and `logits(hidden)`).
+    baseline: a str replaces each span's text (text mode); an int replaces each token (token mode).
+    all_prefixes: False keeps only the first title token among the prefix features (all that
+    the ratios need).
+    """
+    first = first_title_token(p, tokenizer)
+    features = [f for f in features_of(p, tokenizer)
+                if all_prefixes or f.kind != "prefix" or f.name == f"prefix{first}"]
+    rows = ablated_rows(p, features, baseline, tokenizer)
+    device = model.lm_head.weight.device
+    packed = PackedAttention(rows, device)
+    ids = torch.tensor([i for r in rows for i in r.ids], device=device)[None]      # (1, N)
+    hidden = model.hidden_states(ids, cache=packed)[0]                            # (N, C)
+
+    # y_t at row position q is predicted by the hidden state at q - 1: row 0's if q - 1 lies in
+    # the shared prefix, else the row's own. Only these go through the LM head.
+    b_idx, t_idx, h_idx = [], [], []
+    for b, (r, offset) in enumerate(zip(rows, packed.offsets)):
+        for t, q in r.scored:
+            b_idx.append(b)
+            t_idx.append(t)
+            h_idx.append(q - 1 if q - 1 < r.start else offset + q - 1 - r.start)
+    target = torch.tensor(p.ids[p.target[0]:p.target[1]])
+    logits = model.logits(hidden[torch.tensor(h_idx, device=device)]).float().cpu()  # (M, V)
+    b_idx, t_idx = torch.tensor(b_idx), torch.tensor(t_idx)
+    logp = logits.log_softmax(-1).gather(-1, target[t_idx, None])[:, 0]            # (M,)
+
+    B, n_target = len(rows), len(target)
+    table = torch.zeros(B, n_target)
+    table[b_idx, t_idx] = logp
+    was_scored = torch.zeros(B, n_target, dtype=torch.bool)
+    was_scored[b_idx, t_idx] = True
+    full = table[0]
+    # Unscored (token before or at an ablated prefix token): unaffected, attribution 0.
+    token_attr = torch.where(was_scored[1:], full[None] - table[1:], 0.0).T        # (n_target, F)
+    return Attribution(features, token_attr, full, first)
+
+
+# ----------------------------------------------------------------------------- the ratios of Fig. 2 / 7
+
+class RatioTerms(NamedTuple):
+    """Per-token attributions of one example; each ratio is a quotient of two of them."""
+    task: float                 # task text (head + tail), summed over all target tokens
+    interaction: float          # history items, summed over all target tokens
+    prefix: float               # first title token, summed over the target tokens after it
+    interaction_after: float    # history items, summed over those same target tokens
+
+
+def ratio_terms(a: Attribution) -> RatioTerms:
+    def per_token(kind, t_from=0):
+        cols = [i for i, f in enumerate(a.features) if f.kind == kind]
+        n = sum(a.features[i].n_tokens for i in cols)
+        return float(a.token_attr[t_from:, cols].sum()) / n if n else float("nan")
+
+    j = a.first_title_token
+    prefix_col = [f.name for f in a.features].index(f"prefix{j}")
+    return RatioTerms(
+        task=per_token("task"),
+        interaction=per_token("history"),
+        prefix=float(a.token_attr[j + 1:, prefix_col].sum()),  # one token: per-token = span value
+        interaction_after=per_token("history", j + 1),
+    )
+
+
+class ContextRatios(NamedTuple):
+    task_ratio: float           # (a) task description vs interaction tokens, ratio of means
+    prefix_ratio: float         # (b) first title token vs interaction tokens, ratio of means
+    per_example: list           # RatioTerms of each example
+
+
+def context_ratios(attributions: list[Attribution]) -> ContextRatios:
+    """Auxiliary / interaction per-token attribution over examples (ratio of means, see above)."""
+    terms = [ratio_terms(a) for a in attributions]
+    mean = {k: sum(getattr(t, k) for t in terms) / len(terms) for k in RatioTerms._fields}
+
+    def ratio(num, den):  # no history (e.g. an "N/A" prompt) or exactly zero effect: undefined
+        return num / den if den else float("nan")
+
+    return ContextRatios(ratio(mean["task"], mean["interaction"]),
+                         ratio(mean["prefix"], mean["interaction_after"]), terms)

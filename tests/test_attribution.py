@@ -1,0 +1,234 @@
+"""Attribution vs Captum's FeatureAblation through LLMAttribution (captum.attr), to 1e-4.
+
+The bridge to Captum (also used by bench/bench_attribution.py):
+- `HFLikeModel` gives a nanogdrt Llama the Hugging Face call Captum makes:
+  `model.forward(input_ids=..., attention_mask=...).logits`.
+- `SegmentTokenizer` tokenizes text the way prompt.py does: each segment on its own, segments
+  joined by a private-use character SEP. A TextTemplateInput whose template joins its values by
+  SEP therefore yields exactly PromptBuilder's ids, and replacing a value by "" removes exactly
+  that segment's ids. (Tokenizing the whole string at once would merge tokens across segment
+  boundaries, e.g. '"' + ',' -> '",', and the two sides would not see the same ids.)
+- Captum is run with `forward_in_tokens=False`: one teacher-forced forward over prompt + target,
+  log-softmax at the target positions, "original minus ablated" per target token (token_attr)
+  and summed (seq_attr): the definition in nanogdrt.attribution.
+- Captum cannot ablate the target itself, so a prefix feature j is checked with a second run
+  whose prompt ends with target tokens 0..j (token j the only feature) and whose target is
+  tokens j+1.. : the same quantity as our prefix{j} column for t > j.
+- Token mode: TextTokenInput makes each token a feature; a feature_mask groups the tokens of a
+  segment into one feature (all its tokens take the baseline id at once).
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nanogdrt.attribution import (
+    Attribution, Feature, ablated_rows, attribute, context_ratios, features_of, ratio_terms)
+from nanogdrt.llama import Llama, LlamaConfig
+from nanogdrt.prompt import PREAMBLE, TEMPLATES, PromptBuilder
+
+SEP = "\ue000"  # private-use character: never in a title, marks segment boundaries
+TOL = 1e-4
+
+
+# ----------------------------------------------------------------------------- bridge to Captum
+
+class HFLikeModel(torch.nn.Module):
+    def __init__(self, llama):
+        super().__init__()
+        self.llama = llama
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        with torch.no_grad():
+            return SimpleNamespace(logits=self.llama(input_ids, attention_mask))
+
+
+class SegmentTokenizer:
+    """A transformers tokenizer that encodes SEP-separated segments one by one (as prompt.py)."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        self.special = hf_tokenizer.encode("", add_special_tokens=True)  # BOS where the model has one
+
+    def encode(self, text, add_special_tokens=True, return_tensors=None, **_):
+        ids = list(self.special) if add_special_tokens else []
+        for segment in text.split(SEP):
+            ids += self.hf.encode(segment, add_special_tokens=False)
+        return torch.tensor([ids]) if return_tensors == "pt" else ids
+
+    def __call__(self, *args, **kwargs):  # Captum's pretty-printing of output tokens
+        return self.hf(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.hf.decode(*args, **kwargs)
+
+    def convert_ids_to_tokens(self, *args, **kwargs):
+        return self.hf.convert_ids_to_tokens(*args, **kwargs)
+
+
+def segments_of(builder: PromptBuilder, dataset: str, history: list[str]) -> list[str]:
+    """The prompt's segment texts, written out independently of PromptBuilder's internals."""
+    t = TEMPLATES[dataset]
+    head = f"{PREAMBLE}### Instruction:\n{t.instruction}\n\n### Input:\n{t.history}:"
+    items = [f'{"" if i == 0 else ","} "{title}"' for i, title in enumerate(history)]
+    return [head, *items, "\n\n### Response:\n"]
+
+
+def captum_attr(model, seg_tok, segments, features, target_ids, baseline):
+    """Captum's (seq_attr, token_attr) for the segments whose indices are in `features`."""
+    from captum.attr import FeatureAblation, LLMAttribution, TextTemplateInput, TextTokenInput
+
+    llm_attr = LLMAttribution(FeatureAblation(HFLikeModel(model)), seg_tok)
+    target = torch.tensor(target_ids)
+    if isinstance(baseline, str):
+        def literal(s):
+            return s.replace("{", "{{").replace("}", "}}")
+        template = SEP.join("{}" if k in features else literal(s) for k, s in enumerate(segments))
+        inp = TextTemplateInput(template, values=[segments[k] for k in features],
+                                baselines=[baseline] * len(features))
+        res = llm_attr.attribute(inp, target=target, forward_in_tokens=False)
+        return res.seq_attr, res.token_attr
+    inp = TextTokenInput(SEP.join(segments), seg_tok, baselines=baseline)
+    group = [len(features)] * len(seg_tok.special)  # special tokens: one extra, ignored group
+    first_col = []
+    for k, s in enumerate(segments):
+        n = len(seg_tok.hf.encode(s, add_special_tokens=False))
+        if k in features:
+            first_col.append(len(group))
+        group += [features.index(k) if k in features else len(features)] * n
+    res = llm_attr.attribute(inp, target=target, forward_in_tokens=False,
+                             feature_mask=torch.tensor([group]))
+    return res.seq_attr[first_col], res.token_attr[:, first_col]
+
+
+def check_against_captum(model, seg_tok, builder, dataset, history, title, baseline, all_prefixes):
+    """Ours vs Captum: every prompt feature, and every prefix feature that we computed."""
+    p = builder.build(history, title)
+    ours = attribute(model, p, builder.tokenizer, baseline, all_prefixes=all_prefixes)
+    prefixes = [int(f.name[len("prefix"):]) for f in ours.features if f.kind == "prefix"]
+    names = [f.name for f in ours.features]
+    segments = segments_of(builder, dataset, history)
+    target = p.ids[p.target[0]:p.target[1]]
+    decoded = [seg_tok.hf.decode([i]) for i in target]
+    assert seg_tok.encode(SEP.join(segments + decoded)) == p.ids, "bridge must see our ids"
+
+    seq, tok = captum_attr(model, seg_tok, segments, list(range(len(segments))), target, baseline)
+    cols = [names.index(n) for n in ["head", *[f"item{i}" for i in range(len(history))], "tail"]]
+    torch.testing.assert_close(ours.token_attr[:, cols], tok.float(), atol=TOL, rtol=0)
+    torch.testing.assert_close(ours.seq_attr[cols], seq.float(), atol=TOL, rtol=0)
+    for j in prefixes:
+        seq, tok = captum_attr(model, seg_tok, segments + decoded[:j + 1], [len(segments) + j],
+                               target[j + 1:], baseline)
+        col = names.index(f"prefix{j}")
+        torch.testing.assert_close(ours.token_attr[j + 1:, col], tok[:, 0].float(), atol=TOL, rtol=0)
+        torch.testing.assert_close(ours.token_attr[:j + 1, col], torch.zeros(j + 1))
+    return ours
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+TITLES = ["Hive Pocket", 'Melissa & Doug {Deluxe} Puzzle, 24 pcs', "Carcassonne", "AEG Love Letter"]
+TARGET = "Ticket To Ride: Nordic Countries"
+
+
+@pytest.fixture(scope="module")
+def seg_tok(smollm_dir):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("captum")
+    return SegmentTokenizer(transformers.AutoTokenizer.from_pretrained(smollm_dir))
+
+
+@pytest.fixture(scope="module")
+def builder(tokenizer):
+    return PromptBuilder(tokenizer, "toy")
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return Llama(cfg).eval()
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_features_and_ablated_rows(builder, tokenizer):
+    p = builder.build(TITLES, TARGET)
+    feats = features_of(p, tokenizer)
+    t0, t1 = p.target
+    assert [f.name for f in feats[:6]] == ["head", "item0", "item1", "item2", "item3", "tail"]
+    assert [f.span for f in feats[1:5]] == p.items and feats[5].span == p.task[1]
+    assert [f.span for f in feats[6:]] == [(t0 + j, t0 + j + 1) for j in range(t1 - t0 - 1)]
+
+    target = p.ids[t0:t1]
+    for baseline in ["", " N/A", 0]:
+        rows = ablated_rows(p, feats, baseline, tokenizer)
+        full = [p.ids[:r.start] + r.ids for r in rows]
+        for ids, r in zip(full, rows):
+            assert [ids[q] for _, q in r.scored] == target[r.scored[0][0]:]  # positions hold y_t
+        if baseline == 0:
+            assert {len(ids) for ids in full} == {len(p.ids)}              # token mode keeps lengths
+    # Text mode "" removes item 1's segment and nothing else: segment-wise concatenation.
+    rows = ablated_rows(p, feats, "", tokenizer)
+    segs = [builder.head_ids] + [builder.item_ids(t, i == 0) for i, t in enumerate(TITLES)]
+    expected = segs[0] + segs[1] + segs[3] + segs[4] + builder.tail_ids + builder.target_ids(TARGET)
+    assert p.ids[:rows[1 + 2].start] + rows[1 + 2].ids == expected
+    assert rows[1 + 2].start == p.items[1][0]  # the row shares the prompt before the item
+    assert rows[1].ids == p.ids[p.task[0][1]:]  # head -> "" (SmolLM2 has no BOS to keep)
+    # The scored prefix rows: only target tokens after the ablated one.
+    assert [t for t, _ in rows[1 + 6 + 2].scored] == list(range(3, t1 - t0))
+
+
+@pytest.mark.parametrize("baseline", ["", " N/A", 0])
+def test_matches_captum_tiny_model(tiny, seg_tok, builder, baseline):
+    """Every feature, prefix ones included, on a tiny random model: text and token modes."""
+    ours = check_against_captum(tiny, seg_tok, builder, "toy", TITLES, TARGET, baseline,
+                                all_prefixes=True)
+    assert len(ours.features) == 6 + len(builder.target_ids(TARGET)) - 1
+
+
+def test_matches_captum_smollm_toy(smollm, seg_tok, builder, toy_dir):
+    """The embedded SmolLM2 on a short real Toy example: prompt features + first title token.
+
+    Text mode only, to keep it short: token mode differs only in the ids of the ablated rows,
+    which the tiny-model test checks against TextTokenInput.
+    """
+    import ast
+    import csv
+    import json
+
+    names = json.loads((toy_dir / "id2name.json").read_text())
+    with open(toy_dir / "test.csv", newline="") as f:
+        rows = [ast.literal_eval(r["item_ids"]) for r in csv.DictReader(f)]
+    ids = next(r for r in rows if len(r) == 5)  # the shortest histories: 4 items
+    history, title = [names[str(i)] for i in ids[:-1]], names[str(ids[-1])]
+    ours = check_against_captum(smollm, seg_tok, builder, "toy", history, title, "",
+                                all_prefixes=False)
+    assert ours.first_title_token == 1  # '"' then the title's first token
+    assert [f.name for f in ours.features if f.kind == "prefix"] == ["prefix1"]
+
+
+def test_ratios_by_hand():
+    # head 3 tokens, two items of 2 and 4 tokens, tail 1 token; target of 4 tokens.
+    feats = [Feature("head", "task", (0, 3)), Feature("item0", "history", (3, 5)),
+             Feature("item1", "history", (5, 9)), Feature("tail", "task", (9, 10)),
+             *[Feature(f"prefix{j}", "prefix", (10 + j, 11 + j)) for j in range(3)]]
+    attr = torch.tensor([[1.0, 0.1, 0.2, 0.0, 0.0, 0.0, 0.0],
+                         [2.0, 0.3, 0.0, 1.0, 0.5, 0.0, 0.0],
+                         [0.0, 0.0, 0.6, 1.0, 0.7, 2.0, 0.0],
+                         [1.0, 0.6, 0.0, 0.0, 0.1, 0.3, 4.0]])
+    a = Attribution(feats, attr, torch.zeros(4), first_title_token=1)
+    t = ratio_terms(a)
+    assert t.task == pytest.approx((4.0 + 2.0) / 4)            # (A_head + A_tail) / (3 + 1)
+    assert t.interaction == pytest.approx((1.0 + 0.8) / 6)     # sum over items / (2 + 4)
+    assert t.prefix == pytest.approx(2.0 + 0.3)                # prefix1 on target tokens 2, 3
+    assert t.interaction_after == pytest.approx((0.6 + 0.6) / 6)
+    b = Attribution(feats, 2 * attr, torch.zeros(4), first_title_token=1)
+    b.token_attr[:, 1:3] *= 3                                  # interaction x6, task x2
+    r = context_ratios([a, b])
+    tb = ratio_terms(b)
+    assert r.task_ratio == pytest.approx((t.task + tb.task) / (t.interaction + tb.interaction))
+    assert r.prefix_ratio == pytest.approx((t.prefix + tb.prefix) / (t.interaction_after + tb.interaction_after))
+    assert r.per_example == [t, tb]
