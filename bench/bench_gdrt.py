@@ -1,0 +1,94 @@
+"""What GDRT costs on top of SFT, measured side by side on the embedded model.
+
+1. Training step: the same LoRA step (forward, backward, AdamW) on the same batches of real
+   prompts, with the SFT loss (Eq. 1) and with the GDRT loss (Eq. 5). Goal: GDRT <= 1.05x SFT.
+2. Grouping: Eq. 3 relevance of every training target token (+ 1-D k-means), against one plain
+   no-grad forward pass over the training examples. Goal: grouping <= 1 forward pass.
+
+    python bench/bench_gdrt.py [--dataset synthetic|toy] [--examples 256] [--steps 6]
+Run it alone: the machine has 2 cores and any other load skews the numbers.
+"""
+
+import argparse
+import time
+
+import torch
+
+import train
+from nanogdrt import grouping
+from nanogdrt.checkpoint import ensure_embedded_checkpoint
+from nanogdrt.data import load_dataset
+from nanogdrt.llama import Llama
+from nanogdrt.lora import LoRAConfig, inject_lora, lora_parameters
+from nanogdrt.prompt import PromptBuilder
+from nanogdrt.tokenizer import Tokenizer
+
+
+def time_training(model, cfg, examples, groups, pad_id, steps):
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    batches = train.epoch_batches(len(examples), cfg.batch_size, 0, 0)[:steps + 1]
+    elapsed = 0.0
+    for i, b in enumerate(batches):
+        start = time.perf_counter()
+        train.train_step(model, cfg, examples, groups, [b], pad_id)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i > 0:  # the first step warms up allocators and kernels
+            elapsed += time.perf_counter() - start
+    return elapsed / (len(batches) - 1)
+
+
+@torch.no_grad()
+def time_forward_pass(model, examples, batch_size, pad_id):
+    start = time.perf_counter()
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        T = max(len(e.ids) for e in chunk)
+        ids = torch.full((len(chunk), T), pad_id)
+        for r, e in enumerate(chunk):
+            ids[r, :len(e.ids)] = torch.tensor(e.ids)
+        model.hidden_states(ids)
+    return time.perf_counter() - start
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--examples", type=int, default=256, help="training windows")
+    p.add_argument("--steps", type=int, default=6, help="timed training steps per method")
+    args = p.parse_args()
+    path = ensure_embedded_checkpoint()
+    tokenizer = Tokenizer(path)
+    ds = load_dataset(args.dataset, train_samples=args.examples)
+    builder = PromptBuilder(tokenizer, args.dataset if args.dataset != "synthetic" else "synthetic")
+    model = Llama.from_pretrained(path)
+    examples = train.make_examples(builder, ds.train, ds.titles)
+    n_tokens = sum(e.target[1] - e.target[0] for e in examples)
+
+    # Grouping: relevance of each distinct target title (no cache) + k-means over all target tokens.
+    start = time.perf_counter()
+    targets = sorted({x.target for x in ds.train})
+    logprobs = grouping.item_token_logprobs(model, builder, [ds.titles[i] for i in targets])
+    where = {item: k for k, item in enumerate(targets)}
+    token_rel = grouping.token_relevance(logprobs, [where[x.target] for x in ds.train])
+    groups = grouping.token_groups(token_rel, 5)
+    t_group = time.perf_counter() - start
+    t_forward = time_forward_pass(model, examples, 8, tokenizer.pad_id)
+    print(f"{args.dataset}: {len(examples)} training windows, {n_tokens} target tokens, "
+          f"{len(targets)} distinct targets, {torch.get_num_threads()} threads")
+    print(f"grouping (Eq. 3 + k-means): {t_group:6.1f} s   one forward pass over the examples: "
+          f"{t_forward:6.1f} s   ratio {t_group / t_forward:.2f}")
+
+    inject_lora(model, LoRAConfig())
+    model.train()
+    seconds = {}
+    for method in ("sft", "gdrt"):
+        cfg = train.RunConfig(method=method, batch_size=8, groups=5, tau=0.5)
+        torch.manual_seed(0)
+        seconds[method] = time_training(model, cfg, examples, groups, tokenizer.pad_id, args.steps)
+    print(f"training step (batch 8): SFT {seconds['sft']:.2f} s   GDRT {seconds['gdrt']:.2f} s   "
+          f"ratio {seconds['gdrt'] / seconds['sft']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
