@@ -1,0 +1,136 @@
+"""Constrained beam search against brute force (tiny model) and transformers' generate (SmolLM2).
+
+Tolerances: scores agree to 1e-4 (float32, different but equivalent attention kernels); two
+items may swap places only where their scores tie within that tolerance.
+"""
+
+import ast
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanogdrt.beam import beam_search
+from nanogdrt.llama import Llama, LlamaConfig
+from nanogdrt.trie import Trie
+
+TOL = 1e-4
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = Llama(config).eval()
+    with torch.no_grad():  # sharper distributions than the default init: fewer near-ties
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_catalogue():
+    """17 items, 15 distinct titles of 1 to 5 tokens from a small alphabet (many shared prefixes)."""
+    g = torch.Generator().manual_seed(1)
+    items, seen = {}, set()
+    while len(seen) < 15:
+        ids = torch.randint(3, 9, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        if tuple(ids) not in seen:
+            seen.add(tuple(ids))
+            items[100 + len(items)] = ids + [EOS]
+    items[200], items[201] = items[100], items[103]  # two titles carried by two ids each
+    return items
+
+
+def brute_force(model, prompt, items, length_penalty):
+    """Every distinct title scored by one full forward pass: [(score, ids, item ids)], best first."""
+    by_title = {}
+    for item, ids in items.items():
+        by_title.setdefault(tuple(ids), []).append(item)
+    ranked = []
+    for ids, its in by_title.items():
+        seq = torch.tensor([prompt + list(ids)])
+        with torch.no_grad():
+            logp = F.log_softmax(model(seq)[0, len(prompt) - 1:-1].float(), dim=-1)
+        total = logp.gather(1, torch.tensor(ids)[:, None]).sum().item()
+        ranked.append((total / len(ids) ** length_penalty, list(ids), sorted(its)))
+    return sorted(ranked, key=lambda r: -r[0])
+
+
+def assert_same_ranking(ids_a, scores_a, ids_b, scores_b, tol=TOL):
+    """Equal lists and scores, except that items whose scores tie within `tol` may swap."""
+    assert len(ids_a) == len(ids_b)
+    assert torch.allclose(torch.tensor(scores_a), torch.tensor(scores_b), atol=tol, rtol=0)
+    for i, (a, s) in enumerate(zip(ids_a, scores_a)):
+        if a != ids_b[i]:
+            j = ids_b.index(a) if a in ids_b else len(ids_b) - 1
+            assert abs(s - scores_b[j]) < tol, f"rank {i}: {a} vs {ids_b[i]} (scores {s}, {scores_b[i]})"
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0])
+def test_wide_beam_equals_exhaustive_ranking(tiny, tiny_catalogue, length_penalty):
+    trie = Trie.from_token_ids(tiny_catalogue, EOS)
+    n = len(trie)
+    prompts = [[1, 9, 12, 30, 7], [1, 9, 12, 5, 6, 7, 8, 20, 21, 22], [1, 3]]  # different lengths
+    recs = beam_search(tiny, prompts, trie, beams=n, top_k=n, length_penalty=length_penalty, batch_size=3)
+    for prompt, rec in zip(prompts, recs):
+        ref = brute_force(tiny, prompt, tiny_catalogue, length_penalty)
+        assert_same_ranking(rec.item_ids, rec.scores, [r[2][0] for r in ref], [r[0] for r in ref])
+        for ids, its in zip(rec.token_ids, rec.all_item_ids):
+            assert tuple(tiny_catalogue[its[0]]) == tuple(ids) and list(its) == sorted(its)
+
+
+def test_batched_equals_one_user_at_a_time(tiny, tiny_catalogue):
+    trie = Trie.from_token_ids(tiny_catalogue, EOS)
+    g = torch.Generator().manual_seed(2)
+    prompts = [[1] + torch.randint(3, 40, (int(L),), generator=g).tolist() for L in [3, 9, 1, 14, 6, 6]]
+    batched = beam_search(tiny, prompts, trie, beams=4, top_k=3, batch_size=4)
+    for prompt, rec in zip(prompts, batched):
+        alone = beam_search(tiny, [prompt], trie, beams=4, top_k=3, batch_size=1)[0]
+        assert_same_ranking(rec.item_ids, rec.scores, alone.item_ids, alone.scores, tol=1e-5)
+        assert len(rec.item_ids) == 3
+
+
+def test_rejects_top_k_above_beams(tiny, tiny_catalogue):
+    with pytest.raises(ValueError, match="top_k"):
+        beam_search(tiny, [[1, 2]], Trie.from_token_ids(tiny_catalogue, EOS), beams=2, top_k=3)
+
+
+def hf_constrained_beam_search(hf_model, prompt, trie, beams, eos_id):
+    """transformers' generate with the trie as prefix_allowed_tokens_fn -> (item ids, scores)."""
+    P = len(prompt)
+
+    def allowed(batch_id, sent):
+        node = trie.walk(sent[P:].tolist())
+        if node is None or node in trie.leaf_items:  # dead beams (transformers keeps some): anything
+            return [eos_id]
+        return trie.allowed(torch.tensor([node])).tokens[0].tolist()
+
+    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, P, dtype=torch.long),
+                            num_beams=beams, num_return_sequences=beams, max_new_tokens=trie.depth,
+                            do_sample=False, prefix_allowed_tokens_fn=allowed, pad_token_id=eos_id,
+                            output_scores=True, return_dict_in_generate=True)
+    items = []
+    for seq in out.sequences[:, P:].tolist():
+        items.append(trie.leaf_items[trie.walk(seq[:seq.index(eos_id) + 1])][0])
+    return items, out.sequences_scores.tolist()
+
+
+def test_equals_transformers_generate_on_toy_users(smollm, hf_smollm, tokenizer, toy_dir):
+    """5 real test users, fp32: same top-10 as transformers (~5 s per user for transformers)."""
+    from nanogdrt.prompt import PromptBuilder
+
+    builder = PromptBuilder(tokenizer, "toy")
+    titles = {int(k): v for k, v in json.loads((toy_dir / "id2name.json").read_text()).items()}
+    trie = Trie.from_titles(titles, builder)
+    with open(toy_dir / "test.csv", newline="") as f:
+        rows = [r for _, r in zip(range(5), csv.DictReader(f))]
+    prompts = [builder.build([titles[i] for i in ast.literal_eval(r["item_ids"])[:-1]]).ids for r in rows]
+    assert len({len(p) for p in prompts}) > 1  # the batch mixes prompt lengths (left padding)
+    recs = beam_search(smollm, prompts, trie, beams=10, top_k=10, batch_size=5)
+    for prompt, rec in zip(prompts, recs):
+        ref_items, ref_scores = hf_constrained_beam_search(hf_smollm, prompt, trie, 10, tokenizer.eos_id)
+        assert_same_ranking(rec.item_ids, rec.scores, ref_items, ref_scores)

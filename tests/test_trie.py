@@ -1,0 +1,76 @@
+"""The title trie: structure, vectorized allowed-token lookup, and agreement with PromptBuilder."""
+
+import ast
+import json
+
+import pytest
+import torch
+
+from nanogdrt.trie import Trie
+
+EOS = 2
+ITEMS = {  # item id -> target ids; 11 and 12 share a title, 13 is a prefix of 14 up to EOS
+    10: [5, 6, 7, EOS],
+    11: [5, 6, 8, EOS],
+    12: [5, 6, 8, EOS],
+    13: [5, 9, EOS],
+    14: [5, 9, 4, EOS],
+    15: [3, EOS],
+}
+
+
+def children(trie: Trie, node: int) -> dict[int, int]:
+    """Reference lookup: scan the CSR row of one node."""
+    lo, hi = trie.child_ptr[node].item(), trie.child_ptr[node + 1].item()
+    return dict(zip(trie.child_token[lo:hi].tolist(), trie.child_node[lo:hi].tolist()))
+
+
+def test_paths_leaves_and_duplicates():
+    trie = Trie.from_token_ids(ITEMS, EOS)
+    assert len(trie) == 5  # distinct titles
+    assert trie.depth == 4
+    for item, ids in ITEMS.items():
+        leaf = trie.walk(ids)
+        assert item in trie.leaf_items[leaf]
+        assert trie.tokens_of(leaf) == ids
+        assert children(trie, leaf) == {}
+    assert trie.leaf_items[trie.walk(ITEMS[11])] == (11, 12)
+    assert trie.walk([5, 4]) is None
+    assert set(children(trie, 0)) == {3, 5}
+    assert set(children(trie, trie.walk([5, 9]))) == {4, EOS}
+
+
+def test_allowed_matches_per_node_lookup():
+    trie = Trie.from_token_ids(ITEMS, EOS)
+    nodes = torch.arange(trie.n_nodes).repeat(2)
+    active = torch.rand(nodes.shape, generator=torch.Generator().manual_seed(0)) > 0.3
+    allowed = trie.allowed(nodes, active)
+    assert allowed.tokens.shape == allowed.nodes.shape == allowed.mask.shape
+    for row, (n, a) in enumerate(zip(nodes.tolist(), active.tolist())):
+        m = allowed.mask[row]
+        got = dict(zip(allowed.tokens[row][m].tolist(), allowed.nodes[row][m].tolist()))
+        assert got == (children(trie, n) if a else {})
+
+
+def test_rejects_targets_without_final_eos():
+    with pytest.raises(ValueError, match="end with EOS"):
+        Trie.from_token_ids({1: [5, 6]}, EOS)
+    with pytest.raises(ValueError, match="end with EOS"):
+        Trie.from_token_ids({1: [5, EOS, 6, EOS]}, EOS)
+    with pytest.raises(ValueError, match="empty"):
+        Trie.from_token_ids({}, EOS)
+
+
+def test_toy_catalogue_agrees_with_prompt_builder(tokenizer, toy_dir):
+    from nanogdrt.prompt import PromptBuilder
+
+    builder = PromptBuilder(tokenizer, "toy")
+    titles = {int(k): v for k, v in json.loads((toy_dir / "id2name.json").read_text()).items()}
+    trie = Trie.from_titles(titles, builder)
+    assert sum(len(ids) for ids in trie.leaf_items.values()) == len(titles) == 11758
+    assert sum(len(ids) > 1 for ids in trie.leaf_items.values()) == 57  # shared titles (README)
+    # The target of a test row, tokenized as in training, is a path to that item's leaf.
+    row = (toy_dir / "test.csv").read_text().splitlines()[1]
+    target = ast.literal_eval(row.split('"')[1])[-1]
+    leaf = trie.walk(builder.build([], titles[target]).ids[-len(builder.target_ids(titles[target])):])
+    assert target in trie.leaf_items[leaf]
