@@ -41,3 +41,94 @@ def per_group_curves(steps, values, path, ylabel, title):
     ax.set_title(title)
     ax.legend(title="token group (1 = most relevant to auxiliary tokens)", fontsize=8)
     _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- figures of nanogdrt.analyze
+
+def _label_bars(ax, bars):
+    for b in bars:
+        h = b.get_height()
+        if np.isfinite(h):
+            ax.annotate(f"{h:.2f}", (b.get_x() + b.get_width() / 2, h), ha="center",
+                        va="bottom" if h >= 0 else "top", fontsize=7, xytext=(0, 2 if h >= 0 else -2),
+                        textcoords="offset points")
+
+
+def attribution_ratios(ratios: dict[str, tuple[float, float]], path, n_examples: int, split: str):
+    """Fig. 2 / 7. ratios: model label -> (task ratio, first-title-token ratio); one bar each."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    n = len(ratios)
+    width = 0.8 / max(n, 1)
+    for i, (label, values) in enumerate(ratios.items()):
+        x = np.arange(2) + (i - (n - 1) / 2) * width
+        _label_bars(ax, ax.bar(x, [np.nan if v is None else v for v in values], width=width, label=label))
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="equal per-token attribution")
+    ax.set_xticks(np.arange(2), ["task description\nvs interaction (history) tokens",
+                                 "first title token (already generated)\nvs interaction (history) tokens"])
+    ax.set_ylabel("per-token attribution ratio\n(auxiliary / interaction)")
+    ax.set_title(f"How much the predicted title leans on auxiliary tokens\n"
+                 f"(feature ablation, {n_examples} {split} examples; > 1 = context bias)", fontsize=10)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def epoch_curves(curves: dict[str, tuple[list, list]], path, ylabel, title, reference=None):
+    """Fig. 4 / 9. curves: label -> (epochs, values); reference: (value, label) drawn dashed."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, (x, y) in curves.items():
+        ax.plot(x, y, marker="o", label=label)
+    if reference is not None:
+        ax.axhline(reference[0], color="gray", linestyle="--", linewidth=1, label=reference[1])
+    epochs = sorted({e for x, _ in curves.values() for e in x})
+    ax.set_xticks(epochs)
+    ax.set_ylim(0, 1.05)  # a share
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def cooccurrence_bars(rates: dict[str, tuple[float, float]], pairs: dict[str, int], path,
+                      n_examples: int, min_count: int):
+    """Fig. 5. rates: pair type -> (mean P(c | y), mean P(y | c)); pairs: pair type -> count."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    labels = list(rates)
+    titles = ["is the context token there when y is trained?\nmean P(context token c | target token y)",
+              "does the context token predict y?\nmean P(target token y | context token c)"]
+    for k, (ax, title) in enumerate(zip(axes, titles)):
+        bars = ax.bar(np.arange(len(labels)), [rates[t][k] for t in labels], color=["C1", "C2", "C0"][:len(labels)])
+        _label_bars(ax, bars)
+        ax.set_xticks(np.arange(len(labels)), [f"{t}-target\n({pairs[t]:,} pairs)" for t in labels])
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("co-occurrence rate")
+        ax.set_xlabel("(context token, target-title token) pair type")
+    axes[0].set_ylim(0, 1.1)
+    axes[1].margins(y=0.15)  # room for the value labels
+    fig.suptitle(f"Co-occurrence of target tokens with task, prefix and interaction (history) tokens\n"
+                 f"({n_examples} training examples; tokens counted >= {min_count} times)", fontsize=10)
+    _save(fig, path)
+
+
+def group_loss_panels(panels: dict[str, tuple[list, list]], path, window: int = 1):
+    """Fig. 6. panels: run label -> (steps, values (S, G)); one panel per run, a curve per token
+    group, each a moving average over `window` optimizer steps. NaN marks a step in which the group
+    had no tokens: the average skips it."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 3.6), sharey=True, squeeze=False)
+    for ax, (label, (steps, values)) in zip(axes[0], panels.items()):
+        values = np.asarray(values, dtype=float)                       # (S, G)
+        w = max(1, min(window, len(values)))
+        kernel = np.ones(w)
+        x = np.asarray(steps)[w - 1:]
+        for g in range(values.shape[1]):
+            seen = np.isfinite(values[:, g])
+            total = np.convolve(np.where(seen, values[:, g], 0.0), kernel, mode="valid")
+            count = np.convolve(seen.astype(float), kernel, mode="valid")
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ax.plot(x, total / count, label=f"group {g + 1}")        # NaN where the window saw none
+        ax.set_title(f"{label}: training loss by token group", fontsize=10)
+        ax.set_xlabel("optimizer step" + (f" (moving average of {w})" if w > 1 else ""))
+    axes[0, 0].set_ylabel("mean NLL of the group's target tokens")
+    axes[0, -1].legend(title="token group\n(1 = most predictable\nfrom auxiliary tokens)", fontsize=7,
+                       title_fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    _save(fig, path)

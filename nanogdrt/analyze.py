@@ -1,0 +1,311 @@
+"""The figures of §2.2 and §4.3: does a model lean on auxiliary tokens, and does GDRT stop it?
+
+    python -m nanogdrt.analyze --dataset synthetic --runs runs/synthetic-sft runs/synthetic-gdrt
+    python -m nanogdrt.analyze --runs runs/toy-sft runs/toy-gdrt --examples 50 --out figures/toy
+
+Given the base model and any number of train.py run folders (results.json + best_adapter/), this
+writes to --out (default figures/):
+
+    fig2_attribution_ratios.png     Fig. 2 / 7: per-token attribution of the task description and
+                                    of the first title token, each over the interaction tokens
+                                    (attribution.context_ratios), for the base model (no adapter)
+                                    and each run's best adapter, on --examples seeded examples
+    fig3_top1_group_distribution.png Fig. 3 / 8: item groups of the top-1 recommendations vs the
+                                    test targets (results.json: test.top1_group_distribution,
+                                    test_target_group_distribution)
+    fig4_group1_share_by_epoch.png  Fig. 4 / 9: share of top-1 recommendations in item group 1
+                                    (most relevant to auxiliary tokens), per epoch on validation
+    fig5_cooccurrence.png           Fig. 5: co-occurrence rates of token pairs in the training set
+    fig6_group_loss.png             Fig. 6: training loss by token group (results.json steps)
+    analysis.json                   every number drawn, written atomically
+
+Fig. 5, the definition. The paper's point: target tokens co-occur with auxiliary tokens far more
+reliably than with interaction tokens, so an NLL-minimising model learns to predict from the former.
+Every training example n contributes its target tokens y_t (the quoted title and EOS, the tokens
+the loss trains on). For a target occurrence (n, t), its context tokens of each type are the set of
+distinct ids in
+
+    task         the task description (head + tail of the prompt)
+    prefix       the already generated part of the target, y_<t
+    interaction  the history titles
+
+A pair (c, y) of a type co-occurs once per target occurrence of y whose context of that type holds
+c. Two rates per pair, each read in one direction:
+
+    P(c | y) = #co-occurrences(c, y) / #occurrences(y)          "given_target"
+        how reliably c is present when the model is trained to produce y (1: every time);
+    P(y | c) = #co-occurrences(c, y) / #occurrences with c in that context   "given_context"
+        how well c predicts y, i.e. how useful c is as a shortcut to y.
+
+Fig. 5 shows, per type, the mean of each rate over the distinct pairs of that type whose c and y
+are each counted at least `min_count` times (default 5; a token seen once makes every pair it is
+in look certain). Task tokens are in every prompt, so P(c | y) = 1 for all task pairs while
+P(y | c) is just y's frequency: they carry the prior over titles. Prefix tokens are the title
+itself, so they predict its next tokens well. Reported as measured, whatever the data shows.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from nanogdrt import attribution, plots
+from nanogdrt.prompt import PromptIds
+
+PAIR_TYPES = ("task", "prefix", "interaction")
+FIGURES = {"attribution": "fig2_attribution_ratios.png", "groups": "fig3_top1_group_distribution.png",
+           "group1_share": "fig4_group1_share_by_epoch.png", "cooccurrence": "fig5_cooccurrence.png",
+           "group_loss": "fig6_group_loss.png"}
+
+
+# ----------------------------------------------------------------------------- runs
+
+class Run(NamedTuple):
+    path: Path
+    label: str         # "SFT", "GDRT" (+ the folder name when two runs share a method)
+    config: dict       # the run's resolved RunConfig
+    results: dict      # its results.json
+
+
+def load_run(path) -> Run:
+    """Read <path>/results.json; every problem names the file it comes from."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run folder {path} not found (expected the --out folder of a train.py run)")
+    file = path / "results.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: did the train.py run finish? (an interrupted run "
+                                f"writes it only after `--resume` completes)")
+    try:
+        results = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    for key in ("config", "epochs", "test", "test_target_group_distribution", "steps"):
+        if key not in results:
+            raise ValueError(f"{file}: missing key {key!r} (not a train.py results.json?)")
+    return Run(path, results["config"].get("method", "run").upper(), results["config"], results)
+
+
+def label_runs(runs: list[Run]) -> list[Run]:
+    """Method names as labels; runs that share a method are told apart by their folder names."""
+    methods = [r.label for r in runs]
+    return [r._replace(label=f"{r.label} ({r.path.name})") if methods.count(r.label) > 1 else r for r in runs]
+
+
+def agreed(runs: list[Run], key: str, given, default):
+    """A setting given on the command line, else the one all runs share, else the default."""
+    if given is not None:
+        return given
+    values = {r.config.get(key) for r in runs}
+    if len(values) > 1:
+        raise ValueError(f"the runs disagree on {key}: "
+                         + ", ".join(f"{r.path} has {r.config.get(key)!r}" for r in runs)
+                         + (f"; pass --{key.replace('_', '-')} to choose" if key in ("model", "dataset", "data_dir")
+                            else "; analyse runs of one training set together"))
+    return values.pop() if values and None not in values else default
+
+
+# ----------------------------------------------------------------------------- Fig. 5
+
+def cooccurrence_counts(examples: list[PromptIds]):
+    """Counts over all target occurrences (docstring): per type, {(c, y): co-occurrences} and
+    {c: occurrences whose context holds c}; and {y: occurrences of y as a target token}."""
+    pairs, n_context = ({k: Counter() for k in PAIR_TYPES} for _ in range(2))
+    n_target = Counter()
+    for p in examples:
+        t0, t1 = p.target
+        task = {p.ids[i] for s, e in p.task for i in range(s, e)}
+        interaction = {p.ids[i] for s, e in p.items for i in range(s, e)}
+        target = p.ids[t0:t1]
+        for t, y in enumerate(target):
+            n_target[y] += 1
+            for kind, context in (("task", task), ("prefix", set(target[:t])), ("interaction", interaction)):
+                n_context[kind].update(context)
+                pairs[kind].update((c, y) for c in context)
+    return pairs, n_context, n_target
+
+
+def cooccurrence_rates(examples: list[PromptIds], min_count: int = 5) -> dict:
+    """Per pair type, over its distinct pairs (c, y) with c and y each seen >= min_count times:
+    mean / median of P(c | y) ("given_target") and of P(y | c) ("given_context"), and the count."""
+    pairs, n_context, n_target = cooccurrence_counts(examples)
+    out = {}
+    for kind in PAIR_TYPES:
+        kept = [(n, c, y) for (c, y), n in pairs[kind].items()
+                if n_target[y] >= min_count and n_context[kind][c] >= min_count]
+        given_target = np.array([n / n_target[y] for n, c, y in kept])
+        given_context = np.array([n / n_context[kind][c] for n, c, y in kept])
+        out[kind] = {"pairs": len(kept)}
+        for name, rates in (("given_target", given_target), ("given_context", given_context)):
+            out[kind][name] = {"mean": float(rates.mean()) if kept else float("nan"),
+                               "median": float(np.median(rates)) if kept else float("nan")}
+    return out
+
+
+# ----------------------------------------------------------------------------- Fig. 2 / 7
+
+def attribution_ratios(model, builder, interactions, titles) -> dict:
+    """attribution.context_ratios of a model over the given examples, with the mean terms."""
+    attrs = [attribution.attribute(model, builder.build([titles[i] for i in x.history], titles[x.target]),
+                                   builder.tokenizer, all_prefixes=False) for x in interactions]
+    r = attribution.context_ratios(attrs)
+    terms = np.array([list(t) for t in r.per_example])                 # (N, 4)
+    return {"task_ratio": r.task_ratio, "prefix_ratio": r.prefix_ratio,
+            "mean_terms": dict(zip(attribution.RatioTerms._fields, terms.mean(0).tolist())),
+            "per_example": [t._asdict() for t in r.per_example]}
+
+
+def load_model(model_dir, adapter, device, dtype):
+    from nanogdrt.llama import Llama
+    from nanogdrt.lora import load_adapter
+
+    model = Llama.from_pretrained(model_dir, dtype=dtype, device=device)
+    if adapter is not None:
+        load_adapter(model, adapter)   # LoRA layers are created on the base weights' device
+    return model.eval()               # eval: no LoRA dropout
+
+
+# ----------------------------------------------------------------------------- everything
+
+def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20, split="test",
+            seed=0, min_count=5, device="cpu", dtype="float32") -> dict:
+    """Draw every figure into `out` and return (and write) the numbers behind them.
+
+    Attribution examples are a seeded sample of the full `split` (not the runs' own test sample)."""
+    from nanogdrt.checkpoint import ensure_embedded_checkpoint
+    from nanogdrt.data import load_dataset
+    from nanogdrt.prompt import PromptBuilder
+    from nanogdrt.tokenizer import Tokenizer
+
+    runs = label_runs([load_run(d) for d in run_dirs])
+    if examples > 0:  # fail before any slow work if an adapter is missing
+        for r in runs:
+            if not (r.path / "best_adapter" / "adapter_model.safetensors").is_file():
+                raise FileNotFoundError(f"{r.path / 'best_adapter' / 'adapter_model.safetensors'} not found")
+    model_dir = Path(agreed(runs, "model", model, None) or ensure_embedded_checkpoint())
+    name = agreed(runs, "dataset", dataset, "synthetic")
+    data_dir = agreed(runs, "data_dir", data_dir, None)
+    # The training set the runs saw (same file, sample and seed as train.py), for Fig. 5.
+    train_cfg = {k: agreed(runs, k, None, None) for k in ("train_file", "train_samples")}
+    ds = load_dataset(name, data_dir=data_dir, train_file=train_cfg["train_file"],
+                      train_samples=train_cfg["train_samples"], seed=agreed(runs, "seed", None, 0))
+    builder = PromptBuilder(Tokenizer(model_dir), name if name in ("toy", "book", "clothing") else "synthetic")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    result = {"config": {"runs": [str(r.path) for r in runs], "model": str(model_dir), "dataset": name,
+                         "examples": examples, "split": split, "seed": seed, "min_count": min_count},
+              "labels": [r.label for r in runs]}
+
+    if examples > 0:
+        pool = getattr(ds, split)
+        rows = sorted(random.Random(f"{seed}:analyze:{split}").sample(range(len(pool)), min(examples, len(pool))))
+        chosen = [pool[i] for i in rows]
+        models = {"base (no fine-tuning)": None} | {r.label: r.path / "best_adapter" for r in runs}
+        per_model = {}
+        for label, adapter in models.items():
+            m = load_model(model_dir, adapter, device, getattr(torch, dtype))
+            per_model[label] = attribution_ratios(m, builder, chosen, ds.titles)
+            print(f"{label}: task ratio {per_model[label]['task_ratio']:.3f}, "
+                  f"prefix ratio {per_model[label]['prefix_ratio']:.3f}")
+        result["attribution"] = {"split": split, "rows": rows, "models": per_model}
+        plots.attribution_ratios({k: (v["task_ratio"], v["prefix_ratio"]) for k, v in per_model.items()},
+                                 out / FIGURES["attribution"], len(rows), split)
+        figures["attribution"] = FIGURES["attribution"]
+
+    if runs:
+        target_dists = {r.label: r.results["test_target_group_distribution"] for r in runs}
+        same = all(d == target_dists[runs[0].label] for d in target_dists.values())
+        bars = ({"test targets": target_dists[runs[0].label]} if same
+                else {f"test targets ({k})": d for k, d in target_dists.items()})
+        bars |= {f"{r.label} top-1": r.results["test"]["top1_group_distribution"] for r in runs}
+        result["top1_group_distribution"] = bars
+        plots.group_distribution(bars, out / FIGURES["groups"],
+                                 title="Item groups of the top-1 recommendations vs the test targets")
+        figures["groups"] = FIGURES["groups"]
+
+        curves = {r.label: ([e["epoch"] for e in r.results["epochs"]],
+                            [e["top1_group1_share"] for e in r.results["epochs"]]) for r in runs}
+        result["group1_share_by_epoch"] = {k: {"epoch": x, "share": y} for k, (x, y) in curves.items()}
+        reference = (target_dists[runs[0].label][0], "group-1 share of the test targets") if same else None
+        plots.epoch_curves(curves, out / FIGURES["group1_share"],
+                           "share of top-1 recommendations\nin item group 1 (validation)",
+                           "Top-1 recommendations from the item group most predictable\n"
+                           "from auxiliary tokens (group 1 of 5), after each epoch", reference)
+        figures["group1_share"] = FIGURES["group1_share"]
+
+        # A group absent from a step's batch was logged as 0: it is missing, not a zero loss.
+        panels = {r.label: ([s["step"] for s in r.results["steps"]],
+                            [[v if v != 0 else float("nan") for v in s["group_loss"]] for s in r.results["steps"]])
+                  for r in runs}
+        result["group_loss"] = {k: {"step": x, "group_loss": y} for k, (x, y) in panels.items()}
+        window = max(1, max(len(x) for x, _ in panels.values()) // 50)
+        plots.group_loss_panels(panels, out / FIGURES["group_loss"], window)
+        figures["group_loss"] = FIGURES["group_loss"]
+
+    train_examples = [builder.build([ds.titles[i] for i in x.history], ds.titles[x.target]) for x in ds.train]
+    rates = cooccurrence_rates(train_examples, min_count)
+    result["cooccurrence"] = {"definition": "per type, mean / median over distinct (context token c, target "
+                              "token y) pairs, c and y each counted >= min_count times, of P(c | y) and P(y | c) "
+                              "over target-token occurrences (nanogdrt/analyze.py docstring)",
+                              "train_examples": len(train_examples), "types": rates}
+    plots.cooccurrence_bars({k: (v["given_target"]["mean"], v["given_context"]["mean"]) for k, v in rates.items()},
+                            {k: v["pairs"] for k, v in rates.items()}, out / FIGURES["cooccurrence"],
+                            len(train_examples), min_count)
+    figures["cooccurrence"] = FIGURES["cooccurrence"]
+
+    result["figures"] = figures
+    write_json_atomic(out / "analysis.json", result)
+    return result
+
+
+def _finite(obj):
+    """NaN / inf -> None, so analysis.json is strict JSON (a ratio with no interaction effect is NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(path: Path, obj):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_finite(obj), indent=1, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--runs", nargs="*", default=[], help="train.py run folders (results.json, best_adapter/)")
+    p.add_argument("--model", default=None, help="base model folder (default: the runs' config.model, else "
+                                                 "the embedded SmolLM2-135M)")
+    p.add_argument("--dataset", default=None, help="toy | clothing | book | synthetic (default: the runs')")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: the runs')")
+    p.add_argument("--examples", type=int, default=20, help="examples for Fig. 2/7 attribution (0: skip)")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split of those examples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the example sample")
+    p.add_argument("--min-count", type=int, default=5, help="Fig. 5: only target tokens seen this often")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default="figures", help="folder for the PNG files and analysis.json")
+    a = p.parse_args(argv)
+    try:
+        analyze(a.runs, a.out, a.model, a.dataset, a.data_dir, a.examples, a.split, a.seed, a.min_count,
+                a.device, a.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"figures and analysis.json in {a.out}/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""nanogdrt.analyze on a tiny random Llama (real tokenizer) and two real train.py runs (SFT, GDRT):
+every figure and number is written; Fig. 5's rates checked by hand; Fig. 2's ratios equal
+attribution.context_ratios computed directly; missing inputs fail naming the path."""
+
+import json
+import math
+import shutil
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+
+import train
+from nanogdrt import analyze, attribution
+from nanogdrt.analyze import FIGURES, cooccurrence_rates
+from nanogdrt.llama import Llama, LlamaConfig
+from nanogdrt.prompt import PromptIds
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smollm_dir):
+    """A 2-layer, 64-wide random Llama that shares the embedded model's tokenizer (as test_train)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    cfg = json.loads((smollm_dir / "config.json").read_text())
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm_dir / name, folder / name)
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_hf(cfg))
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """Two finished train.py runs on 24 synthetic windows: SFT (1 epoch) and GDRT (2 epochs)."""
+    root = tmp_path_factory.mktemp("runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "RELEVANCE_CACHE", root / "cache")
+        for method, epochs in (("sft", "1"), ("gdrt", "2")):
+            train.main(["--model", str(tiny_model_dir), "--dataset", "synthetic", "--train-samples", "24",
+                        "--valid-users", "4", "--test-users", "6", "--epochs", epochs, "--batch-size", "4",
+                        "--beams", "4", "--eval-batch-size", "4", "--lr", "3e-3", "--method", method,
+                        "--out", str(root / method)])
+    return root / "sft", root / "gdrt"
+
+
+def test_cooccurrence_rates_by_hand():
+    # Two examples: task ids {1, 2, 3}; histories {10, 11} and {11, 12}; targets [20 21 0], [20 22 0].
+    a = PromptIds([1, 2, 10, 11, 3, 20, 21, 0], [(0, 2), (4, 5)], (2, 4), [(2, 4)], (5, 8))
+    b = PromptIds([1, 2, 11, 12, 3, 20, 22, 0], [(0, 2), (4, 5)], (2, 4), [(2, 4)], (5, 8))
+    r = cooccurrence_rates([a, b], min_count=1)
+    # task: 3 ids x 4 targets; each task id is in all 6 target contexts; P(y|c) = (2+1+1+2)/6 / 4.
+    assert r["task"] == {"pairs": 12, "given_target": {"mean": 1.0, "median": 1.0},
+                         "given_context": pytest.approx({"mean": 0.25, "median": 0.25})}
+    # prefix pairs (count): (20,21) 1, (20,0) 2, (21,0) 1, (20,22) 1, (22,0) 1; #y: 20:2 21:1 22:1 0:2;
+    # #c in a prefix: 20:4, 21:1, 22:1.
+    #   P(c|y) = 1, 1, 1/2, 1, 1/2 -> mean 0.8;  P(y|c) = 1/4, 2/4, 1, 1/4, 1 -> mean 0.6
+    assert r["prefix"]["pairs"] == 5
+    assert r["prefix"]["given_target"]["mean"] == pytest.approx(0.8)
+    assert r["prefix"]["given_context"]["mean"] == pytest.approx(0.6)
+    # interaction: 10 pairs; #c: 10:3, 11:6, 12:3. P(c|y) sums to 8 -> 0.8; P(y|c) sums to 3 -> 0.3.
+    assert r["interaction"]["pairs"] == 10
+    assert r["interaction"]["given_target"]["mean"] == pytest.approx(0.8)
+    assert r["interaction"]["given_context"]["mean"] == pytest.approx(0.3)
+    # min_count=2 keeps y in {20, 0} and c seen twice: prefix keeps only (20, 0): 2/2 and 2/4.
+    r2 = cooccurrence_rates([a, b], min_count=2)
+    assert r2["prefix"]["pairs"] == 1
+    assert r2["prefix"]["given_target"]["mean"] == 1.0 and r2["prefix"]["given_context"]["mean"] == 0.5
+    # interaction: every history id is in >= 3 target contexts, so only y decides: (c, 20), (c, 0)
+    # for c in 10, 11, 12; P(c|y) = 1/2, 1/2, 1, 1, 1/2, 1/2 -> mean 2/3.
+    assert r2["interaction"]["pairs"] == 6
+    assert r2["interaction"]["given_target"]["mean"] == pytest.approx(2 / 3)
+
+
+def non_trivial_png(path):
+    img = matplotlib.image.imread(path)[..., :3]            # (H, W, 3) in [0, 1]
+    ink = (img < 0.9).any(-1).mean()                         # share of non-white pixels
+    return path.stat().st_size > 10_000 and img.shape[0] > 300 and 0.02 < ink < 0.6 and img.std() > 0.05
+
+
+def test_analyze_writes_every_figure_and_the_numbers(runs, tiny_model_dir, tmp_path, capsys):
+    sft, gdrt = runs
+    out = tmp_path / "figures"
+    analyze.main(["--runs", str(sft), str(gdrt), "--examples", "3", "--min-count", "2", "--out", str(out)])
+    assert "figures and analysis.json" in capsys.readouterr().out
+    for name in FIGURES.values():
+        assert non_trivial_png(out / name), name
+    res = json.loads((out / "analysis.json").read_text())   # strict JSON: NaN became null
+    assert res["labels"] == ["SFT", "GDRT"] and set(res["figures"]) == set(FIGURES)
+    assert res["config"]["model"] == str(tiny_model_dir) and res["config"]["dataset"] == "synthetic"
+    assert not list(out.glob(".*.tmp"))                       # the atomic write left nothing behind
+
+    results = {k: json.loads((d / "results.json").read_text()) for k, d in (("SFT", sft), ("GDRT", gdrt))}
+    assert res["top1_group_distribution"]["test targets"] == results["SFT"]["test_target_group_distribution"]
+    for label, r in results.items():
+        assert res["top1_group_distribution"][f"{label} top-1"] == r["test"]["top1_group_distribution"]
+        assert res["group1_share_by_epoch"][label]["share"] == [e["top1_group1_share"] for e in r["epochs"]]
+        logged = res["group_loss"][label]["group_loss"]
+        assert len(logged) == len(r["steps"])
+        for row, step in zip(logged, r["steps"]):  # a group absent from a step: null, else the logged loss
+            assert row == [None if v == 0 else v for v in step["group_loss"]]
+    assert len(res["group1_share_by_epoch"]["GDRT"]["epoch"]) == 2
+
+    # Fig. 2: the base model's ratios are attribution.context_ratios on the same rows.
+    att = res["attribution"]
+    assert set(att["models"]) == {"base (no fine-tuning)", "SFT", "GDRT"} and len(att["rows"]) == 3
+    from nanogdrt.data import load_dataset
+    from nanogdrt.prompt import PromptBuilder
+    from nanogdrt.tokenizer import Tokenizer
+
+    ds = load_dataset("synthetic")
+    builder = PromptBuilder(Tokenizer(tiny_model_dir), "synthetic")
+    model = Llama.from_pretrained(tiny_model_dir).eval()
+    direct = attribution.context_ratios(
+        [attribution.attribute(model, builder.build([ds.titles[i] for i in ds.test[r].history],
+                                                    ds.titles[ds.test[r].target]), builder.tokenizer)
+         for r in att["rows"]])
+    base = att["models"]["base (no fine-tuning)"]
+    assert base["task_ratio"] == pytest.approx(direct.task_ratio, rel=1e-4)
+    assert base["prefix_ratio"] == pytest.approx(direct.prefix_ratio, rel=1e-4)
+    # The trained adapters change the model, so their attributions differ from the base model's.
+    assert att["models"]["SFT"]["per_example"] != base["per_example"]
+
+    co = res["cooccurrence"]
+    assert co["train_examples"] == 24 and co["types"]["task"]["given_target"]["mean"] == 1.0
+    for kind in ("prefix", "interaction"):
+        assert co["types"][kind]["pairs"] > 0
+        assert 0 < co["types"][kind]["given_context"]["mean"] <= 1 and math.isfinite(
+            co["types"][kind]["given_target"]["mean"])
+
+
+def test_base_model_only_and_no_attribution(tiny_model_dir, tmp_path):
+    """No runs: Fig. 2 for the base model and Fig. 5 only; --examples 0 skips the attribution."""
+    res = analyze.analyze([], tmp_path / "a", model=str(tiny_model_dir), examples=2, min_count=1)
+    assert set(res["figures"]) == {"attribution", "cooccurrence"}
+    assert list(res["attribution"]["models"]) == ["base (no fine-tuning)"]
+    res = analyze.analyze([], tmp_path / "b", model=str(tiny_model_dir), examples=0, min_count=1)
+    assert set(res["figures"]) == {"cooccurrence"} and "attribution" not in res
+    assert np.isfinite(res["cooccurrence"]["types"]["prefix"]["given_target"]["mean"])
+
+
+def test_missing_inputs_name_the_path(runs, tmp_path):
+    missing = tmp_path / "no-such-run"
+    with pytest.raises(SystemExit, match=f"error: run folder {missing} not found"):
+        analyze.main(["--runs", str(missing), "--out", str(tmp_path / "o")])
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match=f"{empty / 'results.json'} not found"):
+        analyze.main(["--runs", str(empty), "--out", str(tmp_path / "o")])
+    broken = tmp_path / "broken-run"
+    broken.mkdir()
+    (broken / "results.json").write_text('{"config": {}}')
+    with pytest.raises(SystemExit, match=f"{broken / 'results.json'}: missing key 'epochs'"):
+        analyze.main(["--runs", str(broken), "--out", str(tmp_path / "o")])
+    no_adapter = tmp_path / "no-adapter"
+    shutil.copytree(runs[0], no_adapter, ignore=shutil.ignore_patterns("best_adapter"))
+    with pytest.raises(SystemExit, match=f"{no_adapter / 'best_adapter' / 'adapter_model.safetensors'} not found"):
+        analyze.main(["--runs", str(no_adapter), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o" / "analysis.json").exists()
