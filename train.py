@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,7 @@ from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.data import load_dataset
 from nanogdrt.llama import Llama
 from nanogdrt.lora import LoRAConfig, inject_lora, load_adapter, lora_parameters, save_adapter
-from nanogdrt.loss import gdrt_loss, sft_loss, token_nll
+from nanogdrt.loss import gdrt_loss, group_sums_and_counts, sft_loss, token_nll
 from nanogdrt.prompt import PromptBuilder
 from nanogdrt.recommend import RELEVANCE_CACHE, build_trie, recommend, score
 from nanogdrt.tokenizer import Tokenizer
@@ -162,28 +161,33 @@ def epoch_batches(n, batch_size, seed, epoch):
 # ----------------------------------------------------------------------------- steps
 
 def train_step(model, cfg, examples, token_groups, micro_batches, pad_id):
-    """One optimizer step's worth of forward/backward over `grad_accum` micro-batches."""
-    log = {"loss": 0.0, "group_loss": torch.zeros(cfg.groups), "q": torch.zeros(cfg.groups)}
+    """One optimizer step's worth of forward/backward over `grad_accum` micro-batches.
+
+    Returns what is logged: the loss, L(g) over all the step's tokens (0 for a group with no
+    token in this step) and Q(g) averaged over the micro-batches (GDRT only)."""
+    loss_sum, q = 0.0, torch.zeros(cfg.groups)
+    group_sums, group_counts = torch.zeros(cfg.groups), torch.zeros(cfg.groups)
     for indices in micro_batches:
         ids, target_mask, groups = collate(examples, token_groups, indices, pad_id, cfg.device)
         hidden = model.hidden_states(ids)                               # right padding: no mask needed
         nll = token_nll(model.logits, hidden, ids, target_mask).nll     # (N,) target tokens only
+        token_group = groups[target_mask]                               # (N,) 1..G
         if cfg.method == "gdrt":
-            out = gdrt_loss(nll, groups[target_mask], cfg.groups, cfg.tau)   # Eq. 5
+            out = gdrt_loss(nll, token_group, cfg.groups, cfg.tau)      # Eq. 5
             loss = out.loss
-            log["group_loss"] += out.group_loss.cpu() / len(micro_batches)
-            log["q"] += out.q.cpu() / len(micro_batches)
+            q += out.q.cpu() / len(micro_batches)
         else:
-            loss = sft_loss(nll)                                            # Eq. 1
-            for g in range(cfg.groups):  # logged for Fig. 6 even though SFT ignores the groups
-                sel = groups[target_mask] == g + 1
-                if sel.any():
-                    log["group_loss"][g] += nll[sel].mean().item() / len(micro_batches)
+            loss = sft_loss(nll)                                        # Eq. 1
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()}")
         (loss / len(micro_batches)).backward()
-        log["loss"] += loss.item() / len(micro_batches)
-    return log
+        loss_sum += loss.item()
+        # Per-group losses are logged for both methods (Fig. 6), pooled over the micro-batches.
+        sums, counts = group_sums_and_counts(nll.detach(), token_group, cfg.groups)
+        group_sums += sums.cpu()
+        group_counts += counts.cpu()
+    return {"loss": loss_sum / len(micro_batches), "q": q,
+            "group_loss": group_sums / group_counts.clamp(min=1)}
 
 
 def evaluate(model, builder, trie, interactions, titles, item_group, cfg, desc):

@@ -1,5 +1,7 @@
 """Shared fixtures: the embedded model is loaded once per test session; real data is optional."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,25 @@ def toy_dir() -> Path:
     if not (TOY_DIR / "id2name.json").is_file():
         pytest.skip(f"real Toy data not found at {TOY_DIR} (only present beside the repo as ../shared)")
     return TOY_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_dir):
+    """A 2-layer, 64-wide random Llama that shares the embedded model's tokenizer: runs the whole
+    pipeline (train.py, analyze, recommend) in seconds."""
+    from safetensors.torch import save_file
+
+    from nanogdrt.llama import Llama, LlamaConfig
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    cfg = json.loads((smollm_dir / "config.json").read_text())
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm_dir / name, folder / name)
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_hf(cfg))
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    return folder

@@ -9,32 +9,12 @@ import shutil
 import matplotlib.image
 import numpy as np
 import pytest
-import torch
 
 import train
 from nanogdrt import analyze, attribution
 from nanogdrt.analyze import FIGURES, cooccurrence_rates
-from nanogdrt.llama import Llama, LlamaConfig
+from nanogdrt.llama import Llama
 from nanogdrt.prompt import PromptIds
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm_dir):
-    """A 2-layer, 64-wide random Llama that shares the embedded model's tokenizer (as test_train)."""
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    cfg = json.loads((smollm_dir / "config.json").read_text())
-    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm_dir / name, folder / name)
-    torch.manual_seed(0)
-    model = Llama(LlamaConfig.from_hf(cfg))
-    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
-    return folder
 
 
 @pytest.fixture(scope="module")
