@@ -4,7 +4,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.installed
 CKPT    := checkpoints/smollm2-135m-instruct/model.safetensors
 
-.PHONY: setup test train bench bench-train bench-beam bench-attribution bench-gdrt clean
+.PHONY: setup test train tutorials bench bench-train bench-beam bench-attribution bench-gdrt clean
 
 setup: $(STAMP) $(CKPT)
 
@@ -24,6 +24,10 @@ test: setup
 
 train: setup
 	$(PY) train.py
+
+# Executes every notebook in tutorials/ (they assert what they teach).
+tutorials: setup
+	$(PY) -m pytest -q tests/test_tutorials.py
 
 # Benchmarks print nanogdrt and the reference library side by side; run them on an idle machine.
 bench: bench-train bench-beam bench-attribution bench-gdrt

@@ -357,7 +357,8 @@ def draw_figures(out, cfg, steps, top1_dist, target_dist):
 
 def print_table(cfg, test, times):
     keys = ["NDCG@5", "NDCG@10", "HR@5", "HR@10", "MGU@5", "DGU@5"]
-    print("\n| method | " + " | ".join(keys) + " |\n|---" * (len(keys) + 1) + "|")
+    print("\n| method | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
     print(f"| {cfg.method.upper()} | " + " | ".join(f"{test[k]:.4f}" for k in keys) + " |")
     print(f"wall time: {times['total_s']:.0f} s (grouping {times['grouping_s']:.0f} s, "
           f"train+valid {times['train_and_valid_s']:.0f} s, test {times['test_s']:.0f} s); "
