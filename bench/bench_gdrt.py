@@ -10,11 +10,14 @@ Run it alone: the machine has 2 cores and any other load skews the numbers.
 """
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import train
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py lives at the top level
+import train  # noqa: E402
 from nanogdrt import grouping
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.data import load_dataset

@@ -25,8 +25,8 @@ B, T, TARGET = 8, 160, 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def nanogdrt_step_fn(path, dtype):
-    model = Llama.from_pretrained(path, dtype=dtype)
+def nanogdrt_step_fn(path, dtype, device="cpu"):
+    model = Llama.from_pretrained(path, dtype=dtype, device=device)
     inject_lora(model, LoRAConfig())
     model.train()
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
@@ -42,11 +42,11 @@ def nanogdrt_step_fn(path, dtype):
     return step
 
 
-def reference_step_fn(path, dtype):
+def reference_step_fn(path, dtype, device="cpu"):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(path, dtype=dtype)
+    model = LlamaForCausalLM.from_pretrained(path).to(device=device, dtype=dtype)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                              target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     model.train()
@@ -63,9 +63,9 @@ def reference_step_fn(path, dtype):
     return step
 
 
-def tokens_per_second(step, steps, warmup=2):
+def tokens_per_second(step, steps, warmup=2, device="cpu"):
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(100, 40000, (B, T), generator=g) for _ in range(warmup + steps)]
+    batches = [torch.randint(100, 40000, (B, T), generator=g).to(device) for _ in range(warmup + steps)]
     for ids in batches[:warmup]:
         step(ids)
     start = time.perf_counter()
