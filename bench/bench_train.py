@@ -15,11 +15,11 @@ import platform
 import time
 
 import torch
-import torch.nn.functional as F
 
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.llama import Llama
 from nanogdrt.lora import LoRAConfig, inject_lora, lora_parameters
+from nanogdrt.loss import sft_loss, token_nll
 
 B, T, TARGET = 8, 160, 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -31,10 +31,12 @@ def nanogdrt_step_fn(path, dtype, device="cpu"):
     model.train()
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
 
+    target_mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    target_mask[:, T - TARGET:] = True
+
     def step(ids):
-        hidden = model.hidden_states(ids)                                 # (B, T, C)
-        logits = model.logits(hidden[:, T - TARGET - 1:T - 1])            # (B, 16, V): targets only
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, T - TARGET:].flatten())
+        hidden = model.hidden_states(ids)                                  # (B, T, C)
+        loss = sft_loss(token_nll(model.logits, hidden, ids, target_mask).nll)  # as train.py: (128, V) logits
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
