@@ -262,9 +262,18 @@ def main(argv=None):
     stopped = False
     for epoch in range(state["epoch"], cfg.epochs):
         if cfg.regroup_every_epoch and epoch > 0:
-            model.eval()
-            token_groups, _, token_rel = relevance_groups(model, builder, dataset, cfg, cached=False)
-            model.train()
+            if state["batch"] > 0 and "token_groups" in state:
+                # Resumed mid-epoch: the groups were scored by the model at the epoch's start,
+                # which no longer exists; take them from the checkpoint.
+                lengths = [len(g) for g in token_groups]
+                token_groups = list(torch.tensor(state["token_groups"]).split(lengths))
+                token_rel = list(torch.tensor(state["token_relevance"]).split(lengths))
+            else:
+                model.eval()
+                token_groups, _, token_rel = relevance_groups(model, builder, dataset, cfg, cached=False)
+                model.train()
+                state["token_groups"] = torch.cat(token_groups).tolist()
+                state["token_relevance"] = torch.cat(token_rel).tolist()
         batches = epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch)
         steps = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
         bar = tqdm(range(state["batch"], len(steps)), desc=f"epoch {epoch + 1}/{cfg.epochs}",

@@ -94,3 +94,23 @@ def test_recommend_cli_writes_one_line_per_user(tiny_model_dir, tmp_path, monkey
     assert [r["row"] for r in lines] == [0, 1, 2]
     assert all(len(r["topk_item_ids"]) == 4 and r["scores"] == sorted(r["scores"], reverse=True) for r in lines)
     assert "NDCG@5" in capsys.readouterr().out
+
+
+def test_regroup_every_epoch_resumes_exactly(tiny_model_dir, tmp_path):
+    run(tiny_model_dir, tmp_path / "straight", "--regroup-every-epoch", "--save-every", "2")
+    run(tiny_model_dir, tmp_path / "broken", "--regroup-every-epoch", "--save-every", "2", "--max-steps", "9")
+    run(tiny_model_dir, tmp_path / "broken", "--regroup-every-epoch", "--save-every", "2", "--resume")
+    a = json.loads((tmp_path / "straight" / "results.json").read_text())
+    b = json.loads((tmp_path / "broken" / "results.json").read_text())
+    assert a["relevance_model"].startswith("current model")
+    assert a["steps"] == b["steps"] and a["test"] == b["test"]
+
+
+def test_toy_dataset_end_to_end_on_a_tiny_model(tiny_model_dir, toy_dir, tmp_path):
+    """The real Amazon Toys folder through the whole script (the toy template, 11,758 titles)."""
+    train.main(["--model", str(tiny_model_dir), "--dataset", "toy", "--data-dir", str(toy_dir),
+                "--train-samples", "8", "--valid-users", "3", "--test-users", "3", "--epochs", "1",
+                "--batch-size", "4", "--beams", "3", "--out", str(tmp_path / "toy")])
+    res = json.loads((tmp_path / "toy" / "results.json").read_text())
+    assert res["dataset"]["items"] == 11758 and res["config"]["train_file"] == "train_1000.csv"
+    assert res["dataset"]["train"] == 8 and res["dataset"]["test"] == 3
