@@ -80,7 +80,7 @@ class RunConfig:
 # Paper-like defaults scaled to 2 CPU cores, per dataset (a flag on the command line wins).
 DATASET_DEFAULTS = {
     "synthetic": dict(train_samples=128, valid_users=32, test_users=128, epochs=2),
-    "toy": dict(train_file="train_1000.csv", train_samples=1000, valid_users=200, test_users=1000, epochs=2),
+    "toy": dict(train_file="train_1000.csv", train_samples=1000, valid_users=100, test_users=500, epochs=2),
 }
 
 
