@@ -33,13 +33,15 @@ def group_distribution(bars: dict[str, list[float]], path, title="Top-1 recommen
 def per_group_curves(steps, values, path, ylabel, title):
     """values (S, G): one curve per token group over optimizer steps."""
     values = np.asarray(values, dtype=float)
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
     for g in range(values.shape[1]):
         ax.plot(steps, values[:, g], label=f"group {g + 1}")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(title="token group (1 = most relevant to auxiliary tokens)", fontsize=8)
+    # Outside the axes: the curves cross everywhere, a legend inside would hide some of them.
+    ax.legend(title="token group\n(1 = most relevant\nto auxiliary tokens)", fontsize=8, title_fontsize=8,
+              loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)
 
 
