@@ -76,13 +76,41 @@ def tokens_per_second(step, steps, warmup=2, device="cpu"):
     return B * T * steps / (time.perf_counter() - start)
 
 
+def matmul_gflops(dtype, m=1280, k=576, n=1536, reps=20):
+    """This machine's speed on a matmul of the model's MLP shape (the ceiling for a step)."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    for _ in range(3):
+        a @ b.T
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b.T
+    return 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
+
+
+def profile_one_step(path, dtype):
+    """Where one nanogdrt step spends its time (torch.profiler, top operators)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = nanogdrt_step_fn(path, dtype)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(100, 40000, (B, T), generator=g) for _ in range(3)]
+    step(batches[0])
+    step(batches[1])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(batches[2])
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--profile", action="store_true", help="also profile one nanogdrt step per dtype")
     args = parser.parse_args()
     path = ensure_embedded_checkpoint()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print("matmul (1280x576 @ 576x1536): " + ", ".join(
+        f"{name} {matmul_gflops(DTYPES[name]):.0f} GFLOP/s" for name in args.dtypes))
     print(f"LoRA step, batch {B} x {T} tokens, loss on last {TARGET}; tokens/s over {args.steps} steps")
     print(f"{'dtype':6} {'transformers+peft':>18} {'nanogdrt':>10} {'ratio':>7}")
     for name in args.dtypes:
@@ -91,6 +119,8 @@ def main():
         torch.manual_seed(0)
         ours = tokens_per_second(nanogdrt_step_fn(path, DTYPES[name]), args.steps)
         print(f"{name:6} {ref:18.1f} {ours:10.1f} {ours / ref:6.2f}x", flush=True)
+    for name in args.dtypes if args.profile else []:
+        profile_one_step(path, DTYPES[name])
 
 
 if __name__ == "__main__":
