@@ -375,4 +375,7 @@ def print_table(cfg, test, times):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file, line or field
+        sys.exit(f"error: {e}")

@@ -135,4 +135,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file, line or field
+        raise SystemExit(f"error: {e}") from None
