@@ -14,6 +14,7 @@ import argparse
 import ast
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,27 +27,13 @@ from nanogdrt.prompt import PromptBuilder
 from nanogdrt.tokenizer import Tokenizer
 from nanogdrt.trie import Trie
 
-TOY_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "toy"
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the transformers reference lives beside the test that checks it
+from tests.test_beam import hf_constrained_beam_search  # noqa: E402
+
+TOY_DIR = ROOT.parent / "shared" / "data" / "toy"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TIE_TOL = 1e-4
-
-
-def hf_top_k(hf_model, prompt, trie, beams, top_k, length_penalty, eos_id):
-    """transformers' constrained beam search -> (item ids, scores), best first."""
-    P = len(prompt)
-
-    def allowed(batch_id, sent):  # the per-beam Python callback of the paper's code base
-        node = trie.walk(sent[P:].tolist())
-        if node is None or node in trie.leaf_items:  # dead beams (transformers keeps some): anything
-            return [eos_id]
-        return trie.allowed(torch.tensor([node])).tokens[0].tolist()
-
-    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, P, dtype=torch.long),
-                            num_beams=beams, num_return_sequences=top_k, max_new_tokens=trie.depth,
-                            length_penalty=length_penalty, do_sample=False, pad_token_id=eos_id,
-                            prefix_allowed_tokens_fn=allowed, output_scores=True, return_dict_in_generate=True)
-    items = [trie.leaf_items[trie.walk(s[:s.index(eos_id) + 1])][0] for s in out.sequences[:, P:].tolist()]
-    return items, out.sequences_scores.float().tolist()
 
 
 def same_ranking(ids_a, scores_a, ids_b, scores_b) -> bool:
@@ -98,8 +85,8 @@ def main():
         t0, agree, overlap = time.perf_counter(), 0, 0.0
         with torch.no_grad():
             for prompt, rec in zip(prompts, recs):
-                ids, scores = hf_top_k(hf, prompt, trie, args.beams, args.top_k, args.length_penalty,
-                                       builder.tokenizer.eos_id)
+                ids, scores = hf_constrained_beam_search(hf, prompt, trie, args.beams, builder.tokenizer.eos_id,
+                                                         args.top_k, args.length_penalty)
                 agree += same_ranking(rec.item_ids, rec.scores, ids, scores)
                 overlap += len(set(rec.item_ids) & set(ids)) / len(ids)
         t_hf = (time.perf_counter() - t0) / len(prompts)

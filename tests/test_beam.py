@@ -99,8 +99,10 @@ def test_rejects_top_k_above_beams(tiny, tiny_catalogue):
         beam_search(tiny, [[1, 2]], Trie.from_token_ids(tiny_catalogue, EOS), beams=2, top_k=3)
 
 
-def hf_constrained_beam_search(hf_model, prompt, trie, beams, eos_id):
-    """transformers' generate with the trie as prefix_allowed_tokens_fn -> (item ids, scores)."""
+def hf_constrained_beam_search(hf_model, prompt, trie, beams, eos_id, top_k=None, length_penalty=1.0):
+    """transformers' generate with the trie as prefix_allowed_tokens_fn (the per-beam Python
+    callback of the paper's code base) -> (item ids, scores), best first. Also used by
+    bench/bench_beam.py, so the benchmark times exactly the reference the test checks against."""
     P = len(prompt)
 
     def allowed(batch_id, sent):
@@ -110,13 +112,11 @@ def hf_constrained_beam_search(hf_model, prompt, trie, beams, eos_id):
         return trie.allowed(torch.tensor([node])).tokens[0].tolist()
 
     out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, P, dtype=torch.long),
-                            num_beams=beams, num_return_sequences=beams, max_new_tokens=trie.depth,
-                            do_sample=False, prefix_allowed_tokens_fn=allowed, pad_token_id=eos_id,
-                            output_scores=True, return_dict_in_generate=True)
-    items = []
-    for seq in out.sequences[:, P:].tolist():
-        items.append(trie.leaf_items[trie.walk(seq[:seq.index(eos_id) + 1])][0])
-    return items, out.sequences_scores.tolist()
+                            num_beams=beams, num_return_sequences=top_k or beams, max_new_tokens=trie.depth,
+                            length_penalty=length_penalty, do_sample=False, prefix_allowed_tokens_fn=allowed,
+                            pad_token_id=eos_id, output_scores=True, return_dict_in_generate=True)
+    items = [trie.leaf_items[trie.walk(s[:s.index(eos_id) + 1])][0] for s in out.sequences[:, P:].tolist()]
+    return items, out.sequences_scores.float().tolist()
 
 
 def test_equals_transformers_generate_on_toy_users(smollm, hf_smollm, tokenizer, toy_dir):
