@@ -36,7 +36,7 @@ from nanogdrt.llama import Llama
 from nanogdrt.lora import LoRAConfig, inject_lora, load_adapter, lora_parameters, save_adapter
 from nanogdrt.loss import gdrt_loss, group_sums_and_counts, sft_loss, token_nll
 from nanogdrt.prompt import PromptBuilder
-from nanogdrt.recommend import RELEVANCE_CACHE, build_trie, recommend, score
+from nanogdrt.recommend import RELEVANCE_CACHE, build_trie, catalogue_logprobs, item_groups, recommend, score
 from nanogdrt.tokenizer import Tokenizer
 from nanogdrt.train_state import load_state, save_state
 
@@ -203,17 +203,12 @@ def evaluate(model, builder, trie, interactions, titles, item_group, cfg, desc):
 
 
 def relevance_groups(model, builder, dataset, cfg, cached=True):
-    """Eq. 2/3 under `model`: per-item token log-probs, the token groups of every training
-    example (§3.2) and the 5 item groups of the fairness metrics."""
-    items = sorted(dataset.titles)
-    titles = [dataset.titles[i] for i in items]
-    logprobs = (grouping.load_or_compute(model, builder, dataset.name, titles, RELEVANCE_CACHE) if cached
-                else grouping.item_token_logprobs(model, builder, titles))
-    position = {item: k for k, item in enumerate(items)}
-    token_rel = grouping.token_relevance(logprobs, [position[x.target] for x in dataset.train])
+    """Eq. 2/3 under `model`: the token groups of every training example (§3.2), the 5 item
+    groups of the fairness metrics, and each training example's token relevance."""
+    logprobs = catalogue_logprobs(model, builder, dataset, RELEVANCE_CACHE if cached else None)
+    token_rel = [logprobs[x.target] for x in dataset.train]   # Eq. 3 depends on the target only
     token_groups = grouping.token_groups(token_rel, cfg.groups, method=cfg.grouping, seed=cfg.seed)
-    item_rel = dict(zip(items, grouping.item_relevance(logprobs).tolist()))
-    return token_groups, metrics.item_groups(item_rel, 5), token_rel
+    return token_groups, item_groups(logprobs, 5), token_rel
 
 
 # ----------------------------------------------------------------------------- the run

@@ -34,13 +34,20 @@ def build_trie(builder, titles: dict[int, str]) -> Trie:
     return Trie.from_titles(titles, builder)
 
 
-def item_groups_by_relevance(model, builder, dataset, n_groups=5, cache_dir=RELEVANCE_CACHE):
-    """Eq. 2 relevance of every catalogue item under `model` (cached) -> (relevance, 5 groups)."""
+def catalogue_logprobs(model, builder, dataset, cache_dir=RELEVANCE_CACHE):
+    """Eq. 3 token log-probs of every catalogue title under `model` -> {item id: (n_tokens,)}.
+    Cached on disk when `cache_dir` is given (keyed by model, dataset and titles)."""
     items = sorted(dataset.titles)
-    logprobs = grouping.load_or_compute(model, builder, dataset.name, [dataset.titles[i] for i in items],
-                                        cache_dir)
-    relevance = dict(zip(items, grouping.item_relevance(logprobs).tolist()))
-    return relevance, metrics.item_groups(relevance, n_groups)
+    titles = [dataset.titles[i] for i in items]
+    logprobs = (grouping.load_or_compute(model, builder, dataset.name, titles, cache_dir) if cache_dir
+                else grouping.item_token_logprobs(model, builder, titles))
+    return dict(zip(items, logprobs))
+
+
+def item_groups(logprobs: dict, n_groups=5) -> dict:
+    """Eq. 2 (mean of the title's token scores) -> the item groups of MGU/DGU (1 = most relevant)."""
+    relevance = dict(zip(logprobs, grouping.item_relevance(list(logprobs.values())).tolist()))
+    return metrics.item_groups(relevance, n_groups)
 
 
 def recommend(model, builder, trie, interactions, titles, beams=10, top_k=10, batch_size=8,
@@ -118,7 +125,7 @@ def main(argv=None):
     builder = PromptBuilder(Tokenizer(model_dir), args.dataset)
     item_group = None
     if not args.no_fairness:  # groups come from the base model, before any adapter
-        _, item_group = item_groups_by_relevance(model, builder, dataset)
+        item_group = item_groups(catalogue_logprobs(model, builder, dataset))
     if args.adapter:
         load_adapter(model, args.adapter)
         model.eval()
