@@ -17,6 +17,8 @@ Everything lands in <out>/: results.json, best_adapter/ (PEFT format), PNG figur
 """
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -29,14 +31,15 @@ import torch
 from tqdm import tqdm
 
 import nanogdrt
-from nanogdrt import grouping, metrics, plots
+from nanogdrt import distributed, grouping, metrics, plots
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.data import load_dataset
 from nanogdrt.llama import Llama
 from nanogdrt.lora import LoRAConfig, inject_lora, load_adapter, lora_parameters, save_adapter
 from nanogdrt.loss import gdrt_loss, group_sums_and_counts, sft_loss, token_nll
 from nanogdrt.prompt import PromptBuilder
-from nanogdrt.recommend import RELEVANCE_CACHE, build_trie, catalogue_logprobs, item_groups, recommend, score
+from nanogdrt.recommend import (RELEVANCE_CACHE, build_trie, catalogue_logprobs, item_groups, recommend, score,
+                                write_jsonl)
 from nanogdrt.tokenizer import Tokenizer
 from nanogdrt.train_state import load_state, save_state
 
@@ -75,6 +78,7 @@ class RunConfig:
     save_every: int = 50
     max_steps: int | None = None
     skip_bad: bool = False
+    no_test: bool = False
 
 
 # Paper-like defaults scaled to 2 CPU cores, per dataset (a flag on the command line wins).
@@ -121,6 +125,8 @@ def parse_args(argv=None) -> RunConfig:
     a("--save-every", type=int, default=d.save_every, help="checkpoint every N optimizer steps")
     a("--max-steps", type=int, default=None, help="stop after N optimizer steps in all (then --resume)")
     a("--skip-bad", action="store_true", help="skip malformed data rows (counted in results.json)")
+    a("--no-test", action="store_true", help="stop after training and validation (e.g. while choosing G and "
+                                             "tau); the same command with --resume then runs the test")
     args = vars(p.parse_args(argv))
     for key, value in DATASET_DEFAULTS.get(args["dataset"], {}).items():
         if args.get(key) is None:
@@ -160,52 +166,83 @@ def epoch_batches(n, batch_size, seed, epoch):
 
 # ----------------------------------------------------------------------------- steps
 
-def train_step(model, cfg, examples, token_groups, micro_batches, pad_id):
+class TargetNLL(torch.nn.Module):
+    """The model up to the NLL of each target token: the forward that DDP wraps (DDP hooks a
+    module's forward to know which backward it must synchronise)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, target_mask):
+        hidden = self.model.hidden_states(ids)                          # right padding: no mask needed
+        return token_nll(self.model.logits, hidden, ids, target_mask).nll   # (N,) target tokens only
+
+
+def train_step(model, cfg, examples, token_groups, micro_batches, pad_id, dist=distributed.Dist(), ddp=None):
     """One optimizer step's worth of forward/backward over `grad_accum` micro-batches.
 
+    Each micro-batch holds the indices of the *global* batch; with data parallelism (`dist`,
+    and `ddp` the DDP-wrapped TargetNLL) this rank takes its slice and the losses are computed
+    over the global batch (nanogdrt.loss), so every rank logs the same numbers.
     Returns what is logged: the loss, L(g) over all the step's tokens (0 for a group with no
     token in this step) and Q(g) averaged over the micro-batches (GDRT only)."""
+    net = ddp if ddp is not None else TargetNLL(model)
+    reduce_fn = dist.all_reduce_sum if dist.enabled else None
     loss_sum, q = 0.0, torch.zeros(cfg.groups)
     group_sums, group_counts = torch.zeros(cfg.groups), torch.zeros(cfg.groups)
-    for indices in micro_batches:
-        ids, target_mask, groups = collate(examples, token_groups, indices, pad_id, cfg.device)
-        hidden = model.hidden_states(ids)                               # right padding: no mask needed
-        nll = token_nll(model.logits, hidden, ids, target_mask).nll     # (N,) target tokens only
-        token_group = groups[target_mask]                               # (N,) 1..G
-        if cfg.method == "gdrt":
-            out = gdrt_loss(nll, token_group, cfg.groups, cfg.tau)      # Eq. 5
-            loss = out.loss
-            q += out.q.cpu() / len(micro_batches)
-        else:
-            loss = sft_loss(nll)                                        # Eq. 1
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()}")
-        (loss / len(micro_batches)).backward()
+    for k, global_indices in enumerate(micro_batches):
+        indices = dist.split_batch(global_indices)
+        # A rank left without rows (a last batch shorter than the world) still runs a forward
+        # and backward with no target tokens: DDP and the all-reduces need every rank.
+        ids, target_mask, groups = collate(examples, token_groups, indices or global_indices[:1], pad_id,
+                                           cfg.device)
+        if not indices:
+            target_mask[:] = False
+        last = k == len(micro_batches) - 1
+        with (ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()):
+            nll = net(ids, target_mask)                                 # (N,) this rank's target tokens
+            token_group = groups[target_mask]                           # (N,) 1..G
+            if cfg.method == "gdrt":
+                out = gdrt_loss(nll, token_group, cfg.groups, cfg.tau, reduce_fn)    # Eq. 5
+                loss = out.loss
+                q += out.q.cpu() / len(micro_batches)
+            else:
+                loss = sft_loss(nll, reduce_fn)                         # Eq. 1
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()}")
+            (loss / len(micro_batches)).backward()
         loss_sum += loss.item()
         # Per-group losses are logged for both methods (Fig. 6), pooled over the micro-batches.
         sums, counts = group_sums_and_counts(nll.detach(), token_group, cfg.groups)
+        if dist.enabled:
+            sums, counts = dist.all_reduce_sum(sums), dist.all_reduce_sum(counts)
         group_sums += sums.cpu()
         group_counts += counts.cpu()
     return {"loss": loss_sum / len(micro_batches), "q": q,
             "group_loss": group_sums / group_counts.clamp(min=1)}
 
 
-def evaluate(model, builder, trie, interactions, titles, item_group, cfg, desc):
+def evaluate(model, builder, trie, interactions, titles, item_group, cfg, desc, dist=distributed.Dist()):
+    """Top-K for every user (split across data-parallel ranks, gathered in order on all) + metrics."""
     model.eval()
-    records = recommend(model, builder, trie, interactions, titles, beams=cfg.beams,
-                        batch_size=cfg.eval_batch_size, progress=True)
+    mine = dist.shard(interactions)
+    records = recommend(model, builder, trie, mine, titles, beams=cfg.beams, batch_size=cfg.eval_batch_size,
+                        progress=dist.main) if mine else []
+    records = dist.gather(records, len(interactions))
     model.train()
     result = score(records, interactions, titles, item_group)
     top1 = [r["topk_item_ids"][0] for r in records if r["topk_item_ids"]]
     result["top1_group_distribution"] = metrics.group_distribution(top1, item_group, 5).tolist()
-    print(f"{desc}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+    if dist.main:
+        print(f"{desc}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
     return result, records
 
 
-def relevance_groups(model, builder, dataset, cfg, cached=True):
+def relevance_groups(model, builder, dataset, cfg, cached=True, dist=None):
     """Eq. 2/3 under `model`: the token groups of every training example (§3.2), the 5 item
     groups of the fairness metrics, and each training example's token relevance."""
-    logprobs = catalogue_logprobs(model, builder, dataset, RELEVANCE_CACHE if cached else None)
+    logprobs = catalogue_logprobs(model, builder, dataset, RELEVANCE_CACHE if cached else None, shard=dist)
     token_rel = [logprobs[x.target] for x in dataset.train]   # Eq. 3 depends on the target only
     token_groups = grouping.token_groups(token_rel, cfg.groups, method=cfg.grouping, seed=cfg.seed)
     return token_groups, item_groups(logprobs, 5), token_rel
@@ -215,6 +252,9 @@ def relevance_groups(model, builder, dataset, cfg, cached=True):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    dist = distributed.init(cfg.device)                    # torchrun: one rank of N; else rank 0 of 1
+    cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, dist))
+    say = print if dist.main else (lambda *args, **kwargs: None)
     out = Path(cfg.out)
     times = {}
     t0 = time.perf_counter()
@@ -228,12 +268,12 @@ def main(argv=None):
     model = Llama.from_pretrained(model_dir, dtype=dtype, device=cfg.device)
     tokenizer = Tokenizer(model_dir)
     builder = PromptBuilder(tokenizer, cfg.dataset if cfg.dataset in ("toy", "book", "clothing") else "synthetic")
-    print(f"{cfg.dataset}: {len(dataset.titles)} items, {len(dataset.train)} train / {len(dataset.valid)} "
+    say(f"{cfg.dataset}: {len(dataset.titles)} items, {len(dataset.train)} train / {len(dataset.valid)} "
           f"valid / {len(dataset.test)} test windows; model {model_dir}; method {cfg.method}")
 
     # Steps 2-3: relevance under the model at the start of fine-tuning (no adapter), then groups.
     t = time.perf_counter()
-    token_groups, item_group, token_rel = relevance_groups(model, builder, dataset, cfg)
+    token_groups, item_group, token_rel = relevance_groups(model, builder, dataset, cfg, dist=dist)
     times["grouping_s"] = time.perf_counter() - t
     examples = make_examples(builder, dataset.train, dataset.titles)
     trie = build_trie(builder, dataset.titles)
@@ -243,17 +283,36 @@ def main(argv=None):
                       target_modules=tuple(cfg.lora_targets))
     inject_lora(model, lora)
     model.to(cfg.device)
+    ddp = None
+    if dist.enabled:
+        # DDP averages the gradients of the parameters that require them: the LoRA ones only.
+        # Buffers (RoPE tables) are the same on every rank: no need to broadcast them each step.
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            TargetNLL(model), device_ids=[dist.local_rank] if cfg.device.startswith("cuda") else None,
+            broadcast_buffers=False)
+        torch.manual_seed(cfg.seed + dist.rank)             # LoRA init is shared; dropout masks are not
+        say(f"data parallel: {dist.world} ranks; global batch = {cfg.batch_size} per rank x "
+            f"{cfg.grad_accum} accumulation x {dist.world} ranks = "
+            f"{cfg.batch_size * cfg.grad_accum * dist.world} examples per optimizer step")
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "batch": 0, "step": 0, "steps": [], "epochs": [], "best": None}
     if cfg.resume:
-        state = load_state(out / "state", model, optimizer, device=cfg.device)
-        print(f"resumed from {out / 'state'}: epoch {state['epoch'] + 1}, step {state['step']}")
+        state = load_state(out / "state", model, optimizer, device=cfg.device, rank=dist.rank)
+        say(f"resumed from {out / 'state'}: epoch {state['epoch'] + 1}, step {state['step']}")
     elif (out / "state").exists():
         raise SystemExit(f"{out / 'state'} exists: pass --resume to continue that run, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     model.train()
 
-    t = time.perf_counter()
+    # Training time is kept in the checkpoint so that a resumed run reports the whole run's time.
+    t, trained_before = time.perf_counter(), state.get("train_and_valid_s", 0.0)
+
+    def checkpoint():
+        state["train_and_valid_s"] = trained_before + time.perf_counter() - t
+        rank_rng = dist.gather([distributed.rng_state(cfg.device)], dist.world) if dist.enabled else None
+        if dist.main:
+            save_state(out / "state", model, optimizer, state, lora, cfg, rank_rng)
+
     stopped = False
     for epoch in range(state["epoch"], cfg.epochs):
         if cfg.regroup_every_epoch and epoch > 0:
@@ -265,17 +324,17 @@ def main(argv=None):
                 token_rel = list(torch.tensor(state["token_relevance"]).split(lengths))
             else:
                 model.eval()
-                token_groups, _, token_rel = relevance_groups(model, builder, dataset, cfg, cached=False)
+                token_groups, _, token_rel = relevance_groups(model, builder, dataset, cfg, cached=False, dist=dist)
                 model.train()
                 state["token_groups"] = torch.cat(token_groups).tolist()
                 state["token_relevance"] = torch.cat(token_rel).tolist()
-        batches = epoch_batches(len(examples), cfg.batch_size, cfg.seed, epoch)
+        batches = epoch_batches(len(examples), cfg.batch_size * dist.world, cfg.seed, epoch)  # global batches
         steps = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
         bar = tqdm(range(state["batch"], len(steps)), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   initial=state["batch"], total=len(steps))
+                   initial=state["batch"], total=len(steps), disable=not dist.main)
         for b in bar:
             try:
-                log = train_step(model, cfg, examples, token_groups, steps[b], tokenizer.pad_id)
+                log = train_step(model, cfg, examples, token_groups, steps[b], tokenizer.pad_id, dist, ddp)
             except FloatingPointError as e:
                 raise SystemExit(f"{e} at epoch {epoch + 1}, step {state['step'] + 1}: stopping. The last "
                                  f"good checkpoint is {out / 'state'} (--resume); try a lower --lr.") from None
@@ -289,7 +348,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{log['loss']:.3f}",
                             Q=" ".join(f"{q:.2f}" for q in log["q"].tolist()) if cfg.method == "gdrt" else "-")
             if state["step"] % cfg.save_every == 0:
-                save_state(out / "state", model, optimizer, state, lora, cfg)
+                checkpoint()
             if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
                 stopped = True
                 break
@@ -297,25 +356,34 @@ def main(argv=None):
             break
         # Step 5: choose on validation (the paper's protocol), never on test.
         result, _ = evaluate(model, builder, trie, dataset.valid, dataset.titles, item_group, cfg,
-                             f"epoch {epoch + 1} valid")
+                             f"epoch {epoch + 1} valid", dist)
         state["epochs"].append({"epoch": epoch + 1, "step": state["step"], "valid": result,
                                 "top1_group1_share": result["top1_group_distribution"][0]})
         if state["best"] is None or result["NDCG@5"] > state["best"]["NDCG@5"]:
             state["best"] = {"epoch": epoch + 1, "NDCG@5": result["NDCG@5"]}
-            save_adapter(model, out / "best_adapter", lora, str(model_dir))
+            if dist.main:
+                save_adapter(model, out / "best_adapter", lora, str(model_dir))
         state["epoch"], state["batch"] = epoch + 1, 0
-        save_state(out / "state", model, optimizer, state, lora, cfg)
-    times["train_and_valid_s"] = time.perf_counter() - t
+        checkpoint()
+    times["train_and_valid_s"] = state.get("train_and_valid_s", time.perf_counter() - t)
     if stopped:
-        save_state(out / "state", model, optimizer, state, lora, cfg)
-        print(f"stopped after {state['step']} steps (--max-steps); continue with --resume")
+        checkpoint()
+        say(f"stopped after {state['step']} steps (--max-steps); continue with --resume")
+        return
+    if cfg.no_test:
+        say(f"trained; best valid NDCG@5 {state['best']['NDCG@5']:.4f} at epoch {state['best']['epoch']}. "
+              f"Test later: the same command with --resume instead of --no-test")
         return
 
     # Step 6: test the best adapter.
     t = time.perf_counter()
+    dist.barrier()                                          # rank 0 has written best_adapter/
     load_adapter(model, out / "best_adapter")
-    test, records = evaluate(model, builder, trie, dataset.test, dataset.titles, item_group, cfg, "test")
+    test, records = evaluate(model, builder, trie, dataset.test, dataset.titles, item_group, cfg, "test", dist)
     times["test_s"] = time.perf_counter() - t
+    if not dist.main:
+        return
+    write_jsonl(records, out / "test_predictions.jsonl")   # per user, e.g. for bootstrap intervals
     times["total_s"] = time.perf_counter() - t0
     target_dist = metrics.group_distribution([x.target for x in dataset.test], item_group, 5).tolist()
     results = {
@@ -330,6 +398,7 @@ def main(argv=None):
         "token_groups": {"counts": torch.bincount(torch.cat(token_groups), minlength=cfg.groups + 1)[1:].tolist(),
                          "mean_relevance": [float(torch.cat(token_rel)[torch.cat(token_groups) == g].mean())
                                             for g in range(1, cfg.groups + 1)]},
+        "data_parallel_ranks": dist.world,
         "best_epoch": state["best"]["epoch"],
         "epochs": state["epochs"],
         "test": test,
@@ -374,3 +443,5 @@ if __name__ == "__main__":
         sys.exit(main())
     except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file, line or field
         sys.exit(f"error: {e}")
+    finally:
+        distributed.shutdown()

@@ -56,11 +56,13 @@ def _target_logprob(model, hidden: torch.Tensor, ids: torch.Tensor, chunk: int =
 
 @torch.no_grad()
 def score_targets(model, prompt_ids: Sequence[int], targets: Sequence[Sequence[int]],
-                  batch_size: int = 64) -> list[torch.Tensor]:
+                  batch_size: int = 64, progress: bool = False) -> list[torch.Tensor]:
     """Per-token log-probs (float32, on CPU) of each target id sequence after one shared prompt.
 
     Equal to a full forward of `prompt_ids + target` per target (up to float rounding).
     """
+    from tqdm import tqdm
+
     if any(len(t) == 0 for t in targets):
         raise ValueError("every target needs at least one token (target_ids ends with EOS)")
     device = model.lm_head.weight.device
@@ -71,7 +73,8 @@ def score_targets(model, prompt_ids: Sequence[int], targets: Sequence[Sequence[i
 
     out: list[torch.Tensor | None] = [None] * len(targets)
     order = sorted(range(len(targets)), key=lambda i: len(targets[i]))   # similar lengths together
-    for s in range(0, len(order), batch_size):
+    for s in tqdm(range(0, len(order), batch_size), desc="Eq. 3 relevance", unit="batch",
+                  disable=not progress or len(order) <= batch_size):
         chunk = order[s:s + batch_size]
         n, L = len(chunk), max(len(targets[i]) for i in chunk)
         ids = torch.zeros(n, L, dtype=torch.long)                          # right padding with id 0
@@ -96,13 +99,19 @@ def score_targets(model, prompt_ids: Sequence[int], targets: Sequence[Sequence[i
     return out
 
 
-def item_token_logprobs(model, builder, titles: Sequence[str], batch_size: int = 64) -> list[torch.Tensor]:
+def item_token_logprobs(model, builder, titles: Sequence[str], batch_size: int = 64,
+                        shard=None, progress: bool = False) -> list[torch.Tensor]:
     """Eq. 3 for the target ids (quoted title + EOS) of each title, in the order given.
 
-    Titles that tokenize identically (the same title under two item ids) are scored once."""
+    Titles that tokenize identically (the same title under two item ids) are scored once.
+    `shard` (a `nanogdrt.distributed.Dist`) splits the titles across data-parallel ranks and
+    gathers the scores, so every rank returns the whole list."""
     targets = [tuple(builder.target_ids(t)) for t in titles]
     distinct = list(dict.fromkeys(targets))
-    scored = score_targets(model, masked_prompt_ids(builder), distinct, batch_size)
+    mine = shard.shard(distinct) if shard is not None else distinct
+    scored = score_targets(model, masked_prompt_ids(builder), mine, batch_size, progress)
+    if shard is not None:
+        scored = shard.gather(scored, len(distinct))
     where = {t: k for k, t in enumerate(distinct)}
     return [scored[where[t]] for t in targets]
 
@@ -147,10 +156,10 @@ def relevance_cache_key(model_fingerprint: str, dataset: str, prompt_ids: Sequen
 
 
 def load_or_compute(model, builder, dataset: str, titles: Sequence[str], cache_dir,
-                    batch_size: int = 64) -> list[torch.Tensor]:
+                    batch_size: int = 64, shard=None, progress: bool = False) -> list[torch.Tensor]:
     """`item_token_logprobs`, read from `cache_dir` when an entry with the exact same key exists.
 
-    The file (safetensors: flat log-probs + offsets, the key in its metadata) is named after the
+    With `shard` the scoring is split across ranks and only rank 0 writes the entry. The file (safetensors: flat log-probs + offsets, the key in its metadata) is named after the
     key and written atomically (temporary file + os.replace), so a stale or half-written entry
     is never read."""
     from safetensors import SafetensorError
@@ -172,7 +181,9 @@ def load_or_compute(model, builder, dataset: str, titles: Sequence[str], cache_d
                     return list(torch.split(data["logprobs"], lengths))
         except (SafetensorError, OSError, KeyError):
             pass  # unreadable entry: recompute and overwrite it
-    logprobs = item_token_logprobs(model, builder, titles, batch_size)
+    logprobs = item_token_logprobs(model, builder, titles, batch_size, shard, progress)
+    if shard is not None and not shard.main:
+        return logprobs
     flat = torch.cat(logprobs) if logprobs else torch.zeros(0)
     offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -50,9 +50,17 @@ def token_nll(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.T
     return TokenNLL(nll, rows, cols)
 
 
-def sft_loss(nll: torch.Tensor) -> torch.Tensor:
-    """Eq. 1: the mean NLL over all target tokens of the batch (BIGRec's objective)."""
-    return nll.float().mean()
+def sft_loss(nll: torch.Tensor, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Eq. 1: the mean NLL over all target tokens of the batch (BIGRec's objective).
+
+    With `reduce_fn` (a differentiable all-reduce SUM across data-parallel ranks) the mean is
+    over the tokens of the global batch: sum and count are reduced before the division, so a
+    rank with fewer target tokens is not over-weighted (a mean of per-rank means would be)."""
+    if reduce_fn is None:
+        return nll.float().mean()
+    total = reduce_fn(nll.float().sum())
+    count = reduce_fn(torch.tensor(float(nll.numel()), device=nll.device))
+    return total / count.clamp(min=1)
 
 
 class GDRTLoss(NamedTuple):
@@ -120,7 +128,12 @@ def gdrt_from_sums(sums: torch.Tensor, counts: torch.Tensor, tau: float) -> GDRT
 def gdrt_loss(nll: torch.Tensor, groups: torch.Tensor, n_groups: int, tau: float,
               reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GDRTLoss:
     """Eq. 5 on one batch. `reduce_fn`, if given, is applied to the per-group sums and counts
-    (e.g. an all-reduce across data-parallel ranks; see `group_sums_and_counts`)."""
+    (e.g. an all-reduce across data-parallel ranks; see `group_sums_and_counts`).
+
+    Data parallel: with the sums and counts all-reduced before the softmax, N ranks that each
+    hold a slice of a global batch get the same L(g), the same Q(g) and (after DDP's gradient
+    average) the same update as one process on that whole batch; tests/test_distributed.py
+    checks Q(g) step by step. Without the reduction each rank would weight its own groups."""
     sums, counts = group_sums_and_counts(nll, groups, n_groups)
     if reduce_fn is not None:
         sums, counts = reduce_fn(sums), reduce_fn(counts)

@@ -34,13 +34,16 @@ def build_trie(builder, titles: dict[int, str]) -> Trie:
     return Trie.from_titles(titles, builder)
 
 
-def catalogue_logprobs(model, builder, dataset, cache_dir=RELEVANCE_CACHE):
+def catalogue_logprobs(model, builder, dataset, cache_dir=RELEVANCE_CACHE, shard=None, progress=True):
     """Eq. 3 token log-probs of every catalogue title under `model` -> {item id: (n_tokens,)}.
-    Cached on disk when `cache_dir` is given (keyed by model, dataset and titles)."""
+    Cached on disk when `cache_dir` is given (keyed by model, dataset and titles). `shard` (a
+    `nanogdrt.distributed.Dist`) splits the work across data-parallel ranks."""
     items = sorted(dataset.titles)
     titles = [dataset.titles[i] for i in items]
-    logprobs = (grouping.load_or_compute(model, builder, dataset.name, titles, cache_dir) if cache_dir
-                else grouping.item_token_logprobs(model, builder, titles))
+    progress = progress and (shard is None or shard.main)
+    logprobs = (grouping.load_or_compute(model, builder, dataset.name, titles, cache_dir, shard=shard,
+                                         progress=progress) if cache_dir
+                else grouping.item_token_logprobs(model, builder, titles, shard=shard, progress=progress))
     return dict(zip(items, logprobs))
 
 

@@ -31,7 +31,9 @@ def _optimizer_tensors(optimizer):
     return tensors, sd["param_groups"]
 
 
-def save_state(folder, model, optimizer, state: dict, lora_config, run_config):
+def save_state(folder, model, optimizer, state: dict, lora_config, run_config, rank_rng=None):
+    """`rank_rng`: with data parallelism, every rank's generator states (distributed.rng_state),
+    stored as `cpu.rank{r}` / `cuda.rank{r}` so each rank resumes its own dropout stream."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -43,6 +45,8 @@ def save_state(folder, model, optimizer, state: dict, lora_config, run_config):
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    for r, states in enumerate(rank_rng or []):
+        rng.update({f"{kind}.rank{r}": s for kind, s in states.items()})
     save_file(rng, str(tmp / "rng.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps(
         {**state, "param_groups": groups, "config": asdict(run_config)}, indent=1))
@@ -53,7 +57,7 @@ def save_state(folder, model, optimizer, state: dict, lora_config, run_config):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_state(folder, model, optimizer, device="cpu") -> dict:
+def load_state(folder, model, optimizer, device="cpu", rank=0) -> dict:
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -76,8 +80,12 @@ def load_state(folder, model, optimizer, device="cpu") -> dict:
     optimizer.load_state_dict({"state": opt_state, "param_groups": saved.pop("param_groups")})
     rng = load_file(str(folder / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.")]
+    cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda.") and ".rank" not in k]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
+    if f"cpu.rank{rank}" in rng:                     # a data-parallel run: this rank's own streams
+        torch.set_rng_state(rng[f"cpu.rank{rank}"])
+    if f"cuda.rank{rank}" in rng and str(device).startswith("cuda"):
+        torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], device)
     saved.pop("config", None)
     return saved
