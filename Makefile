@@ -4,7 +4,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.installed
 CKPT    := checkpoints/smollm2-135m-instruct/model.safetensors
 
-.PHONY: setup test train tutorials bench bench-train bench-beam bench-attribution bench-gdrt clean
+.PHONY: setup test train tutorials repro bench bench-train bench-beam bench-attribution bench-gdrt clean
 
 setup: $(STAMP) $(CKPT)
 
@@ -24,6 +24,11 @@ test: setup
 
 train: setup
 	$(PY) train.py
+
+# SFT vs GDRT on the real Toy split at CPU scale (docs/results.md); resumable: rerun to continue.
+TOY ?= ../shared/data/toy
+repro: setup
+	$(PY) scripts/repro.py --data-dir $(TOY)
 
 # Executes every notebook in tutorials/ (they assert what they teach).
 tutorials: setup

@@ -114,3 +114,15 @@ def test_toy_dataset_end_to_end_on_a_tiny_model(tiny_model_dir, toy_dir, tmp_pat
     res = json.loads((tmp_path / "toy" / "results.json").read_text())
     assert res["dataset"]["items"] == 11758 and res["config"]["train_file"] == "train_1000.csv"
     assert res["dataset"]["train"] == 8 and res["dataset"]["test"] == 3
+
+
+def test_length_grouped_batches_cover_every_example_once_and_cut_padding():
+    lengths = [int(x) for x in torch.randint(20, 400, (403,), generator=torch.Generator().manual_seed(1))]
+    plain = train.epoch_batches(len(lengths), 8, seed=0, epoch=0)
+    grouped = train.epoch_batches(len(lengths), 8, seed=0, epoch=0, lengths=lengths)
+    assert grouped == train.epoch_batches(len(lengths), 8, seed=0, epoch=0, lengths=lengths)   # resumable
+    assert grouped != train.epoch_batches(len(lengths), 8, seed=0, epoch=1, lengths=lengths)
+    assert sorted(sum(grouped, [])) == list(range(len(lengths)))
+    assert max(map(len, grouped)) == 8 and sum(len(b) < 8 for b in grouped) == 1
+    padded = lambda batches: sum(len(b) * max(lengths[i] for i in b) for b in batches)  # noqa: E731
+    assert padded(grouped) < 0.8 * padded(plain)
