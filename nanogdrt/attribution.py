@@ -143,8 +143,12 @@ class PackedAttention:
     those of the unablated prompt (causal attention, same positions). A row therefore needs only
     its tokens from s on, attending to row 0's first s tokens and causally to its own: one
     forward pass over row 0 plus every row's suffix, with no padding at all. This object plugs
-    into `Llama.hidden_states(cache=...)`, which asks a cache for RoPE positions and attention;
-    it holds no state but the block mask.
+    into `Llama.hidden_states(cache=...)`, which asks a cache for RoPE positions and attention.
+
+    Attention is computed row by row, over [row 0's first s keys ; the row's own keys], not as
+    one (N, N) masked product: a packed example has ~1,700 tokens of which each row sees only a
+    few hundred, so a dense mask would spend most of its work (and an (N, N) score matrix per
+    head) on pairs that are masked out anyway.
     """
 
     def __init__(self, rows: list[Row], device):
@@ -152,15 +156,15 @@ class PackedAttention:
         for r in rows:
             offsets.append(len(positions))
             positions += range(r.start, r.start + len(r.ids))   # a suffix continues its prefix
-        N = len(positions)
-        mask = torch.zeros(N, N, dtype=torch.bool)
-        for r, a in zip(rows, offsets):
-            b = a + len(r.ids)
-            mask[a:b, :r.start] = True                                          # row 0's prefix
-            mask[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()  # itself, causally
         self.offsets = offsets
         self._positions = torch.tensor(positions, device=device)[None]          # (1, N)
-        self.mask = mask.to(device)[None, None]                                 # (1, 1, N, N)
+        self.blocks = []                                                         # (a, b, s, mask)
+        for r, a in zip(rows, offsets):
+            b, n = a + len(r.ids), len(r.ids)
+            mask = None
+            if r.start:     # keys: the shared prefix (all visible), then the row itself, causally
+                mask = torch.ones(n, r.start + n, dtype=torch.bool, device=device).tril(r.start)
+            self.blocks.append((a, b, r.start, mask))
 
     def positions(self, attention_mask, T):
         return self._positions
@@ -172,7 +176,17 @@ class PackedAttention:
         pass
 
     def attend(self, layer, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=True)
+        out = torch.empty_like(q)
+        for a, b, s, mask in self.blocks:
+            if mask is None:    # row 0 (or a row ablated from its first token): plain causal
+                out[:, :, a:b] = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
+                                                                is_causal=True, enable_gqa=True)
+            else:
+                keys = torch.cat([k[:, :, :s], k[:, :, a:b]], dim=2)
+                values = torch.cat([v[:, :, :s], v[:, :, a:b]], dim=2)
+                out[:, :, a:b] = F.scaled_dot_product_attention(q[:, :, a:b], keys, values, attn_mask=mask,
+                                                                enable_gqa=True)
+        return out
 
 
 @torch.no_grad()

@@ -104,3 +104,23 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(tiny_model_dir, 
     assert [p["topk_item_ids"] for p in p1] == [p["topk_item_ids"] for p in p2]
     for a, b in zip(p1, p2):
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+
+
+def test_interrupted_two_rank_run_resumes_exactly(tiny_model_dir, tmp_path):
+    """Each rank keeps its own dropout stream in the checkpoint, so a resumed data-parallel run
+    (LoRA dropout on) ends where the uninterrupted one does."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                "--model", str(tiny_model_dir), "--dataset", "synthetic", "--train-samples", "12",
+                "--valid-users", "2", "--test-users", "2", "--epochs", "1", "--beams", "2", "--batch-size", "2",
+                "--lr", "3e-3", "--lora-dropout", "0.3", "--save-every", "1"]
+    _run([*torchrun, "--out", str(tmp_path / "straight")], tmp_path / "cache")
+    _run([*torchrun, "--out", str(tmp_path / "broken"), "--max-steps", "2"], tmp_path / "cache")
+    _run([*torchrun, "--out", str(tmp_path / "broken"), "--resume"], tmp_path / "cache")
+    a = json.loads((tmp_path / "straight" / "results.json").read_text())
+    b = json.loads((tmp_path / "broken" / "results.json").read_text())
+    assert a["steps"] == b["steps"] and len(a["steps"]) == 3
+    wa = load_file(str(tmp_path / "straight" / "state" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "broken" / "state" / "adapter_model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    rng = load_file(str(tmp_path / "broken" / "state" / "rng.safetensors"))
+    assert {"cpu.rank0", "cpu.rank1"} <= rng.keys() and not torch.equal(rng["cpu.rank0"], rng["cpu.rank1"])
