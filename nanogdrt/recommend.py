@@ -7,6 +7,7 @@ MGU@K and DGU@K how far the recommended item groups stray from the users' histor
 
     python -m nanogdrt.recommend --dataset toy --split test --users 100 --out recs.jsonl
     python -m nanogdrt.recommend --dataset synthetic --adapter runs/gdrt/best_adapter --out recs.jsonl
+    torchrun --nproc_per_node=2 -m nanogdrt.recommend ...     # users split across ranks, gathered
 
 Writes one JSON line per user (row index in the split, the prompt ids decoded from, the target,
 the top-K item ids and their scores) and prints the metrics.
@@ -117,6 +118,9 @@ def main(argv=None):
     p.add_argument("--no-fairness", action="store_true", help="skip item groups (MGU/DGU)")
     p.add_argument("--out", required=True, help="JSON-lines file to write")
     args = p.parse_args(argv)
+    from nanogdrt import distributed
+    dist = distributed.init(args.device)          # under torchrun: this rank's share of the users
+    args.device = distributed.rank_device(args.device, dist)
 
     kwargs = {f"{args.split}_samples": args.users}
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed, **kwargs)
@@ -128,15 +132,19 @@ def main(argv=None):
     builder = PromptBuilder(Tokenizer(model_dir), args.dataset)
     item_group = None
     if not args.no_fairness:  # groups come from the base model, before any adapter
-        item_group = item_groups(catalogue_logprobs(model, builder, dataset))
+        item_group = item_groups(catalogue_logprobs(model, builder, dataset, shard=dist))
     if args.adapter:
         load_adapter(model, args.adapter)
         model.eval()
     start = time.perf_counter()
-    records = recommend(model, builder, build_trie(builder, dataset.titles), interactions, dataset.titles,
+    mine = dist.shard(interactions)
+    records = recommend(model, builder, build_trie(builder, dataset.titles), mine, dataset.titles,
                         beams=args.beams, batch_size=args.batch_size, length_penalty=args.length_penalty,
-                        progress=True)
+                        progress=dist.main) if mine else []
+    records = dist.gather(records, len(interactions))
     seconds = time.perf_counter() - start
+    if not dist.main:
+        return
     write_jsonl(records, args.out)
     result = score(records, interactions, dataset.titles, item_group)
     print(f"{len(records)} users of {args.dataset}/{args.split} in {seconds:.1f} s "
@@ -145,7 +153,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from nanogdrt.distributed import shutdown
     try:
         main()
     except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file, line or field
         raise SystemExit(f"error: {e}") from None
+    finally:
+        shutdown()

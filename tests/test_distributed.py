@@ -124,3 +124,15 @@ def test_interrupted_two_rank_run_resumes_exactly(tiny_model_dir, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     rng = load_file(str(tmp_path / "broken" / "state" / "rng.safetensors"))
     assert {"cpu.rank0", "cpu.rank1"} <= rng.keys() and not torch.equal(rng["cpu.rank0"], rng["cpu.rank1"])
+
+
+def test_recommend_cli_split_across_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
+    cli = ["-m", "nanogdrt.recommend", "--model", str(tiny_model_dir), "--dataset", "synthetic", "--split", "test",
+           "--users", "5", "--beams", "3", "--batch-size", "2"]
+    _run([sys.executable, *cli, "--out", str(tmp_path / "one.jsonl")], tmp_path / "cache1")
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cli,
+          "--out", str(tmp_path / "two.jsonl")], tmp_path / "cache2")
+    one = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two.jsonl").read_text().splitlines()]
+    assert len(one) == 5 and [r["row"] for r in one] == [r["row"] for r in two]
+    assert [r["topk_item_ids"] for r in one] == [r["topk_item_ids"] for r in two]
