@@ -4,9 +4,12 @@ The generation prompt is what beam search prefills; "with target" adds the quote
 the loss sees in training. Useful to size batches and the KV cache.
 
     python scripts/prompt_lengths.py --dataset toy --split test --data-dir ../shared/data/toy
+    python scripts/prompt_lengths.py --dataset toy --split train --train-file train_1000.csv --data-dir ../shared/data/toy
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -15,6 +18,8 @@ from nanogdrt.data import load_dataset
 from nanogdrt.prompt import PromptBuilder
 from nanogdrt.tokenizer import Tokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # train.py, for its batching
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -22,6 +27,7 @@ def main():
     parser.add_argument("--split", default="test", choices=["train", "valid", "test"])
     parser.add_argument("--data-dir", default=None, help="the dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
     parser.add_argument("--train-file", default=None, help="which train*.csv (default: train.csv, else the largest)")
+    parser.add_argument("--batch-size", type=int, default=8, help="training batch size for the padding figure")
     args = parser.parse_args()
 
     ds = load_dataset(args.dataset, data_dir=args.data_dir, train_file=args.train_file)
@@ -33,6 +39,14 @@ def main():
                            ("with target", [len(p.ids) for p in prompts])):
         lengths = np.array(lengths)
         print(f"  {label:<12} mean {lengths.mean():6.1f}  p95 {np.percentile(lengths, 95):6.1f}  max {lengths.max()}")
+    # Training pads each batch to its longest row: tokens computed per real token, train.py's
+    # batching in plain random order vs grouped by length (its default).
+    import train
+    lengths = [len(p.ids) for p in prompts]
+    for label, key in (("random batches", None), ("length-grouped", lengths)):
+        batches = train.epoch_batches(len(lengths), args.batch_size, seed=0, epoch=0, lengths=key)
+        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        print(f"  {label:<15} batch {args.batch_size}: {padded / sum(lengths):.3f} tokens computed per real token")
 
 
 if __name__ == "__main__":
