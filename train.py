@@ -244,10 +244,8 @@ def train_step(model, cfg, examples, token_groups, micro_batches, pad_id, dist=d
 def evaluate(model, builder, trie, interactions, titles, item_group, cfg, desc, dist=distributed.Dist()):
     """Top-K for every user (split across data-parallel ranks, gathered in order on all) + metrics."""
     model.eval()
-    mine = dist.shard(interactions)
-    records = recommend(model, builder, trie, mine, titles, beams=cfg.beams, batch_size=cfg.eval_batch_size,
-                        progress=dist.main) if mine else []
-    records = dist.gather(records, len(interactions))
+    records = recommend(model, builder, trie, interactions, titles, beams=cfg.beams,
+                        batch_size=cfg.eval_batch_size, progress=dist.main, dist=dist)
     model.train()
     result = score(records, interactions, titles, item_group)
     top1 = [r["topk_item_ids"][0] for r in records if r["topk_item_ids"]]

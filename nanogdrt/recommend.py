@@ -55,8 +55,16 @@ def item_groups(logprobs: dict, n_groups=5) -> dict:
 
 
 def recommend(model, builder, trie, interactions, titles, beams=10, top_k=10, batch_size=8,
-              length_penalty=1.0, progress=False) -> list[dict]:
-    """One record per interaction: prompt ids, target, ranked top-K item ids with scores."""
+              length_penalty=1.0, progress=False, dist=None) -> list[dict]:
+    """One record per interaction: prompt ids, target, ranked top-K item ids with scores.
+
+    `dist` (a `nanogdrt.distributed.Dist`): each data-parallel rank decodes its share of the
+    users and every rank gets all records back, in the order of `interactions`."""
+    if dist is not None and dist.enabled:
+        mine = dist.shard(interactions)
+        records = recommend(model, builder, trie, mine, titles, beams, top_k, batch_size, length_penalty,
+                            progress and dist.main) if mine else []
+        return dist.gather(records, len(interactions))
     prompts = [builder.build([titles[i] for i in x.history]).ids for x in interactions]
     results = beam_search(model, prompts, trie, beams=beams, top_k=min(top_k, beams),
                           batch_size=batch_size,
@@ -137,11 +145,9 @@ def main(argv=None):
         load_adapter(model, args.adapter)
         model.eval()
     start = time.perf_counter()
-    mine = dist.shard(interactions)
-    records = recommend(model, builder, build_trie(builder, dataset.titles), mine, dataset.titles,
+    records = recommend(model, builder, build_trie(builder, dataset.titles), interactions, dataset.titles,
                         beams=args.beams, batch_size=args.batch_size, length_penalty=args.length_penalty,
-                        progress=dist.main) if mine else []
-    records = dist.gather(records, len(interactions))
+                        progress=True, dist=dist)
     seconds = time.perf_counter() - start
     if not dist.main:
         return
