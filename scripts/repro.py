@@ -33,6 +33,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nanogdrt import metrics  # noqa: E402
+from nanogdrt.checkpoint import ensure_embedded_checkpoint  # noqa: E402
+from nanogdrt.data import load_dataset  # noqa: E402
+from nanogdrt.llama import Llama  # noqa: E402
+from nanogdrt.prompt import PromptBuilder  # noqa: E402
+from nanogdrt.recommend import RELEVANCE_CACHE, catalogue_logprobs, item_groups  # noqa: E402
+from nanogdrt.tokenizer import Tokenizer  # noqa: E402
 
 TABLE_KEYS = ["NDCG@5", "NDCG@10", "HR@5", "HR@10", "MGU@5", "DGU@5"]
 
@@ -130,15 +136,9 @@ def bootstrap(models: dict, titles, item_group, n_boot=1000, seed=0) -> dict:
 
 
 def report(a, out: Path, gdrt_dir: Path, grid_scores: dict):
-    from nanogdrt.data import load_dataset
-    from nanogdrt.recommend import RELEVANCE_CACHE, catalogue_logprobs, item_groups
-
     dataset = load_dataset("toy", data_dir=a.data_dir, test_samples=a.test_users, seed=a.seed)
-    # Item groups (Eq. 2) under the base model: read from the cache the runs filled.
-    from nanogdrt.checkpoint import ensure_embedded_checkpoint
-    from nanogdrt.llama import Llama
-    from nanogdrt.prompt import PromptBuilder
-    from nanogdrt.tokenizer import Tokenizer
+    # Item groups (Eq. 2) under the base model: the cache the runs filled is keyed by the model's
+    # fingerprint, so the model is loaded (not run) to find the entry.
     model_dir = ensure_embedded_checkpoint()
     model = Llama.from_pretrained(model_dir)
     item_group = item_groups(catalogue_logprobs(model, PromptBuilder(Tokenizer(model_dir), "toy"), dataset,
