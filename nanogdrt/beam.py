@@ -4,18 +4,19 @@ This is the evaluation of the paper's lineage (BIGRec, MSL, GDRT): transformers'
 `generate(num_beams=B, num_return_sequences=K, prefix_allowed_tokens_fn=<trie>)`, reproduced
 step for step (see "What transformers does" below) but organised for speed:
 
-- The prompt is prefilled once per user, not once per beam, and its KV cache is shared by the
-  user's B beams (`SharedPrefixCache`); the part common to every prompt (the task description)
-  is prefilled once for the whole run.
-- Several users are decoded as one batch (left-padded prompts, a padding mask in the cache).
+- The prompt is prefilled once per user, not once per beam; the part common to every prompt
+  (the task description) is prefilled once for the whole run.
+- A user's B beams share one cache (`BeamTreeCache`): its prompt, then the tree of tokens the
+  beams have fed, each beam attending to the prompt and its own ancestors through a mask. When
+  beams are reordered only the masks move, never keys; pruned branches are squeezed out now
+  and then (`COMPACT_WHEN_DEAD`).
+- Users are decoded `batch_size` at a time in slots (continuous batching): when a user's search
+  stops, its slot takes the next user's prompt at once, so every step runs a full batch. Users
+  stop at very different steps (with length_penalty = 1, transformers' stopping rule, 5. below,
+  keeps some users running for 100+ steps), and a batch that waited for its slowest user would
+  decode a few rows at a time at the end, which uses a CPU or GPU poorly.
 - Allowed tokens come from the trie's flat arrays for all beams at once (`Trie.allowed`); beams
   carry trie node ids, so the generated tokens never need to be stored per beam.
-- The cache reorder after each step copies the generated tokens only, and a user whose search
-  has stopped leaves the batch (its rows are dropped from the caches), so a batch costs the sum
-  of its users' steps, not its slowest user's steps times the batch size.
-Decoding, not the prompt, dominates what is left: with length_penalty = 1, transformers' stopping
-rule (5. below) keeps some users running for 100+ steps of B beams, and matching transformers
-means running exactly those steps.
 
 On the LM head: transformers scores a token by its log-probability under a softmax over the
 FULL vocabulary, and only then masks the tokens the trie forbids (`log_softmax`, then the
@@ -46,15 +47,17 @@ Where transformers would fill slots with dead beams (scores near -1e9, only when
 B titles can be completed) we return fewer hypotheses instead.
 """
 
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from nanogdrt.kv_cache import KVCache, SharedPrefixCache
+from nanogdrt.kv_cache import BeamTreeCache, KVCache
 from nanogdrt.trie import Trie
 
-FIRST_CACHE_STEPS = 32  # generated-token cache slots allocated at first; doubled when needed
+FIRST_CACHE_STEPS = 32   # decoding steps the tree cache has room for at first; it grows when needed
+COMPACT_WHEN_DEAD = 0.2  # squeeze the tree cache once this share of its width is pruned branches
 
 
 @dataclass
@@ -72,24 +75,26 @@ def beam_search(model, prompts: list[list[int]], trie: Trie, beams: int = 10, to
                 ) -> list[Recommendation]:
     """Top-`top_k` catalogue titles for each prompt (token ids, e.g. `PromptBuilder.build().ids`).
 
-    Moves `trie` to the model's device. Prompts are batched by length to limit padding; the
-    results come back in the order of `prompts`.
+    `batch_size` users are searched at once. Moves `trie` to the model's device. The results
+    come back in the order of `prompts`.
     """
     if not 1 <= top_k <= beams:
         raise ValueError(f"top_k ({top_k}) must be between 1 and the number of beams ({beams})")
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("beam_search needs at least one non-empty prompt")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     trie.to(model.lm_head.weight.device)
-    head = _prefill_common_prefix(model, prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Recommendation | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc="beam search", unit="user", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        found = _search_batch(model, [prompts[i] for i in chunk], head, trie, beams, length_penalty)
-        for i, (scores, nodes) in zip(chunk, found):
-            results[i] = _recommendation(trie, scores[:top_k], nodes[:top_k])
-        bar.update(len(chunk))
+
+    def done(user: int, scores: list[float], nodes: list[int]):
+        results[user] = _recommendation(trie, scores[:top_k], nodes[:top_k])
+        bar.update(1)
+
+    # Users of similar prompt length share the batch at the same time: less attention padding.
+    queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    _search(model, prompts, queue, trie, beams, length_penalty, min(batch_size, len(prompts)), done)
     bar.close()
     return results
 
@@ -113,7 +118,10 @@ def _prefill_common_prefix(model, prompts: list[list[int]]) -> KVCache | None:
 
 
 def _prefill(model, prompts: list[list[int]], head: KVCache | None):
-    """Left-padded prefill of N prompts after the shared head -> (prompt cache, last hidden (N, C))."""
+    """Right-padded prefill of N prompts after the shared head.
+
+    Returns (their cache, the hidden state (N, C) at each prompt's last token, lengths (N,)).
+    """
     device = model.lm_head.weight.device
     h = head.length if head is not None else 0
     rest = [p[h:] for p in prompts]
@@ -121,8 +129,8 @@ def _prefill(model, prompts: list[list[int]], head: KVCache | None):
     ids = torch.zeros(N, T, dtype=torch.long)
     mask = torch.zeros(N, T, dtype=torch.long)
     for n, r in enumerate(rest):
-        ids[n, T - len(r):] = torch.tensor(r)
-        mask[n, T - len(r):] = 1
+        ids[n, :len(r)] = torch.tensor(r)
+        mask[n, :len(r)] = 1
     cache = model.new_cache(N, h + T)
     if head is not None:  # every row starts with the same head: copy its keys and values
         cache.k[:, :, :, :h] = head.k[:, :, :, :h]
@@ -130,72 +138,82 @@ def _prefill(model, prompts: list[list[int]], head: KVCache | None):
         cache.valid[:, :h] = True
         cache.length = h
     hidden = model.hidden_states(ids.to(device), mask.to(device), cache=cache)  # (N, T, C)
-    return cache, hidden[:, -1]
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    return cache, hidden[torch.arange(N, device=device), lengths - h - 1], lengths
 
 
-def _grow(cache: SharedPrefixCache, max_len: int):
-    """Give the generated-token cache room for `max_len` tokens, keeping what it holds."""
-    old = cache.generated
-    n_layers, rows, n_kv_heads, _, head_dim = old.k.shape
-    new = KVCache(n_layers, rows, n_kv_heads, max_len, head_dim, dtype=old.k.dtype, device=old.k.device)
-    L = old.length
-    new.k[:, :, :, :L], new.v[:, :, :, :L] = old.k[:, :, :, :L], old.v[:, :, :, :L]
-    new.valid[:, :L] = old.valid[:, :L]
-    new.length = L
-    cache.generated = new
+def _allowed_log_probs(model, hidden, allowed, alive):
+    """hidden (M, C) -> full-vocabulary log-probabilities of the allowed tokens (M, K), -inf on padding.
 
-
-def _allowed_log_probs(model, hidden, allowed):
-    """hidden (M, C) -> full-vocabulary log-probabilities of the allowed tokens (M, K), -inf on padding."""
-    logits = model.logits(hidden).float()                             # (M, V): the full normaliser
-    logp = logits.gather(1, allowed.tokens) - logits.logsumexp(-1, keepdim=True)
+    Only the `alive` rows (M,) go through the LM head: dead beams and empty slots cost nothing.
+    """
+    rows = alive.nonzero().flatten()
+    logits = model.logits(hidden[rows]).float()                       # (m, V): the full normaliser
+    logp = torch.full(allowed.tokens.shape, float("-inf"), device=hidden.device)
+    logp[rows] = logits.gather(1, allowed.tokens[rows]) - logits.logsumexp(-1, keepdim=True)
     return logp.masked_fill(~allowed.mask, float("-inf"))
 
 
-def _keep_users(cache: SharedPrefixCache, keep: torch.Tensor):
-    """Drop every user but `keep` (indices) from the cache: finished users cost nothing more."""
-    rows = (keep[:, None] * cache.beams + torch.arange(cache.beams, device=keep.device)).flatten()
-    for c, r in ((cache.prefix, keep), (cache.generated, rows)):
-        c.k, c.v, c.valid = c.k[:, r], c.v[:, r], c.valid[r]
-    cache.n_users = len(keep)
-
-
-def _search_batch(model, prompts, head, trie: Trie, B: int, length_penalty: float):
-    """Beam search for N users at once -> per user (finished scores, leaf nodes), best first."""
-    prefix, hidden = _prefill(model, prompts, head)
-    N, device = len(prompts), hidden.device
-    cache = SharedPrefixCache(prefix, B, min(trie.depth, FIRST_CACHE_STEPS))
+def _search(model, prompts, queue: list[int], trie: Trie, B: int, length_penalty: float,
+            n_slots: int, done):
+    """Beam search of every user in `queue`, `n_slots` at a time; calls done(user, scores, nodes)
+    with each user's finished hypotheses (normalised scores and leaf nodes), best first."""
+    device, config = model.lm_head.weight.device, model.config
+    dtype = model.lm_head.weight.dtype
     neg_inf = float("-inf")
-    # Running beams: (n, b) trie nodes and accumulated log-probs; b = 1 at step 0 (transformers
-    # starts the other B - 1 beams at -1e9, which only ever yields worse copies of beam 0).
-    # Rows are the users still searched (n <= N); `users` maps them back to the batch.
-    nodes = torch.zeros(N, 1, dtype=torch.long, device=device)
-    scores = torch.zeros(N, 1, device=device)
-    fin_scores = torch.full((N, B), neg_inf, device=device)           # B best finished, sorted
-    fin_nodes = torch.zeros(N, B, dtype=torch.long, device=device)
-    users = list(range(N))
-    results = [None] * N
+    head = _prefill_common_prefix(model, [prompts[u] for u in queue])
+    queue = deque(queue)
+    cache = BeamTreeCache(config.num_hidden_layers, n_slots, B, config.num_key_value_heads,
+                          max(len(p) for p in prompts) + B * FIRST_CACHE_STEPS, config.head_dim,
+                          dtype=dtype, device=device)
+    # Per slot and beam: trie node and accumulated log-prob of the running beams (dead beams and
+    # empty slots score -inf), the B best finished hypotheses (normalised, sorted), and the
+    # hidden state of the token each beam was last fed.
+    nodes = torch.zeros(n_slots, B, dtype=torch.long, device=device)
+    scores = torch.full((n_slots, B), neg_inf, device=device)
+    fin_scores = torch.full((n_slots, B), neg_inf, device=device)
+    fin_nodes = torch.zeros(n_slots, B, dtype=torch.long, device=device)
+    hidden = torch.zeros(n_slots, B, config.hidden_size, dtype=dtype, device=device)
+    user: list[int | None] = [None] * n_slots      # the user in each slot
 
-    for step in range(trie.depth):
-        n, b = nodes.shape
-        allowed = trie.allowed(nodes.flatten(), active=scores.flatten() > neg_inf)   # (n*b, K)
+    def refill(free: list[int]):
+        """Start the next users in the `free` slots: prefill their prompts, one live beam each."""
+        take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+        if not take:
+            return
+        slots = torch.tensor(free[:len(take)], device=device)
+        prompt_cache, last, lengths = _prefill(model, [prompts[u] for u in take], head)
+        cache.load_prompts(slots, prompt_cache, lengths)
+        hidden[slots, 0] = last
+        # One live beam at the root (transformers starts the other B - 1 at -1e9, which only
+        # ever yields worse copies of beam 0).
+        nodes[slots], scores[slots], fin_scores[slots] = 0, neg_inf, neg_inf
+        scores[slots, 0] = 0.0
+        for s, u in zip(free, take):
+            user[s] = u
+
+    refill(list(range(n_slots)))
+    while True:
+        S = len(user)
+        alive = scores > neg_inf                                                     # (S, B)
+        allowed = trie.allowed(nodes.flatten(), active=alive.flatten())              # (S*B, K)
         K = allowed.tokens.shape[1]
-        logp = _allowed_log_probs(model, hidden, allowed)                            # (n*b, K)
-        cand = (scores[:, :, None] + logp.view(n, b, K)).view(n, b * K)
-        if b * K < 2 * B:  # fewer candidates than transformers keeps: pad with impossible ones
-            cand = torch.cat([cand, cand.new_full((n, 2 * B - b * K), neg_inf)], dim=1)
-        top, idx = cand.topk(2 * B)                                                  # (n, 2B), sorted
-        idx = idx.clamp(max=b * K - 1)
-        token = allowed.tokens.view(n, b * K).gather(1, idx)
-        child = allowed.nodes.view(n, b * K).gather(1, idx)
+        logp = _allowed_log_probs(model, hidden.view(S * B, -1), allowed, alive.flatten())
+        cand = (scores[:, :, None] + logp.view(S, B, K)).view(S, B * K)
+        if B * K < 2 * B:  # fewer candidates than transformers keeps: pad with impossible ones
+            cand = torch.cat([cand, cand.new_full((S, 2 * B - B * K), neg_inf)], dim=1)
+        top, idx = cand.topk(2 * B)                                                  # (S, 2B), sorted
+        idx = idx.clamp(max=B * K - 1)
+        token = allowed.tokens.view(S, B * K).gather(1, idx)
+        child = allowed.nodes.view(S, B * K).gather(1, idx)
         parent = idx // K                                                            # beam it extends
         ends = (token == trie.eos_id) & (top > neg_inf)
 
         # Finalise EOS candidates among the best B of the 2B (transformers' top_num_beam_mask).
-        n_generated = step + 1                                       # EOS included
+        n_generated = (cache.n_generated + 1)[:, None]                      # EOS included
         finishing = ends.clone()
         finishing[:, B:] = False
-        normalised = top / n_generated ** length_penalty
+        normalised = top / n_generated.float() ** length_penalty
         merged = torch.cat([fin_scores, normalised.masked_fill(~finishing, neg_inf)], dim=1)
         fin_scores, pick = merged.topk(B)
         fin_nodes = torch.cat([fin_nodes, child], dim=1).gather(1, pick)
@@ -208,27 +226,34 @@ def _search_batch(model, prompts, head, trie: Trie, B: int, length_penalty: floa
         # its B finished slots are full and its best running beam, normalised by the current
         # length, is no better than its worst finished hypothesis.
         full = (fin_scores > neg_inf).all(-1)
-        best_possible = scores[:, 0] / n_generated ** length_penalty
-        is_open = (~full | (best_possible > fin_scores[:, -1])) & (scores[:, 0] > neg_inf)
-        if step + 1 == trie.depth:
-            is_open[:] = False
-        if not bool(is_open.all()):  # one sync per step; hand over the users that stopped
-            stopped = [users[i] for i in (~is_open).nonzero().flatten().tolist()]
-            for u, fs, fn in zip(stopped, fin_scores[~is_open].tolist(), fin_nodes[~is_open].tolist()):
-                kept = [i for i, s in enumerate(fs) if s > neg_inf]
-                results[u] = ([fs[i] for i in kept], [fn[i] for i in kept])
-            keep = is_open.nonzero().flatten()
-            if len(keep) == 0:
-                break
-            users = [users[i] for i in keep.tolist()]
-            nodes, scores, parent, token = nodes[keep], scores[keep], parent[keep], token[keep]
-            fin_scores, fin_nodes = fin_scores[keep], fin_nodes[keep]
-            _keep_users(cache, keep)
+        best_possible = scores[:, 0] / n_generated[:, 0].float() ** length_penalty
+        is_open = ((~full | (best_possible > fin_scores[:, -1])) & (scores[:, 0] > neg_inf)
+                   & (n_generated[:, 0] < trie.depth))
+        busy = torch.tensor([u is not None for u in user], device=device)
+        stopped = (busy & ~is_open).nonzero().flatten()
+        if len(stopped):  # one sync per step: hand over the users that stopped
+            for s, fs, fn in zip(stopped.tolist(), fin_scores[stopped].tolist(), fin_nodes[stopped].tolist()):
+                kept = [i for i, x in enumerate(fs) if x > neg_inf]
+                done(user[s], [fs[i] for i in kept], [fn[i] for i in kept])
+                user[s] = None
+            cache.release(stopped)
+            scores[stopped] = neg_inf
+            busy[stopped] = False
 
-        # Feed the chosen tokens: first move each beam's generated cache to the beam it extends.
-        if cache.generated.length == cache.generated.max_len:
-            _grow(cache, min(2 * cache.generated.max_len, trie.depth))
-        first_rows = torch.arange(len(users), device=device)[:, None] * B   # row of each user's beam 0
-        cache.reorder((first_rows + parent).flatten())
-        hidden = model.hidden_states(token.reshape(-1, 1), cache=cache)[:, -1]       # (n*B, C)
-    return results
+        if not queue:  # nobody waits: stop when all are done, halve the batch when half is empty
+            n_busy = int(busy.sum())
+            if n_busy == 0:
+                return
+            if n_busy <= S // 2:
+                keep = busy.nonzero().flatten()
+                cache.keep(keep)
+                nodes, scores, parent, token, hidden = nodes[keep], scores[keep], parent[keep], token[keep], hidden[keep]
+                fin_scores, fin_nodes = fin_scores[keep], fin_nodes[keep]
+                user = [user[i] for i in keep.tolist()]
+
+        # Feed the chosen tokens: each beam first takes over the view of the beam it extends.
+        cache.select(parent)
+        hidden = model.hidden_states(token, cache=cache)                             # (S, B, C)
+        refill([s for s, u in enumerate(user) if u is None])
+        if cache.dead_columns() > COMPACT_WHEN_DEAD:
+            cache.compact()

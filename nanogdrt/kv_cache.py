@@ -11,6 +11,10 @@ knows how queries attend over them (`attend`). The model asks it three things pe
   beams of a user attend to one shared copy of the prompt cache plus their own small cache of
   generated tokens; the two score blocks share one softmax, which is exactly attention over
   the concatenated keys.
+- `BeamTreeCache`: the cache of the constrained beam search (`nanogdrt.beam`). One slot per user
+  being searched; a slot holds its prompt and then the tree of tokens its beams have fed. Beams
+  are reordered by moving visibility masks, never keys; a finished user's slot is refilled with
+  the next user's prompt (continuous batching).
 Caches are used under `torch.no_grad()` only: they write into their buffers in place.
 """
 
@@ -138,3 +142,139 @@ class SharedPrefixCache(nn.Module):
         y_pre = (p_pre @ pre_v).view(N, Hkv, beams, g, T, D).permute(0, 2, 1, 3, 4, 5)
         y = y_pre.reshape(B, Hkv, g * T, D) + p_gen @ gen_v                     # (B, Hkv, g*T, D)
         return y.reshape(B, Hq, T, D)
+
+
+class BeamTreeCache(nn.Module):
+    """Keys and values of `slots` users' beam searches, each user's beams sharing one token tree.
+
+    Slot s holds its user's prompt in columns [0, prompt_len[s]) and, after it, the tokens its
+    `beams` beams were fed: B new columns per step, one per beam. A beam attends to the prompt and
+    to the columns of its own ancestors, which `visible` (slots, beams, columns) records. When
+    beams are reordered (beam b now extends beam parent[b]) only the visibility rows move: no key
+    is copied, unlike a per-beam cache whose whole history is copied every step. Columns that no
+    beam sees any more (pruned branches) are squeezed out by `compact` when they pile up.
+
+    The model is called with input_ids (slots, beams): the beams of a slot take the place of the
+    time axis, so one masked attention per slot serves all its beams (a tree attention mask).
+    Slots that are not `live` (their user finished, or none is loaded) are fed too, but they
+    write over their own column 0..B-1 and do not advance: their outputs are ignored.
+    """
+
+    def __init__(self, n_layers, slots, beams, n_kv_heads, max_len, head_dim, dtype=torch.float32, device="cpu"):
+        super().__init__()
+        shape = (n_layers, slots, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.visible = torch.zeros(slots, beams, max_len, dtype=torch.bool, device=device)
+        self.length = torch.zeros(slots, dtype=torch.long, device=device)        # columns in use
+        self.prompt_len = torch.zeros(slots, dtype=torch.long, device=device)
+        self.n_generated = torch.zeros(slots, dtype=torch.long, device=device)   # tokens fed per beam
+        self.live = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.beams = beams
+        self._cols = self._mask = None
+        self._width = 0
+
+    @property
+    def slots(self):
+        return self.k.shape[1]
+
+    @property
+    def max_len(self):
+        return self.k.shape[3]
+
+    def load_prompts(self, slots: torch.Tensor, prompt: KVCache, lengths: torch.Tensor):
+        """Put prompts into `slots`: `prompt` holds them right-padded, row i of length lengths[i]."""
+        P = prompt.length
+        self.reserve(P)
+        self.k[:, slots, :, :P] = prompt.k[:, :, :, :P]
+        self.v[:, slots, :, :P] = prompt.v[:, :, :, :P]
+        cols = torch.arange(self.max_len, device=self.k.device)
+        self.visible[slots] = (cols[None] < lengths[:, None])[:, None]          # every beam: the prompt
+        self.length[slots] = lengths
+        self.prompt_len[slots] = lengths
+        self.n_generated[slots] = 0
+        self.live[slots] = True
+
+    def release(self, slots: torch.Tensor):
+        """Free `slots` (their users finished): they stop growing and attend to nothing real."""
+        self.live[slots] = False
+        self.length[slots] = 0
+        self.visible[slots] = False
+
+    def select(self, parent: torch.Tensor):
+        """Beam b of each live slot now extends beam parent[s, b]: it inherits that beam's view."""
+        index = parent[:, :, None].expand(-1, -1, self.max_len)
+        moved = self.visible.gather(1, index)
+        self.visible = torch.where(self.live[:, None, None], moved, self.visible)
+
+    def keep(self, slots: torch.Tensor):
+        """Drop every slot but `slots` (indices): once no user waits, emptied slots cost nothing."""
+        self.k, self.v = self.k[:, slots], self.v[:, slots]
+        for name in ("visible", "length", "prompt_len", "n_generated", "live"):
+            setattr(self, name, getattr(self, name)[slots])
+
+    def reserve(self, n_columns: int):
+        """Make room for `n_columns` columns (doubling), keeping what the cache holds."""
+        if n_columns <= self.max_len:
+            return
+        new_len = max(n_columns, 2 * self.max_len)
+        L, S, H, M, D = self.k.shape
+        self.k = torch.cat([self.k, self.k.new_zeros(L, S, H, new_len - M, D)], dim=3)
+        self.v = torch.cat([self.v, self.v.new_zeros(L, S, H, new_len - M, D)], dim=3)
+        self.visible = torch.cat([self.visible, self.visible.new_zeros(S, self.beams, new_len - M)], dim=2)
+
+    def dead_columns(self) -> float:
+        """Share of the attended width that no beam sees any more (pruned branches, padding)."""
+        width = int(self.length.max())
+        seen = self.visible[:, :, :width].any(1).sum(-1)
+        return 1.0 - float(seen.max()) / max(width, 1)
+
+    def compact(self):
+        """Squeeze out the columns no beam of a slot sees; the others keep their order."""
+        width = int(self.length.max())
+        seen = self.visible[:, :, :width].any(1)                                # (S, W)
+        for s in self.live.nonzero().flatten().tolist():  # a copy per slot: faster than one gather
+            cols = seen[s].nonzero().flatten()
+            n = len(cols)
+            self.k[:, s, :, :n] = self.k[:, s].index_select(2, cols)
+            self.v[:, s, :, :n] = self.v[:, s].index_select(2, cols)
+            self.visible[s, :, :n] = self.visible[s][:, cols]
+            self.visible[s, :, n:] = False
+            self.length[s] = n
+
+    # The model's side of the protocol: positions, start_step, attend, end_step.
+    def positions(self, attention_mask, T):
+        return (self.prompt_len + self.n_generated)[:, None].expand(-1, T)
+
+    def start_step(self, attention_mask, T):
+        if T != self.beams:
+            raise ValueError(f"BeamTreeCache is fed one token per beam: {T} tokens for {self.beams} beams")
+        if int(self.length.max()) + T > self.max_len:
+            self.compact()  # often frees enough room without growing
+        self.reserve(int(self.length.max()) + T)
+        self._cols = self.length[:, None] + torch.arange(T, device=self.k.device)  # (S, B)
+        rows = torch.arange(self.slots, device=self.k.device)[:, None]
+        self.visible[rows, torch.arange(T, device=self.k.device)[None], self._cols] = True  # itself
+        self._width = int(self._cols.max()) + 1
+        self._rows = rows
+
+    def attend(self, layer, q, k, v):
+        """q (S, Hq, B, D); k, v (S, Hkv, B, D) of the fed tokens -> (S, Hq, B, D)."""
+        S, Hq, B, D = q.shape
+        Hkv = k.shape[1]
+        g = Hq // Hkv
+        k_layer, v_layer = self.k[layer], self.v[layer]                          # (S, Hkv, M, D)
+        k_layer[self._rows, :, self._cols] = k.transpose(1, 2)
+        v_layer[self._rows, :, self._cols] = v.transpose(1, 2)
+        W = self._width
+        if layer == 0:  # the same mask for every layer: GQA's query heads share it
+            mask = self.visible[:, None, :, :W]                                  # (S, 1, B, W)
+            self._mask = mask[:, :, None].expand(S, 1, g, B, W).reshape(S, 1, g * B, W)
+        # Fold the GQA group into the query axis rather than repeat keys per query head.
+        y = F.scaled_dot_product_attention(q.reshape(S, Hkv, g * B, D), k_layer[:, :, :W],
+                                           v_layer[:, :, :W], attn_mask=self._mask)
+        return y.view(S, Hq, B, D)
+
+    def end_step(self, T):
+        self.length = self.length + T * self.live
+        self.n_generated = self.n_generated + self.live

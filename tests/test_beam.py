@@ -94,6 +94,20 @@ def test_batched_equals_one_user_at_a_time(tiny, tiny_catalogue):
         assert len(rec.item_ids) == 3
 
 
+def test_squeezing_the_tree_cache_changes_nothing(tiny, tiny_catalogue, monkeypatch):
+    import nanogdrt.beam as beam
+    trie = Trie.from_token_ids(tiny_catalogue, EOS)
+    g = torch.Generator().manual_seed(3)
+    prompts = [[1] + torch.randint(3, 40, (int(L),), generator=g).tolist() for L in [5, 2, 11, 7, 4]]
+    results = {}
+    for when in (0.0, 2.0):  # squeeze whenever a column is dead / only when the cache is full
+        monkeypatch.setattr(beam, "COMPACT_WHEN_DEAD", when)
+        monkeypatch.setattr(beam, "FIRST_CACHE_STEPS", 1)
+        results[when] = beam_search(tiny, prompts, trie, beams=5, top_k=5, batch_size=2)
+    for a, b in zip(results[0.0], results[2.0]):
+        assert_same_ranking(a.item_ids, a.scores, b.item_ids, b.scores, tol=1e-5)
+
+
 def test_rejects_top_k_above_beams(tiny, tiny_catalogue):
     with pytest.raises(ValueError, match="top_k"):
         beam_search(tiny, [[1, 2]], Trie.from_token_ids(tiny_catalogue, EOS), beams=2, top_k=3)
@@ -120,7 +134,10 @@ def hf_constrained_beam_search(hf_model, prompt, trie, beams, eos_id, top_k=None
 
 
 def test_equals_transformers_generate_on_toy_users(smollm, hf_smollm, tokenizer, toy_dir):
-    """5 real test users, fp32: same top-10 as transformers (~5 s per user for transformers)."""
+    """5 real test users, fp32: same top-10 as transformers (~5-10 s per user for transformers).
+
+    Two slots for five users: finished users' slots are refilled, and the batch shrinks at the end.
+    """
     from nanogdrt.prompt import PromptBuilder
 
     builder = PromptBuilder(tokenizer, "toy")
@@ -129,8 +146,8 @@ def test_equals_transformers_generate_on_toy_users(smollm, hf_smollm, tokenizer,
     with open(toy_dir / "test.csv", newline="") as f:
         rows = [r for _, r in zip(range(5), csv.DictReader(f))]
     prompts = [builder.build([titles[i] for i in ast.literal_eval(r["item_ids"])[:-1]]).ids for r in rows]
-    assert len({len(p) for p in prompts}) > 1  # the batch mixes prompt lengths (left padding)
-    recs = beam_search(smollm, prompts, trie, beams=10, top_k=10, batch_size=5)
+    assert len({len(p) for p in prompts}) > 1  # the slots mix prompt lengths
+    recs = beam_search(smollm, prompts, trie, beams=10, top_k=10, batch_size=2)
     for prompt, rec in zip(prompts, recs):
         ref_items, ref_scores = hf_constrained_beam_search(hf_smollm, prompt, trie, 10, tokenizer.eos_id)
         assert_same_ranking(rec.item_ids, rec.scores, ref_items, ref_scores)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from nanogdrt.kv_cache import SharedPrefixCache
+from nanogdrt.kv_cache import BeamTreeCache, SharedPrefixCache
 from nanogdrt.llama import Llama, LlamaConfig
 
 transformers = pytest.importorskip("transformers")
@@ -127,6 +127,63 @@ def test_shared_prefix_reorder(tmp_path):
         for row, src in enumerate(order.tolist()):
             full = ours(torch.cat([prompts[0], gen[src, :1], nxt[row]])[None])[0, -1]
             assert (out[row] - full).abs().max() <= 1e-4
+
+
+def _tree_cache_for(model, slots, beams, max_len):
+    c = model.config
+    return BeamTreeCache(c.num_hidden_layers, slots, beams, c.num_key_value_heads, max_len, c.head_dim)
+
+
+def _load(model, cache, slots, prompts):
+    """Right-padded prefill of `prompts` into the tree cache's `slots`."""
+    T = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)], mask[i, :len(p)] = torch.tensor(p), 1
+    prompt_cache = model.new_cache(len(prompts), T)
+    model(ids, attention_mask=mask, cache=prompt_cache)
+    cache.load_prompts(torch.tensor(slots), prompt_cache, torch.tensor([len(p) for p in prompts]))
+
+
+@pytest.mark.parametrize("compact_every_step", [False, True])
+def test_beam_tree_cache_equals_full_forward(tmp_path, compact_every_step):
+    """Beams that fork, die and are refilled with a new user see exactly their own path."""
+    _, ours = make_pair(tmp_path, "gqa")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (7, 4, 9)]
+    B = 3
+    with torch.no_grad():
+        cache = _tree_cache_for(ours, 2, B, max_len=12)  # small: the cache has to grow
+        _load(ours, cache, [0, 1], prompts[:2])
+        prompt_of = {0: prompts[0], 1: prompts[1]}
+        paths = {s: [[] for _ in range(B)] for s in (0, 1)}
+        entries = {s: [[] for _ in range(B)] for s in (0, 1)}  # a unique id per fed token
+        parents = [None, torch.tensor([[2, 2, 0], [1, 0, 0]]), torch.tensor([[0, 1, 1], [2, 2, 2]]),
+                   torch.tensor([[0, 0, 0], [1, 1, 0]])]
+        for step, parent in enumerate(parents):
+            if step == 2:  # slot 0's user finishes; the third user takes its slot
+                cache.release(torch.tensor([0]))
+                _load(ours, cache, [0], prompts[2:])
+                prompt_of[0], paths[0], entries[0] = prompts[2], [[] for _ in range(B)], [[] for _ in range(B)]
+                parent = torch.stack([torch.zeros(B, dtype=torch.long), parent[1]])
+            if parent is not None:
+                cache.select(parent)
+                paths = {s: [list(paths[s][int(parent[s, b])]) for b in range(B)] for s in (0, 1)}
+                entries = {s: [list(entries[s][int(parent[s, b])]) for b in range(B)] for s in (0, 1)}
+            tokens = torch.randint(0, 101, (2, B), generator=g)
+            out = ours(tokens, cache=cache)                                       # (2, B, V)
+            for s in (0, 1):
+                for b in range(B):
+                    paths[s][b].append(int(tokens[s, b]))
+                    entries[s][b].append((step, b))
+                    full = ours(torch.tensor([prompt_of[s] + paths[s][b]]))[0, -1]
+                    assert (out[s, b] - full).abs().max() <= 1e-4, (step, s, b)
+            if compact_every_step:
+                cache.compact()  # keeps the prompt and every fed token some beam descends from
+                for s in (0, 1):
+                    needed = len(prompt_of[s]) + len({e for path in entries[s] for e in path})
+                    assert int(cache.length[s]) == needed
 
 
 def test_logits_rows_subset(tmp_path):
