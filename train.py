@@ -69,7 +69,7 @@ class RunConfig:
     lora_dropout: float = 0.05
     lora_targets: list = field(default_factory=lambda: ["q_proj", "v_proj"])
     beams: int = 10
-    eval_batch_size: int = 8
+    eval_batch_size: int = 32
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -117,7 +117,7 @@ def parse_args(argv=None) -> RunConfig:
     a("--lora-dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA path")
     a("--lora-targets", nargs="+", default=d.lora_targets, help="module names that get LoRA")
     a("--beams", type=int, default=d.beams, help="beam width of constrained beam search (paper: 10)")
-    a("--eval-batch-size", type=int, default=d.eval_batch_size, help="users decoded together")
+    a("--eval-batch-size", type=int, default=d.eval_batch_size, help="users decoded at once (slots refilled as users finish)")
     a("--seed", type=int, default=d.seed, help="seed of sampling, batching, LoRA init and dropout")
     a("--device", default=d.device, help="cpu | cuda | mps")
     a("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"], help="model dtype")

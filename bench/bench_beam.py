@@ -6,8 +6,14 @@ the same prompts, the share of users whose top-K lists agree (ties within 1e-4 a
 overlap of the two top-K sets (informative in bf16, where kernel rounding differs by ~1e-2 and
 exact agreement is not expected), and the projected time for the whole test split. Run it alone on the machine: timings are wall-clock.
 
-    python bench/bench_beam.py                 # 20 users, fp32 and bf16
+    python bench/bench_beam.py                 # 64 users, fp32 and bf16
     python bench/bench_beam.py --users 2 --dtypes fp32
+    python bench/bench_beam.py --dtypes fp32 --projection-users 320   # + nanogdrt alone on 320 users
+
+With more users than `--batch-size` slots, finished users' slots are refilled (continuous
+batching), as on the whole split; the last slots drain alone, so a short run overstates the
+per-user time a little. `--projection-users N` times nanogdrt alone on the first N users to project
+the whole split from a longer run.
 """
 
 import argparse
@@ -50,13 +56,15 @@ def same_ranking(ids_a, scores_a, ids_b, scores_b) -> bool:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--users", type=int, default=20, help="first N users of test.csv")
+    p.add_argument("--users", type=int, default=64, help="first N users of test.csv")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
     p.add_argument("--beams", type=int, default=10)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32, help="users per nanogdrt batch")
     p.add_argument("--data", type=Path, default=TOY_DIR)
+    p.add_argument("--projection-users", type=int, default=0,
+                   help="also time nanogdrt alone on the first N users (fp32) for the whole-split projection")
     args = p.parse_args()
     import transformers
 
@@ -67,8 +75,9 @@ def main():
     with open(args.data / "test.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     n_total = len(rows)
-    prompts = [builder.build([titles[i] for i in ast.literal_eval(r["item_ids"])[:-1]]).ids
-               for r in rows[:args.users]]
+    all_prompts = [builder.build([titles[i] for i in ast.literal_eval(r["item_ids"])[:-1]]).ids
+                   for r in rows[:max(args.users, args.projection_users)]]
+    prompts = all_prompts[:args.users]
     print(f"{len(prompts)} users (of {n_total}), beams={args.beams}, top_k={args.top_k}, "
           f"length_penalty={args.length_penalty}, torch threads={torch.get_num_threads()}")
     print(f"{'dtype':6} {'nanogdrt s/user':>16} {'transformers s/user':>20} {'speed-up':>9} "
@@ -93,6 +102,15 @@ def main():
         del hf
         print(f"{name:6} {t_ours:16.3f} {t_hf:20.3f} {t_hf / t_ours:8.1f}x {agree / len(prompts):11.0%} {overlap / len(prompts):8.0%} "
               f"{t_ours * n_total / 60:17.1f} min {t_hf * n_total / 3600:15.2f} h")
+
+    if args.projection_users:
+        ours = Llama.from_pretrained(model_dir, dtype=torch.float32)
+        t0 = time.perf_counter()
+        beam_search(ours, all_prompts, trie, beams=args.beams, top_k=args.top_k,
+                    length_penalty=args.length_penalty, batch_size=args.batch_size, progress=True)
+        per_user = (time.perf_counter() - t0) / len(all_prompts)
+        print(f"nanogdrt alone, fp32, {len(all_prompts)} users: {per_user:.3f} s/user -> "
+              f"whole split ({n_total} users) {per_user * n_total / 60:.1f} min")
 
 
 if __name__ == "__main__":

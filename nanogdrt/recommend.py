@@ -54,7 +54,7 @@ def item_groups(logprobs: dict, n_groups=5) -> dict:
     return metrics.item_groups(relevance, n_groups)
 
 
-def recommend(model, builder, trie, interactions, titles, beams=10, top_k=10, batch_size=8,
+def recommend(model, builder, trie, interactions, titles, beams=10, top_k=10, batch_size=32,
               length_penalty=1.0, progress=False, dist=None) -> list[dict]:
     """One record per interaction: prompt ids, target, ranked top-K item ids with scores.
 
@@ -118,7 +118,7 @@ def main(argv=None):
     g.add_argument("--rows", default=None, help="evaluate rows START:END of the split")
     p.add_argument("--seed", type=int, default=0, help="seed of the --users sample")
     p.add_argument("--beams", type=int, default=10, help="beam width (the paper: 10)")
-    p.add_argument("--batch-size", type=int, default=8, help="users decoded together")
+    p.add_argument("--batch-size", type=int, default=32, help="users decoded at once (slots refilled as users finish)")
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="score = sum log p / len^lp (1.0: the paper lineage; 0: plain sum)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
