@@ -157,7 +157,7 @@ class BeamTreeCache(nn.Module):
     The model is called with input_ids (slots, beams): the beams of a slot take the place of the
     time axis, so one masked attention per slot serves all its beams (a tree attention mask).
     Slots that are not `live` (their user finished, or none is loaded) are fed too, but they
-    write over their own column 0..B-1 and do not advance: their outputs are ignored.
+    write into their columns 0..B-1 and do not advance: their outputs are ignored.
     """
 
     def __init__(self, n_layers, slots, beams, n_kv_heads, max_len, head_dim, dtype=torch.float32, device="cpu"):
