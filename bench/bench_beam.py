@@ -9,6 +9,7 @@ exact agreement is not expected), and the projected time for the whole test spli
     python bench/bench_beam.py                 # 64 users, fp32 and bf16
     python bench/bench_beam.py --users 2 --dtypes fp32
     python bench/bench_beam.py --dtypes fp32 --projection-users 320   # + nanogdrt alone on 320 users
+    python bench/bench_beam.py --dtypes fp32 --users 32 --batch-size 16 --profile   # where nanogdrt's time goes
 
 With more users than `--batch-size` slots, finished users' slots are refilled (continuous
 batching), as on the whole split; the last slots drain alone, so a short run overstates the
@@ -54,6 +55,29 @@ def same_ranking(ids_a, scores_a, ids_b, scores_b) -> bool:
     return True
 
 
+def profile_search(model, prompts, trie, args):
+    """Where nanogdrt's search spends its time, by operator, and how many beam rows it decodes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanogdrt.kv_cache import BeamTreeCache
+    live_rows, hidden_states = [0], model.hidden_states
+
+    def counting_hidden_states(ids, *rest, cache=None, **kw):
+        if isinstance(cache, BeamTreeCache):  # a decoding step: count the beams of live users
+            live_rows[0] += int(cache.live.sum()) * cache.beams
+        return hidden_states(ids, *rest, cache=cache, **kw)
+
+    model.hidden_states = counting_hidden_states
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        beam_search(model, prompts, trie, beams=args.beams, top_k=args.top_k,
+                    length_penalty=args.length_penalty, batch_size=args.batch_size)
+        elapsed = time.perf_counter() - t0
+    print(f"nanogdrt under the profiler: {elapsed / len(prompts):.3f} s/user; "
+          f"{live_rows[0] / len(prompts):.0f} beam rows decoded per user (10 per step with beam 10)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, default=64, help="first N users of test.csv")
@@ -65,6 +89,8 @@ def main():
     p.add_argument("--data", type=Path, default=TOY_DIR)
     p.add_argument("--projection-users", type=int, default=0,
                    help="also time nanogdrt alone on the first N users (fp32) for the whole-split projection")
+    p.add_argument("--profile", action="store_true",
+                   help="profile nanogdrt's search (torch.profiler, top ops by self CPU time) instead of comparing")
     args = p.parse_args()
     import transformers
 
@@ -80,6 +106,9 @@ def main():
     prompts = all_prompts[:args.users]
     print(f"{len(prompts)} users (of {n_total}), beams={args.beams}, top_k={args.top_k}, "
           f"length_penalty={args.length_penalty}, torch threads={torch.get_num_threads()}")
+    if args.profile:
+        profile_search(Llama.from_pretrained(model_dir, dtype=DTYPES[args.dtypes.split(",")[0]]), prompts, trie, args)
+        return
     print(f"{'dtype':6} {'nanogdrt s/user':>16} {'transformers s/user':>20} {'speed-up':>9} "
           f"{'same top-K':>11} {'overlap':>8} {'nanogdrt, all users':>20} {'transformers, all':>18}")
     for name in args.dtypes.split(","):
