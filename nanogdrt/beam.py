@@ -229,8 +229,7 @@ def _search(model, prompts, queue: list[int], trie: Trie, B: int, length_penalty
         best_possible = scores[:, 0] / n_generated[:, 0].float() ** length_penalty
         is_open = ((~full | (best_possible > fin_scores[:, -1])) & (scores[:, 0] > neg_inf)
                    & (n_generated[:, 0] < trie.depth))
-        busy = torch.tensor([u is not None for u in user], device=device)
-        stopped = (busy & ~is_open).nonzero().flatten()
+        stopped = (cache.live & ~is_open).nonzero().flatten()   # live: the slot holds a user
         if len(stopped):  # one sync per step: hand over the users that stopped
             for s, fs, fn in zip(stopped.tolist(), fin_scores[stopped].tolist(), fin_nodes[stopped].tolist()):
                 kept = [i for i, x in enumerate(fs) if x > neg_inf]
@@ -238,14 +237,13 @@ def _search(model, prompts, queue: list[int], trie: Trie, B: int, length_penalty
                 user[s] = None
             cache.release(stopped)
             scores[stopped] = neg_inf
-            busy[stopped] = False
 
         if not queue:  # nobody waits: stop when all are done, halve the batch when half is empty
-            n_busy = int(busy.sum())
+            n_busy = int(cache.live.sum())
             if n_busy == 0:
                 return
             if n_busy <= S // 2:
-                keep = busy.nonzero().flatten()
+                keep = cache.live.nonzero().flatten()
                 cache.keep(keep)
                 nodes, scores, parent, token, hidden = nodes[keep], scores[keep], parent[keep], token[keep], hidden[keep]
                 fin_scores, fin_nodes = fin_scores[keep], fin_nodes[keep]

@@ -171,7 +171,7 @@ class BeamTreeCache(nn.Module):
         self.n_generated = torch.zeros(slots, dtype=torch.long, device=device)   # tokens fed per beam
         self.live = torch.zeros(slots, dtype=torch.bool, device=device)
         self.beams = beams
-        self._cols = self._mask = None
+        self._rows = self._cols = self._mask = None   # set by start_step for one forward pass
         self._width = 0
 
     @property
@@ -223,16 +223,18 @@ class BeamTreeCache(nn.Module):
         self.v = torch.cat([self.v, self.v.new_zeros(L, S, H, new_len - M, D)], dim=3)
         self.visible = torch.cat([self.visible, self.visible.new_zeros(S, self.beams, new_len - M)], dim=2)
 
+    def _seen(self) -> torch.Tensor:
+        """(S, W) columns some beam of the slot still sees, W = the longest slot's length."""
+        return self.visible[:, :, :int(self.length.max())].any(1)
+
     def dead_columns(self) -> float:
         """Share of the attended width that no beam sees any more (pruned branches, padding)."""
-        width = int(self.length.max())
-        seen = self.visible[:, :, :width].any(1).sum(-1)
-        return 1.0 - float(seen.max()) / max(width, 1)
+        seen = self._seen()
+        return 1.0 - float(seen.sum(-1).max()) / max(seen.shape[1], 1)
 
     def compact(self):
         """Squeeze out the columns no beam of a slot sees; the others keep their order."""
-        width = int(self.length.max())
-        seen = self.visible[:, :, :width].any(1)                                # (S, W)
+        seen = self._seen()
         for s in self.live.nonzero().flatten().tolist():  # a copy per slot: faster than one gather
             cols = seen[s].nonzero().flatten()
             n = len(cols)
@@ -249,14 +251,15 @@ class BeamTreeCache(nn.Module):
     def start_step(self, attention_mask, T):
         if T != self.beams:
             raise ValueError(f"BeamTreeCache is fed one token per beam: {T} tokens for {self.beams} beams")
-        if int(self.length.max()) + T > self.max_len:
+        longest = int(self.length.max())
+        if longest + T > self.max_len:
             self.compact()  # often frees enough room without growing
-        self.reserve(int(self.length.max()) + T)
+            longest = int(self.length.max())
+        self.reserve(longest + T)
+        self._width = longest + T
         self._cols = self.length[:, None] + torch.arange(T, device=self.k.device)  # (S, B)
-        rows = torch.arange(self.slots, device=self.k.device)[:, None]
-        self.visible[rows, torch.arange(T, device=self.k.device)[None], self._cols] = True  # itself
-        self._width = int(self._cols.max()) + 1
-        self._rows = rows
+        self._rows = torch.arange(self.slots, device=self.k.device)[:, None]
+        self.visible[self._rows, torch.arange(T, device=self.k.device)[None], self._cols] = True  # itself
 
     def attend(self, layer, q, k, v):
         """q (S, Hq, B, D); k, v (S, Hkv, B, D) of the fed tokens -> (S, Hq, B, D)."""
