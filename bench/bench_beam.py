@@ -10,6 +10,7 @@ exact agreement is not expected), and the projected time for the whole test spli
     python bench/bench_beam.py --users 2 --dtypes fp32
     python bench/bench_beam.py --dtypes fp32 --projection-users 320   # + nanogdrt alone on 320 users
     python bench/bench_beam.py --dtypes fp32 --users 32 --batch-size 16 --profile   # where nanogdrt's time goes
+    python bench/bench_beam.py --device cuda --projection-users 4794   # on a GPU, + the whole split
 
 With more users than `--batch-size` slots, finished users' slots are refilled (continuous
 batching), as on the whole split; the last slots drain alone, so a short run overstates the
@@ -81,12 +82,16 @@ def profile_search(model, prompts, trie, args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", type=int, default=64, help="first N users of test.csv")
-    p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--dtypes", default="fp32,bf16",
+                   help="comma-separated: fp32, bf16 ('' with --projection-users: nanogdrt alone)")
     p.add_argument("--beams", type=int, default=10)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=32, help="users per nanogdrt batch")
     p.add_argument("--data", type=Path, default=TOY_DIR)
+    p.add_argument("--model", type=Path, default=None,
+                   help="Hugging Face Llama folder (default: the embedded SmolLM2-135M checkpoint)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: both implementations run there")
     p.add_argument("--projection-users", type=int, default=0,
                    help="also time nanogdrt alone on the first N users (fp32) for the whole-split projection")
     p.add_argument("--profile", action="store_true",
@@ -94,7 +99,8 @@ def main():
     args = p.parse_args()
     import transformers
 
-    model_dir = ensure_embedded_checkpoint()
+    model_dir = args.model or ensure_embedded_checkpoint()
+    device = torch.device(args.device)
     builder = PromptBuilder(Tokenizer(model_dir), "toy")
     titles = {int(k): v for k, v in json.loads((args.data / "id2name.json").read_text()).items()}
     trie = Trie.from_titles(titles, builder)
@@ -105,23 +111,30 @@ def main():
                    for r in rows[:max(args.users, args.projection_users)]]
     prompts = all_prompts[:args.users]
     print(f"{len(prompts)} users (of {n_total}), beams={args.beams}, top_k={args.top_k}, "
-          f"length_penalty={args.length_penalty}, torch threads={torch.get_num_threads()}")
+          f"length_penalty={args.length_penalty}, device={args.device}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, "
+          + (torch.cuda.get_device_name(device) if device.type == "cuda" else f"torch threads={torch.get_num_threads()}"))
     if args.profile:
         profile_search(Llama.from_pretrained(model_dir, dtype=DTYPES[args.dtypes.split(",")[0]]), prompts, trie, args)
         return
     print(f"{'dtype':6} {'nanogdrt s/user':>16} {'transformers s/user':>20} {'speed-up':>9} "
           f"{'same top-K':>11} {'overlap':>8} {'nanogdrt, all users':>20} {'transformers, all':>18}")
-    for name in args.dtypes.split(","):
+    for name in filter(None, args.dtypes.split(",")):
         dtype = DTYPES[name]
-        ours = Llama.from_pretrained(model_dir, dtype=dtype)
+        ours = Llama.from_pretrained(model_dir, dtype=dtype, device=device)
+        if device.type == "cuda":  # the first CUDA calls load kernels: warm up outside the timing
+            beam_search(ours, prompts[:2], trie, beams=args.beams, top_k=args.top_k, batch_size=2)
         t0 = time.perf_counter()
         recs = beam_search(ours, prompts, trie, beams=args.beams, top_k=args.top_k,
                            length_penalty=args.length_penalty, batch_size=args.batch_size)
-        t_ours = (time.perf_counter() - t0) / len(prompts)
+        t_ours = (time.perf_counter() - t0) / len(prompts)  # results are Python lists: synchronised
         del ours
-        hf = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-        t0, agree, overlap = time.perf_counter(), 0, 0.0
+        hf = transformers.LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         with torch.no_grad():
+            if device.type == "cuda":
+                hf_constrained_beam_search(hf, prompts[0], trie, args.beams, builder.tokenizer.eos_id,
+                                           args.top_k, args.length_penalty)
+            t0, agree, overlap = time.perf_counter(), 0, 0.0
             for prompt, rec in zip(prompts, recs):
                 ids, scores = hf_constrained_beam_search(hf, prompt, trie, args.beams, builder.tokenizer.eos_id,
                                                          args.top_k, args.length_penalty)
@@ -133,7 +146,7 @@ def main():
               f"{t_ours * n_total / 60:17.1f} min {t_hf * n_total / 3600:15.2f} h")
 
     if args.projection_users:
-        ours = Llama.from_pretrained(model_dir, dtype=torch.float32)
+        ours = Llama.from_pretrained(model_dir, dtype=torch.float32, device=device)
         t0 = time.perf_counter()
         beam_search(ours, all_prompts, trie, beams=args.beams, top_k=args.top_k,
                     length_penalty=args.length_penalty, batch_size=args.batch_size, progress=True)

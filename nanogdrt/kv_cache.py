@@ -276,7 +276,7 @@ class BeamTreeCache(nn.Module):
         # Fold the GQA group into the query axis rather than repeat keys per query head.
         y = F.scaled_dot_product_attention(q.reshape(S, Hkv, g * B, D), k_layer[:, :, :W],
                                            v_layer[:, :, :W], attn_mask=self._mask)
-        return y.view(S, Hq, B, D)
+        return y.reshape(S, Hq, B, D)  # a CUDA kernel may return another memory layout
 
     def end_step(self, T):
         self.length = self.length + T * self.live

@@ -123,9 +123,11 @@ def hf_constrained_beam_search(hf_model, prompt, trie, beams, eos_id, top_k=None
         node = trie.walk(sent[P:].tolist())
         if node is None or node in trie.leaf_items:  # dead beams (transformers keeps some): anything
             return [eos_id]
-        return trie.allowed(torch.tensor([node])).tokens[0].tolist()
+        return trie.allowed(torch.tensor([node], device=trie.child_ptr.device)).tokens[0].tolist()
 
-    out = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, P, dtype=torch.long),
+    device = hf_model.device
+    out = hf_model.generate(torch.tensor([prompt], device=device),
+                            attention_mask=torch.ones(1, P, dtype=torch.long, device=device),
                             num_beams=beams, num_return_sequences=top_k or beams, max_new_tokens=trie.depth,
                             length_penalty=length_penalty, do_sample=False, prefix_allowed_tokens_fn=allowed,
                             pad_token_id=eos_id, output_scores=True, return_dict_in_generate=True)

@@ -146,10 +146,28 @@ def _load(model, cache, slots, prompts):
     cache.load_prompts(torch.tensor(slots), prompt_cache, torch.tensor([len(p) for p in prompts]))
 
 
-@pytest.mark.parametrize("compact_every_step", [False, True])
-def test_beam_tree_cache_equals_full_forward(tmp_path, compact_every_step):
-    """Beams that fork, die and are refilled with a new user see exactly their own path."""
+def _attention_in_cuda_layout(monkeypatch):
+    """Make SDPA return its output as CUDA's fused kernels do: (batch, time, heads, dim) in
+    memory, transposed back to (batch, heads, time, dim). Same values, other strides."""
+    import nanogdrt.kv_cache as kv_cache
+
+    sdpa = kv_cache.F.scaled_dot_product_attention
+
+    def strided_sdpa(*args, **kwargs):
+        return sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+
+    monkeypatch.setattr(kv_cache.F, "scaled_dot_product_attention", strided_sdpa)
+
+
+@pytest.mark.parametrize("compact_every_step,cuda_layout", [(False, False), (True, False), (False, True)])
+def test_beam_tree_cache_equals_full_forward(tmp_path, monkeypatch, compact_every_step, cuda_layout):
+    """Beams that fork, die and are refilled with a new user see exactly their own path.
+
+    cuda_layout: the attention output arrives with CUDA's memory layout (a `.view` of it failed
+    on an H200 once; on CPU it had always been contiguous)."""
     _, ours = make_pair(tmp_path, "gqa")
+    if cuda_layout:
+        _attention_in_cuda_layout(monkeypatch)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (7, 4, 9)]
     B = 3
