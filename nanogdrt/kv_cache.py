@@ -23,6 +23,13 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# For the beam tree's masked attention in bf16 on CUDA, PyTorch picks cuDNN attention, which
+# spent ~2 ms of CPU time per call (20 us on the GPU) on an H200: it plans anew for each key
+# length, and the tree's width changes every step. Without it, bf16 beam search ran 2.3x faster
+# there (bench numbers in BENCHMARKS.md). The other kernels are what fp32 and the CPU use anyway.
+NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class KVCache(nn.Module):
@@ -274,8 +281,9 @@ class BeamTreeCache(nn.Module):
             mask = self.visible[:, None, :, :W]                                  # (S, 1, B, W)
             self._mask = mask[:, :, None].expand(S, 1, g, B, W).reshape(S, 1, g * B, W)
         # Fold the GQA group into the query axis rather than repeat keys per query head.
-        y = F.scaled_dot_product_attention(q.reshape(S, Hkv, g * B, D), k_layer[:, :, :W],
-                                           v_layer[:, :, :W], attn_mask=self._mask)
+        with sdpa_kernel(NOT_CUDNN):
+            y = F.scaled_dot_product_attention(q.reshape(S, Hkv, g * B, D), k_layer[:, :, :W],
+                                               v_layer[:, :, :W], attn_mask=self._mask)
         return y.reshape(S, Hq, B, D)  # a CUDA kernel may return another memory layout
 
     def end_step(self, T):
