@@ -9,6 +9,7 @@ embeddings) with the real tokenizer from `--tokenizer-dir`:
   3. constrained beam search on CUDA returns the same lists as on CPU
   4. LoRA training step, bf16 on CUDA: nanogdrt vs transformers+PEFT tokens/s (as bench_train)
   5. `train.py --device cuda` end to end on the synthetic data, both methods
+  6. beam search speed, fp32 vs bf16, with and without cuDNN attention in the beam tree
 
     python scripts/device_check.py --tokenizer-dir DIR [--out DIR]
 """
@@ -159,6 +160,37 @@ def train_py(model_dir, out):
     return runs
 
 
+@check("6_beam_dtypes")
+def beam_dtypes(model_dir):
+    """s/user of beam search over 64 synthetic users in fp32 and bf16; bf16 also with cuDNN
+    attention allowed in the tree cache (what kv_cache.NOT_CUDNN keeps out, see there)."""
+    from nanogdrt import kv_cache
+    from nanogdrt.beam import beam_search
+    from nanogdrt.data import load_dataset
+    from nanogdrt.prompt import PromptBuilder
+    from nanogdrt.tokenizer import Tokenizer
+    from nanogdrt.trie import Trie
+    from torch.nn.attention import SDPBackend
+
+    ds = load_dataset("synthetic", test_samples=64)
+    builder = PromptBuilder(Tokenizer(model_dir), "synthetic")
+    prompts = [builder.build([ds.titles[i] for i in x.history]).ids for x in ds.test]
+    trie = Trie.from_titles(ds.titles, builder)
+    out, default = {}, list(kv_cache.NOT_CUDNN)
+    for name, dtype, backends in (("fp32", torch.float32, default), ("bf16", torch.bfloat16, default),
+                                  ("bf16_cudnn_allowed", torch.bfloat16, default + [SDPBackend.CUDNN_ATTENTION])):
+        kv_cache.NOT_CUDNN[:] = backends
+        model = Llama.from_pretrained(model_dir, dtype=dtype, device="cuda")
+        beam_search(model, prompts[:4], trie, batch_size=4)  # warm-up
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        beam_search(model, prompts, trie, batch_size=32)
+        torch.cuda.synchronize()
+        out[name + "_s_per_user"] = round((time.perf_counter() - t) / len(prompts), 4)
+    kv_cache.NOT_CUDNN[:] = default
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer-dir", type=Path, required=True)
@@ -174,6 +206,7 @@ def main():
     beam(model_dir)
     train_step(model_dir)
     train_py(model_dir, args.out)
+    beam_dtypes(model_dir)
     (args.out / "device_check.json").write_text(json.dumps(RESULTS, indent=1))
 
 
