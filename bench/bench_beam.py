@@ -64,8 +64,8 @@ def profile_search(model, prompts, trie, args):
     live_rows, hidden_states = [0], model.hidden_states
 
     def counting_hidden_states(ids, *rest, cache=None, **kw):
-        if isinstance(cache, BeamTreeCache):  # a decoding step: count the beams of live users
-            live_rows[0] += int(cache.live.sum()) * cache.beams
+        if isinstance(cache, BeamTreeCache):  # a decoding step: count the beams fed (live ones)
+            live_rows[0] += int(cache.fed.sum())
         return hidden_states(ids, *rest, cache=cache, **kw)
 
     model.hidden_states = counting_hidden_states
@@ -75,7 +75,7 @@ def profile_search(model, prompts, trie, args):
                     length_penalty=args.length_penalty, batch_size=args.batch_size)
         elapsed = time.perf_counter() - t0
     print(f"nanogdrt under the profiler: {elapsed / len(prompts):.3f} s/user; "
-          f"{live_rows[0] / len(prompts):.0f} beam rows decoded per user (10 per step with beam 10)")
+          f"{live_rows[0] / len(prompts):.0f} beam rows decoded per user (live beams; at most 10 per step with beam 10)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 

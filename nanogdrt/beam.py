@@ -10,6 +10,9 @@ step for step (see "What transformers does" below) but organised for speed:
   beams have fed, each beam attending to the prompt and its own ancestors through a mask. When
   beams are reordered only the masks move, never keys; pruned branches are squeezed out now
   and then (`COMPACT_WHEN_DEAD`).
+- Only live beams are decoded. Once fewer than B titles remain reachable, transformers keeps
+  the empty places as dead beams (score -1e9) and still runs the model on them; on Toy users
+  with length_penalty 1 that is over half of the rows. Here they are left out of the batch.
 - Users are decoded `batch_size` at a time in slots (continuous batching): when a user's search
   stops, its slot takes the next user's prompt at once, so every step runs a full batch. Users
   stop at very different steps (with length_penalty = 1, transformers' stopping rule, 5. below,
@@ -58,6 +61,7 @@ from nanogdrt.trie import Trie
 
 FIRST_CACHE_STEPS = 32   # decoding steps the tree cache has room for at first; it grows when needed
 COMPACT_WHEN_DEAD = 0.2  # squeeze the tree cache once this share of its width is pruned branches
+PREFILL_USERS = 8        # prompts prefilled together: few enough that padding to the longest is small
 
 
 @dataclass
@@ -182,9 +186,11 @@ def _search(model, prompts, queue: list[int], trie: Trie, B: int, length_penalty
         if not take:
             return
         slots = torch.tensor(free[:len(take)], device=device)
-        prompt_cache, last, lengths = _prefill(model, [prompts[u] for u in take], head)
-        cache.load_prompts(slots, prompt_cache, lengths)
-        hidden[slots, 0] = last
+        for i in range(0, len(take), PREFILL_USERS):  # the queue is sorted by prompt length
+            part = slots[i:i + PREFILL_USERS]
+            prompt_cache, last, lengths = _prefill(model, [prompts[u] for u in take[i:i + PREFILL_USERS]], head)
+            cache.load_prompts(part, prompt_cache, lengths)
+            hidden[part, 0] = last
         # One live beam at the root (transformers starts the other B - 1 at -1e9, which only
         # ever yields worse copies of beam 0).
         nodes[slots], scores[slots], fin_scores[slots] = 0, neg_inf, neg_inf
@@ -249,9 +255,12 @@ def _search(model, prompts, queue: list[int], trie: Trie, B: int, length_penalty
                 fin_scores, fin_nodes = fin_scores[keep], fin_nodes[keep]
                 user = [user[i] for i in keep.tolist()]
 
-        # Feed the chosen tokens: each beam first takes over the view of the beam it extends.
-        cache.select(parent)
-        hidden = model.hidden_states(token, cache=cache)                             # (S, B, C)
+        # Feed the chosen tokens to the live beams (dead ones cost nothing): each beam first
+        # takes over the view of the beam it extends.
+        cache.select(parent, fed=scores > neg_inf)
+        if cache.fed.any():
+            packed = model.hidden_states(cache.pack(token)[None], cache=cache)[0]   # (M, C)
+            cache.unpack(packed, out=hidden)                                          # (S, B, C)
         refill([s for s, u in enumerate(user) if u is None])
         if cache.dead_columns() > COMPACT_WHEN_DEAD:
             cache.compact()

@@ -161,10 +161,13 @@ class BeamTreeCache(nn.Module):
     is copied, unlike a per-beam cache whose whole history is copied every step. Columns that no
     beam sees any more (pruned branches) are squeezed out by `compact` when they pile up.
 
-    The model is called with input_ids (slots, beams): the beams of a slot take the place of the
-    time axis, so one masked attention per slot serves all its beams (a tree attention mask).
-    Slots that are not `live` (their user finished, or none is loaded) are fed too, but they
-    write into their columns 0..B-1 and do not advance: their outputs are ignored.
+    Only the beams marked in `fed` (slots, beams) take a token: the live beams of live slots.
+    Beams that died (fewer titles left than beams; with length_penalty 1 most of a search's late
+    steps) and slots without a user cost no matrix product. The model is called with the fed
+    beams' tokens packed into one row, input_ids (1, M) in (slot, beam) order (`pack`), and
+    returns them packed (`unpack` spreads them back). Inside attention each slot's beams take
+    the place of the time axis, so one masked attention per slot serves all its beams (a tree
+    attention mask); each fed beam adds one column to its slot.
     """
 
     def __init__(self, n_layers, slots, beams, n_kv_heads, max_len, head_dim, dtype=torch.float32, device="cpu"):
@@ -177,8 +180,9 @@ class BeamTreeCache(nn.Module):
         self.prompt_len = torch.zeros(slots, dtype=torch.long, device=device)
         self.n_generated = torch.zeros(slots, dtype=torch.long, device=device)   # tokens fed per beam
         self.live = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.fed = torch.zeros(slots, beams, dtype=torch.bool, device=device)   # take a token next
         self.beams = beams
-        self._rows = self._cols = self._mask = None   # set by start_step for one forward pass
+        self._slot = self._beam = self._rank = self._cols = self._mask = None   # for one forward pass
         self._width = 0
 
     @property
@@ -201,23 +205,40 @@ class BeamTreeCache(nn.Module):
         self.prompt_len[slots] = lengths
         self.n_generated[slots] = 0
         self.live[slots] = True
+        self.fed[slots] = True
 
     def release(self, slots: torch.Tensor):
         """Free `slots` (their users finished): they stop growing and attend to nothing real."""
         self.live[slots] = False
+        self.fed[slots] = False
         self.length[slots] = 0
         self.visible[slots] = False
 
-    def select(self, parent: torch.Tensor):
-        """Beam b of each live slot now extends beam parent[s, b]: it inherits that beam's view."""
+    def select(self, parent: torch.Tensor, fed: torch.Tensor | None = None):
+        """Beam b of each live slot now extends beam parent[s, b]: it inherits that beam's view.
+
+        fed (S, B): the beams fed next (default: every beam of a live slot). The others are dead:
+        they lose their view, so that compaction can drop what only they saw.
+        """
         index = parent[:, :, None].expand(-1, -1, self.max_len)
         moved = self.visible.gather(1, index)
-        self.visible = torch.where(self.live[:, None, None], moved, self.visible)
+        self.fed = self.live[:, None] if fed is None else fed & self.live[:, None]
+        self.fed = self.fed.expand(-1, self.beams).contiguous()
+        self.visible = moved & self.fed[:, :, None]
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(S, B, ...) -> (M, ...): the rows of the fed beams, in (slot, beam) order."""
+        return x[self.fed]
+
+    def unpack(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write packed rows x (M, ...) into their (slot, beam) places of out (S, B, ...)."""
+        out[self.fed] = x
+        return out
 
     def keep(self, slots: torch.Tensor):
         """Drop every slot but `slots` (indices): once no user waits, emptied slots cost nothing."""
         self.k, self.v = self.k[:, slots], self.v[:, slots]
-        for name in ("visible", "length", "prompt_len", "n_generated", "live"):
+        for name in ("visible", "length", "prompt_len", "n_generated", "live", "fed"):
             setattr(self, name, getattr(self, name)[slots])
 
     def reserve(self, n_columns: int):
@@ -253,39 +274,55 @@ class BeamTreeCache(nn.Module):
 
     # The model's side of the protocol: positions, start_step, attend, end_step.
     def positions(self, attention_mask, T):
-        return (self.prompt_len + self.n_generated)[:, None].expand(-1, T)
+        self._slot, self._beam = self.fed.nonzero(as_tuple=True)                # (M,) each
+        return (self.prompt_len + self.n_generated)[self._slot][None]           # (1, M)
 
     def start_step(self, attention_mask, T):
-        if T != self.beams:
-            raise ValueError(f"BeamTreeCache is fed one token per beam: {T} tokens for {self.beams} beams")
-        longest = int(self.length.max())
-        if longest + T > self.max_len:
+        if T != len(self._slot):
+            raise ValueError(f"BeamTreeCache takes the fed beams' tokens packed, input_ids (1, M): "
+                             f"got {T} tokens for {len(self._slot)} fed beams")
+        n_fed = self.fed.sum(1)                                                  # (S,)
+        width = int((self.length + n_fed).max())
+        if width > self.max_len:
             self.compact()  # often frees enough room without growing
-            longest = int(self.length.max())
-        self.reserve(longest + T)
-        self._width = longest + T
-        self._cols = self.length[:, None] + torch.arange(T, device=self.k.device)  # (S, B)
-        self._rows = torch.arange(self.slots, device=self.k.device)[:, None]
-        self.visible[self._rows, torch.arange(T, device=self.k.device)[None], self._cols] = True  # itself
+            width = int((self.length + n_fed).max())
+        self.reserve(width)
+        self._width = width
+        # A slot's fed beams take its next columns, in beam order, and its first query rows.
+        self._rank = (self.fed.cumsum(1) - 1)[self._slot, self._beam]            # (M,)
+        self._cols = self.length[self._slot] + self._rank                        # (M,)
+        self.visible[self._slot, self._beam, self._cols] = True                  # itself
+        # The attention's query axis is as long as the most beams any slot feeds, not B: late in
+        # a search most beams are dead. Row r of slot s is its r-th fed beam (unfed rows see
+        # nothing; their outputs are dropped).
+        n_rows = int(n_fed.max())
+        fed_first = torch.argsort((~self.fed).byte(), dim=1, stable=True)[:, :n_rows]  # (S, R)
+        self._query_visible = self.visible[:, :, :width].gather(
+            1, fed_first[:, :, None].expand(-1, -1, width)) & self.fed.gather(1, fed_first)[:, :, None]
 
     def attend(self, layer, q, k, v):
-        """q (S, Hq, B, D); k, v (S, Hkv, B, D) of the fed tokens -> (S, Hq, B, D)."""
-        S, Hq, B, D = q.shape
+        """q (1, Hq, M, D); k, v (1, Hkv, M, D) of the M fed beams' tokens -> (1, Hq, M, D)."""
+        _, Hq, M, D = q.shape
         Hkv = k.shape[1]
-        g = Hq // Hkv
-        k_layer, v_layer = self.k[layer], self.v[layer]                          # (S, Hkv, M, D)
-        k_layer[self._rows, :, self._cols] = k.transpose(1, 2)
-        v_layer[self._rows, :, self._cols] = v.transpose(1, 2)
-        W = self._width
+        S, g = self.slots, Hq // Hkv
+        R, W = self._query_visible.shape[1:]
+        k_layer, v_layer = self.k[layer], self.v[layer]                          # (S, Hkv, max_len, D)
+        k_layer[self._slot, :, self._cols] = k[0].transpose(0, 1)               # (M, Hkv, D)
+        v_layer[self._slot, :, self._cols] = v[0].transpose(0, 1)
         if layer == 0:  # the same mask for every layer: GQA's query heads share it
-            mask = self.visible[:, None, :, :W]                                  # (S, 1, B, W)
-            self._mask = mask[:, :, None].expand(S, 1, g, B, W).reshape(S, 1, g * B, W)
-        # Fold the GQA group into the query axis rather than repeat keys per query head.
+            mask = self._query_visible[:, None]                                  # (S, 1, R, W)
+            self._mask = mask[:, :, None].expand(S, 1, g, R, W).reshape(S, 1, g * R, W)
+        # Queries to (slot, rank) places, zeros elsewhere; the GQA group is folded into the
+        # query axis rather than keys repeated per query head.
+        queries = q.new_zeros(S, R, Hq, D)
+        queries[self._slot, self._rank] = q[0].transpose(0, 1)
+        queries = queries.transpose(1, 2).reshape(S, Hkv, g * R, D)
         with sdpa_kernel(NOT_CUDNN):
-            y = F.scaled_dot_product_attention(q.reshape(S, Hkv, g * B, D), k_layer[:, :, :W],
-                                               v_layer[:, :, :W], attn_mask=self._mask)
-        return y.reshape(S, Hq, B, D)  # a CUDA kernel may return another memory layout
+            y = F.scaled_dot_product_attention(queries, k_layer[:, :, :W], v_layer[:, :, :W],
+                                               attn_mask=self._mask)
+        # reshape, not view: a CUDA kernel may return another memory layout
+        return y.reshape(S, Hq, R, D)[self._slot, :, self._rank].transpose(0, 1)[None]
 
     def end_step(self, T):
-        self.length = self.length + T * self.live
+        self.length = self.length + self.fed.sum(1)
         self.n_generated = self.n_generated + self.live

@@ -161,7 +161,8 @@ def _attention_in_cuda_layout(monkeypatch):
 
 @pytest.mark.parametrize("compact_every_step,cuda_layout", [(False, False), (True, False), (False, True)])
 def test_beam_tree_cache_equals_full_forward(tmp_path, monkeypatch, compact_every_step, cuda_layout):
-    """Beams that fork, die and are refilled with a new user see exactly their own path.
+    """Beams that fork, die and are refilled with a new user see exactly their own path; dead
+    beams are not fed.
 
     cuda_layout: the attention output arrives with CUDA's memory layout (a `.view` of it failed
     on an H200 once; on CPU it had always been contiguous)."""
@@ -171,34 +172,39 @@ def test_beam_tree_cache_equals_full_forward(tmp_path, monkeypatch, compact_ever
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (7, 4, 9)]
     B = 3
+    # Per step: the beam each beam extends, and which beams stay alive (are fed). A parent is
+    # always a beam fed at the step before.
+    parents = [None, [[2, 2, 0], [1, 0, 0]], [[0, 1, 1], [0, 0, 1]], [[0, 0, 2], [1, 1, 0]]]
+    feds = [None, [[1, 1, 1], [1, 1, 0]], [[1, 0, 1], [1, 1, 1]], [[1, 1, 0], [1, 0, 1]]]
     with torch.no_grad():
         cache = _tree_cache_for(ours, 2, B, max_len=12)  # small: the cache has to grow
         _load(ours, cache, [0, 1], prompts[:2])
         prompt_of = {0: prompts[0], 1: prompts[1]}
         paths = {s: [[] for _ in range(B)] for s in (0, 1)}
         entries = {s: [[] for _ in range(B)] for s in (0, 1)}  # a unique id per fed token
-        parents = [None, torch.tensor([[2, 2, 0], [1, 0, 0]]), torch.tensor([[0, 1, 1], [2, 2, 2]]),
-                   torch.tensor([[0, 0, 0], [1, 1, 0]])]
-        for step, parent in enumerate(parents):
+        for step, (parent, fed) in enumerate(zip(parents, feds)):
             if step == 2:  # slot 0's user finishes; the third user takes its slot
                 cache.release(torch.tensor([0]))
                 _load(ours, cache, [0], prompts[2:])
                 prompt_of[0], paths[0], entries[0] = prompts[2], [[] for _ in range(B)], [[] for _ in range(B)]
-                parent = torch.stack([torch.zeros(B, dtype=torch.long), parent[1]])
+                parent[0] = [0] * B
             if parent is not None:
-                cache.select(parent)
+                parent, fed = torch.tensor(parent), torch.tensor(fed, dtype=torch.bool)
+                cache.select(parent, fed=fed)
                 paths = {s: [list(paths[s][int(parent[s, b])]) for b in range(B)] for s in (0, 1)}
-                entries = {s: [list(entries[s][int(parent[s, b])]) for b in range(B)] for s in (0, 1)}
+                entries = {s: [list(entries[s][int(parent[s, b])]) if fed[s, b] else [] for b in range(B)]
+                           for s in (0, 1)}
             tokens = torch.randint(0, 101, (2, B), generator=g)
-            out = ours(tokens, cache=cache)                                       # (2, B, V)
-            for s in (0, 1):
-                for b in range(B):
-                    paths[s][b].append(int(tokens[s, b]))
-                    entries[s][b].append((step, b))
-                    full = ours(torch.tensor([prompt_of[s] + paths[s][b]]))[0, -1]
-                    assert (out[s, b] - full).abs().max() <= 1e-4, (step, s, b)
+            packed = ours(cache.pack(tokens)[None], cache=cache)[0]                # (M, V)
+            assert len(packed) == int(cache.fed.sum())
+            out = cache.unpack(packed, torch.zeros(2, B, packed.shape[-1]))       # (2, B, V)
+            for s, b in cache.fed.nonzero().tolist():
+                paths[s][b].append(int(tokens[s, b]))
+                entries[s][b].append((step, b))
+                full = ours(torch.tensor([prompt_of[s] + paths[s][b]]))[0, -1]
+                assert (out[s, b] - full).abs().max() <= 1e-4, (step, s, b)
             if compact_every_step:
-                cache.compact()  # keeps the prompt and every fed token some beam descends from
+                cache.compact()  # keeps the prompt and every fed token a live beam descends from
                 for s in (0, 1):
                     needed = len(prompt_of[s]) + len({e for path in entries[s] for e in path})
                     assert int(cache.length[s]) == needed
