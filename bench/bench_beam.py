@@ -114,6 +114,9 @@ def main():
           f"length_penalty={args.length_penalty}, device={args.device}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, "
           + (torch.cuda.get_device_name(device) if device.type == "cuda" else f"torch threads={torch.get_num_threads()}"))
+    shared = next((i for i in range(min(map(len, prompts))) if len({p[i] for p in prompts}) > 1), 0)
+    print(f"prompt tokens per user: mean {sum(map(len, prompts)) / len(prompts):.1f}, the first {shared} "
+          "common to all (prefilled once per run)")
     if args.profile:
         profile_search(Llama.from_pretrained(model_dir, dtype=DTYPES[args.dtypes.split(",")[0]]), prompts, trie, args)
         return
