@@ -118,7 +118,8 @@ def main():
     print(f"prompt tokens per user: mean {sum(map(len, prompts)) / len(prompts):.1f}, the first {shared} "
           "common to all (prefilled once per run)")
     if args.profile:
-        profile_search(Llama.from_pretrained(model_dir, dtype=DTYPES[args.dtypes.split(",")[0]]), prompts, trie, args)
+        model = Llama.from_pretrained(model_dir, dtype=DTYPES[args.dtypes.split(",")[0]], device=device)
+        profile_search(model, prompts, trie, args)
         return
     print(f"{'dtype':6} {'nanogdrt s/user':>16} {'transformers s/user':>20} {'speed-up':>9} "
           f"{'same top-K':>11} {'overlap':>8} {'nanogdrt, all users':>20} {'transformers, all':>18}")

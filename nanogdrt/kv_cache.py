@@ -222,8 +222,8 @@ class BeamTreeCache(nn.Module):
         """
         index = parent[:, :, None].expand(-1, -1, self.max_len)
         moved = self.visible.gather(1, index)
-        self.fed = self.live[:, None] if fed is None else fed & self.live[:, None]
-        self.fed = self.fed.expand(-1, self.beams).contiguous()
+        live = self.live[:, None].expand(-1, self.beams)
+        self.fed = live.clone() if fed is None else fed & live
         self.visible = moved & self.fed[:, :, None]
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
@@ -281,7 +281,7 @@ class BeamTreeCache(nn.Module):
         if T != len(self._slot):
             raise ValueError(f"BeamTreeCache takes the fed beams' tokens packed, input_ids (1, M): "
                              f"got {T} tokens for {len(self._slot)} fed beams")
-        n_fed = self.fed.sum(1)                                                  # (S,)
+        self._n_fed = n_fed = self.fed.sum(1)                                    # (S,)
         width = int((self.length + n_fed).max())
         if width > self.max_len:
             self.compact()  # often frees enough room without growing
@@ -293,12 +293,10 @@ class BeamTreeCache(nn.Module):
         self._cols = self.length[self._slot] + self._rank                        # (M,)
         self.visible[self._slot, self._beam, self._cols] = True                  # itself
         # The attention's query axis is as long as the most beams any slot feeds, not B: late in
-        # a search most beams are dead. Row r of slot s is its r-th fed beam (unfed rows see
+        # a search most beams are dead. Row r of slot s is its r-th fed beam (unused rows see
         # nothing; their outputs are dropped).
-        n_rows = int(n_fed.max())
-        fed_first = torch.argsort((~self.fed).byte(), dim=1, stable=True)[:, :n_rows]  # (S, R)
-        self._query_visible = self.visible[:, :, :width].gather(
-            1, fed_first[:, :, None].expand(-1, -1, width)) & self.fed.gather(1, fed_first)[:, :, None]
+        self._query_visible = self.visible.new_zeros(self.slots, int(n_fed.max()), width)  # (S, R, W)
+        self._query_visible[self._slot, self._rank] = self.visible[self._slot, self._beam, :width]
 
     def attend(self, layer, q, k, v):
         """q (1, Hq, M, D); k, v (1, Hkv, M, D) of the M fed beams' tokens -> (1, Hq, M, D)."""
@@ -324,5 +322,5 @@ class BeamTreeCache(nn.Module):
         return y.reshape(S, Hq, R, D)[self._slot, :, self._rank].transpose(0, 1)[None]
 
     def end_step(self, T):
-        self.length = self.length + self.fed.sum(1)
+        self.length = self.length + self._n_fed
         self.n_generated = self.n_generated + self.live

@@ -94,18 +94,24 @@ def kv_cache(model_dir):
     return {"max_diff": float((full - inc).abs().max())}
 
 
-@check("3_beam_search")
-def beam(model_dir):
-    from nanogdrt.beam import beam_search
+def synthetic_prompts_and_trie(model_dir, n_users):
+    """Prompt ids of the first `n_users` synthetic test users and the catalogue's title trie."""
     from nanogdrt.data import load_dataset
     from nanogdrt.prompt import PromptBuilder
     from nanogdrt.tokenizer import Tokenizer
     from nanogdrt.trie import Trie
 
-    ds = load_dataset("synthetic", test_samples=8)
+    ds = load_dataset("synthetic", test_samples=n_users)
     builder = PromptBuilder(Tokenizer(model_dir), "synthetic")
     prompts = [builder.build([ds.titles[i] for i in x.history]).ids for x in ds.test]
-    trie = Trie.from_titles(ds.titles, builder)
+    return prompts, Trie.from_titles(ds.titles, builder)
+
+
+@check("3_beam_search")
+def beam(model_dir):
+    from nanogdrt.beam import beam_search
+
+    prompts, trie = synthetic_prompts_and_trie(model_dir, 8)
     cpu = Llama.from_pretrained(model_dir)
     gpu = Llama.from_pretrained(model_dir, device="cuda")
     t = time.perf_counter()
@@ -164,18 +170,12 @@ def train_py(model_dir, out):
 def beam_dtypes(model_dir):
     """s/user of beam search over 64 synthetic users in fp32 and bf16; bf16 also with cuDNN
     attention allowed in the tree cache (what kv_cache.NOT_CUDNN keeps out, see there)."""
-    from nanogdrt import kv_cache
-    from nanogdrt.beam import beam_search
-    from nanogdrt.data import load_dataset
-    from nanogdrt.prompt import PromptBuilder
-    from nanogdrt.tokenizer import Tokenizer
-    from nanogdrt.trie import Trie
     from torch.nn.attention import SDPBackend
 
-    ds = load_dataset("synthetic", test_samples=64)
-    builder = PromptBuilder(Tokenizer(model_dir), "synthetic")
-    prompts = [builder.build([ds.titles[i] for i in x.history]).ids for x in ds.test]
-    trie = Trie.from_titles(ds.titles, builder)
+    from nanogdrt import kv_cache
+    from nanogdrt.beam import beam_search
+
+    prompts, trie = synthetic_prompts_and_trie(model_dir, 64)
     out, default = {}, list(kv_cache.NOT_CUDNN)
     for name, dtype, backends in (("fp32", torch.float32, default), ("bf16", torch.bfloat16, default),
                                   ("bf16_cudnn_allowed", torch.bfloat16, default + [SDPBackend.CUDNN_ATTENTION])):
