@@ -25,10 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# For the beam tree's masked attention in bf16 on CUDA, PyTorch picks cuDNN attention, which
-# spent ~2 ms of CPU time per call (20 us on the GPU) on an H200: it plans anew for each key
-# length, and the tree's width changes every step. Without it, bf16 beam search ran 2.3x faster
-# there (bench numbers in BENCHMARKS.md). The other kernels are what fp32 and the CPU use anyway.
+# For the beam tree's masked attention in bf16 on CUDA, PyTorch picks cuDNN attention. In a
+# profile on an H200 it spent ~2 ms of CPU time per call (20 us on the GPU): it plans anew for
+# each key length, and the tree's width changes every step. scripts/device_check.py (check 6)
+# times beam search with and without it. The other kernels are what fp32 and the CPU use anyway.
 NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
