@@ -6,6 +6,9 @@ The data path is three visible steps, each a pure function of tensors (no models
     group sums     NLL + group id per token -> per-group sums and counts  (all-reduce here for DDP)
     gdrt / sft     per-group mean losses L(g) -> Q = softmax(L / tau), loss = sum_g Q(g) L(g)
 
+The baselines' losses (MSL's masked softmax, IFairLRS's reweighting) live in
+`nanogdrt.baseline_losses` and share `target_logits`' token order.
+
 Group ids are 1..G as `nanogdrt.grouping` returns them (group 1 = the tokens most relevant to
 the auxiliary tokens, i.e. the most context-biased ones).
 """
@@ -22,19 +25,20 @@ class TokenNLL(NamedTuple):
     cols: torch.Tensor   # (N,) position t of each target token in input_ids
 
 
-def token_nll(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-              input_ids: torch.Tensor, target_mask: torch.Tensor) -> TokenNLL:
-    """-log P(y_t | x, y_<t) for every target token (the summand of Eq. 1).
+class TargetLogits(NamedTuple):
+    logits: torch.Tensor   # (N, V) float32 logits predicting each target token
+    targets: torch.Tensor  # (N,) the target token ids
+    rows: torch.Tensor     # (N,) batch index b of each target token
+    cols: torch.Tensor     # (N,) position t of each target token in input_ids
 
-    logits_fn:   hidden (N, C) -> logits (N, V); pass `model.logits`.
-    hidden:      (B, T, C) hidden states of `input_ids`.
-    input_ids:   (B, T) prompt + target ids (padding anywhere outside the target).
-    target_mask: (B, T) bool, True where input_ids[b, t] is a target token to be predicted.
+
+def target_logits(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                  input_ids: torch.Tensor, target_mask: torch.Tensor) -> TargetLogits:
+    """The logits that predict each target token, in `target_mask.nonzero()` (row-major) order.
 
     The token at t is predicted by the hidden state at t - 1, so we gather those N hidden states
-    and run the LM head on them only: (N, V) logits instead of (B, T, V). The order of the
-    returned tokens is that of `target_mask.nonzero()`, so any (B, T) per-token tensor (e.g.
-    group ids) lines up with `nll` as `tensor[target_mask]` or `tensor[rows, cols]`.
+    and run the LM head on them only: (N, V) logits instead of (B, T, V). Every per-token loss
+    (SFT's NLL, MSL's masked softmax) starts from here, so they all share one token order.
     """
     B, T, C = hidden.shape
     target_mask = target_mask.bool()
@@ -46,8 +50,25 @@ def token_nll(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.T
     rows, cols = target_mask.nonzero(as_tuple=True)             # (N,), (N,) row-major
     h = hidden[rows, cols - 1]                                  # (N, C): the state before each target
     logits = logits_fn(h).float()                               # (N, V), float32 for the softmax
-    nll = F.cross_entropy(logits, input_ids[rows, cols], reduction="none")  # (N,)
-    return TokenNLL(nll, rows, cols)
+    return TargetLogits(logits, input_ids[rows, cols], rows, cols)
+
+
+def token_nll(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+              input_ids: torch.Tensor, target_mask: torch.Tensor) -> TokenNLL:
+    """-log P(y_t | x, y_<t) for every target token (the summand of Eq. 1).
+
+    logits_fn:   hidden (N, C) -> logits (N, V); pass `model.logits`.
+    hidden:      (B, T, C) hidden states of `input_ids`.
+    input_ids:   (B, T) prompt + target ids (padding anywhere outside the target).
+    target_mask: (B, T) bool, True where input_ids[b, t] is a target token to be predicted.
+
+    The order of the returned tokens is that of `target_mask.nonzero()`, so any (B, T)
+    per-token tensor (e.g. group ids) lines up with `nll` as `tensor[target_mask]` or
+    `tensor[rows, cols]`.
+    """
+    out = target_logits(logits_fn, hidden, input_ids, target_mask)
+    nll = F.cross_entropy(out.logits, out.targets, reduction="none")  # (N,)
+    return TokenNLL(nll, out.rows, out.cols)
 
 
 def sft_loss(nll: torch.Tensor, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
