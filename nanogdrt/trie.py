@@ -136,6 +136,42 @@ class Trie:
                 return None
         return node
 
+    def prefix_nodes(self, ids) -> list[int]:
+        """The node *before* each token of a target: node j is reached by ids[:j] (node 0 = root).
+
+        `allowed([node j])` is then the set of tokens that continue some catalogue title after the
+        target's first j tokens: the allowed set at target position j (MSL's masked softmax).
+        Raises ValueError unless `ids` spell a whole catalogue title (quoted title + EOS).
+        """
+        nodes, node = [], 0
+        for j, t in enumerate(ids):
+            nodes.append(node)
+            node = self._children[node].get(int(t))
+            if node is None:
+                raise ValueError(f"target token {j} ({int(t)}) leaves the title trie: {list(map(int, ids))} "
+                                 f"is not a catalogue title")
+        if node not in self.leaf_items:
+            raise ValueError(f"target {list(map(int, ids))} stops inside the title trie: it is only the "
+                             f"prefix of a catalogue title (missing EOS?)")
+        return nodes
+
+    def target_nodes(self, input_ids: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids and target mask -> (N,) node before each target token, on `input_ids`' device.
+
+        Same row-major order as `target_mask.nonzero()` (the order of `loss.token_nll`), so
+        `allowed(target_nodes(ids, mask))` gives the allowed set of every target position. One
+        device -> host copy of the ids per call; a data pipeline can store `prefix_nodes` per
+        example instead and scatter them into a (B, T) tensor like the token groups.
+        """
+        mask = target_mask.bool().cpu()
+        nodes = []
+        for b, (row, m) in enumerate(zip(input_ids.cpu(), mask)):
+            try:
+                nodes += self.prefix_nodes(row[m].tolist())
+            except ValueError as e:
+                raise ValueError(f"example {b} of the batch: {e}") from None
+        return torch.tensor(nodes, dtype=torch.long, device=input_ids.device)
+
     def _depth(self) -> int:
         depth = [0] * self.n_nodes
         for n, p in enumerate(self._parent):

@@ -74,3 +74,55 @@ def test_toy_catalogue_agrees_with_prompt_builder(tokenizer, toy_dir):
     target = ast.literal_eval(row.split('"')[1])[-1]
     leaf = trie.walk(builder.build([], titles[target]).ids[-len(builder.target_ids(titles[target])):])
     assert target in trie.leaf_items[leaf]
+
+
+def test_prefix_nodes_are_the_nodes_before_each_target_token():
+    trie = Trie.from_token_ids(ITEMS, EOS)
+    for ids in ITEMS.values():
+        nodes = trie.prefix_nodes(ids)
+        assert nodes == [trie.walk(ids[:j]) for j in range(len(ids))] and nodes[0] == 0
+        for n, t in zip(nodes, ids):                       # each target token is allowed there
+            assert t in children(trie, n)
+    with pytest.raises(ValueError, match="token 1 .* not a catalogue title"):
+        trie.prefix_nodes([5, 4, EOS])
+    with pytest.raises(ValueError, match="prefix of a catalogue title"):
+        trie.prefix_nodes([5, 9])
+
+
+def test_target_nodes_follow_target_mask_order():
+    trie = Trie.from_token_ids(ITEMS, EOS)
+    ids = torch.tensor([[1, 1, 5, 9, 4, EOS, 0],           # right padding, targets at any offset
+                        [1, 3, EOS, 0, 0, 0, 0],
+                        [1, 1, 1, 5, 6, 8, EOS]])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, 2:6] = mask[1, 1:3] = mask[2, 3:7] = True
+    nodes = trie.target_nodes(ids, mask)
+    expected = trie.prefix_nodes(ITEMS[14]) + trie.prefix_nodes(ITEMS[15]) + trie.prefix_nodes(ITEMS[11])
+    assert nodes.tolist() == expected
+    allowed = trie.allowed(nodes)
+    assert ((allowed.tokens == ids[mask][:, None]) & allowed.mask).any(1).all()
+    ids[1, 1] = 4                                          # example 1 is no longer a title
+    with pytest.raises(ValueError, match="example 1 of the batch"):
+        trie.target_nodes(ids, mask)
+
+
+def test_toy_training_targets_walk_the_trie_in_context(tokenizer, toy_dir):
+    """Targets tokenized inside a whole prompt are trie paths, so MSL's allowed sets exist."""
+    import csv
+
+    from nanogdrt.prompt import PromptBuilder
+
+    builder = PromptBuilder(tokenizer, "toy")
+    titles = {int(k): v for k, v in json.loads((toy_dir / "id2name.json").read_text()).items()}
+    trie = Trie.from_titles(titles, builder)
+    with open(toy_dir / "train_1000.csv", newline="") as f:
+        rows = [ast.literal_eval(r["item_ids"]) for _, r in zip(range(32), csv.DictReader(f))]
+    prompts = [builder.build([titles[i] for i in r[:-1]], titles[r[-1]]) for r in rows]
+    T = max(len(p.ids) for p in prompts)
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p.ids)] = torch.tensor(p.ids)
+        mask[b, p.target[0]:p.target[1]] = True
+    allowed = trie.allowed(trie.target_nodes(ids, mask))
+    assert ((allowed.tokens == ids[mask][:, None]) & allowed.mask).any(1).all()
