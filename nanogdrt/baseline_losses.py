@@ -1,0 +1,148 @@
+"""The losses of two baselines the paper compares with: MSL [61] and Reweight (IFairLRS) [30].
+
+Both are pure functions of tensors, like `nanogdrt.loss`, and reuse its target-token order, so
+their per-token losses plug into `sft_loss` (a token mean) and `gdrt_loss` (groups + Q) unchanged.
+
+MSL, the masked softmax loss (Wang et al., SIGIR 2025). At target position t the softmax runs
+only over the tokens that continue some catalogue title after the target's first t tokens (the
+trie's allowed set A_t, walked from the start of the response), at temperature tau:
+
+    loss_t = -z_y / tau + log sum_{v in A_t} exp(z_v / tau)
+
+MSL's code (train_trie_token.py) sets the logits outside A_t to -inf, divides by tau, and takes
+the mean over all target tokens of the batch; so do we (`sft_loss` of these per-token losses).
+The closing quote and EOS are ordinary trie tokens: where only EOS may follow (almost always
+after the closing quote) A_t = {EOS} and the loss is exactly 0, yet the token still counts in
+the mean, as in MSL. The same holds at every position with a single continuation: 69% of the
+target tokens of Toy's titles. Toy's temperature in MSL's recipe is tau = 4.5.
+
+Reweight (IFairLRS, Jiang et al., WWW 2024; the in-learning part). Each training example is
+weighted by the item group g of its target,
+
+    w_g = (share of group g among the history items of all training examples)
+        / (share of group g among the training targets),
+
+so groups that are targets more often than users interacted with them weigh less, pulling the
+learned group distribution towards the history distribution (what MGU/DGU measure).
+"""
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from nanogdrt.loss import TokenNLL, target_logits
+
+
+# ----------------------------------------------------------------------------- MSL
+
+def msl_token_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                   input_ids: torch.Tensor, target_mask: torch.Tensor, allowed_tokens: torch.Tensor,
+                   allowed_mask: torch.Tensor, tau: float) -> TokenNLL:
+    """MSL's masked softmax loss of every target token, shaped and ordered like `token_nll`.
+
+    logits_fn, hidden, input_ids, target_mask: as for `loss.token_nll`.
+    allowed_tokens, allowed_mask: (N, K) allowed set of each target token, in the same order:
+        `trie.allowed(trie.target_nodes(input_ids, target_mask))` (padding where mask is False).
+    tau: MSL's temperature (> 0); tau = 1 with every vocabulary token allowed is `token_nll`.
+
+    We gather the K allowed logits from the (N, V) logits the LM head produces anyway, instead
+    of filling the other V - K with -inf: the forward then reads N*K numbers instead of writing
+    an (N, V) bool mask and an (N, V) masked copy and reducing over both; the backward of the
+    gather writes one (N, V) gradient, as cross-entropy's does. K, the largest allowed set among
+    the N positions, is far below V: at most 760 on Toy (right after the opening quote) against
+    V = 49152 for SmolLM2.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    out = target_logits(logits_fn, hidden, input_ids, target_mask)
+    N = out.targets.shape[0]
+    allowed_mask = allowed_mask.bool()
+    if allowed_tokens.shape != allowed_mask.shape or allowed_tokens.shape[0] != N:
+        raise ValueError(f"allowed_tokens {tuple(allowed_tokens.shape)} and allowed_mask "
+                         f"{tuple(allowed_mask.shape)} must both be (N={N}, K)")
+    # The target must be one of its allowed tokens, else the loss is not a softmax over A_t.
+    hit = (allowed_tokens == out.targets[:, None]) & allowed_mask           # (N, K)
+    missing = ~hit.any(dim=1)                                               # (N,)
+    if bool(missing.any()):
+        i = int(missing.nonzero()[0])
+        raise ValueError(f"example {int(out.rows[i])} of the batch, position {int(out.cols[i])}: "
+                         f"target token {int(out.targets[i])} is not in its allowed set (the target "
+                         f"is not a catalogue title, or the allowed sets are not in target order)")
+    z = out.logits.gather(1, allowed_tokens) / tau                          # (N, K) z_v / tau
+    z = z.masked_fill(~allowed_mask, float("-inf"))                         # padding takes no mass
+    z_y = out.logits.gather(1, out.targets[:, None]).squeeze(1) / tau       # (N,) z_y / tau
+    loss = torch.logsumexp(z, dim=1) - z_y                                  # (N,)
+    return TokenNLL(loss, out.rows, out.cols)
+
+
+# ----------------------------------------------------------------------------- Reweight
+
+def _group_counts(item_ids, item_group: Mapping[int, int], n_groups: int) -> torch.Tensor:
+    counts = torch.zeros(n_groups, dtype=torch.float64)
+    for i in item_ids:
+        g = int(item_group[i])
+        if not 1 <= g <= n_groups:
+            raise ValueError(f"item {i} has group {g}, outside 1..{n_groups}")
+        counts[g - 1] += 1
+    return counts
+
+
+def reweight_group_weights(histories: Sequence[Sequence[int]], targets: Sequence[int],
+                           item_group: Mapping[int, int], n_groups: int, power: float = 1.0) -> torch.Tensor:
+    """IFairLRS's weight of each item group, (G,) float32, from the training examples.
+
+    histories: the history item ids of each training example (windows overlap, so an item is
+               counted once per example it appears in, as IFairLRS counts).
+    targets:   the target item id of each training example.
+    item_group: item id -> group 1..G (popularity groups in IFairLRS; any item grouping works).
+    power:     strength, w_g ** power. IFairLRS defines no knob: power = 1 is its weight,
+               power = 0 gives uniform weights (plain SFT), values between interpolate.
+
+    A group that no target falls in gets weight 0 (no example uses it). A group that targets
+    fall in but no history does also gets 0: those examples drop out, as in IFairLRS. The mean
+    weight over the training examples is sum_g H_g / H over the groups with targets, i.e. 1
+    when every history group is also a target group: the loss keeps SFT's scale.
+    """
+    if not targets:
+        raise ValueError("no training targets to compute group weights from")
+    hist = _group_counts((i for h in histories for i in h), item_group, n_groups)   # (G,)
+    targ = _group_counts(targets, item_group, n_groups)                            # (G,)
+    if hist.sum() == 0:
+        raise ValueError("the training histories are all empty")
+    ratio = (hist / hist.sum()) / (targ / targ.sum()).clamp(min=1e-300)            # share_H / share_T
+    w = torch.where(targ > 0, ratio ** power, torch.zeros_like(ratio))
+    return w.float()
+
+
+def reweight_example_weights(targets: Sequence[int], item_group: Mapping[int, int],
+                             group_weights: torch.Tensor) -> torch.Tensor:
+    """(n,) weight of each example = the weight of its target's group (computed once)."""
+    groups = torch.tensor([int(item_group[t]) for t in targets], dtype=torch.long)
+    return group_weights[groups - 1]
+
+
+def reweight_loss(nll: torch.Tensor, rows: torch.Tensor, example_weights: torch.Tensor,
+                  reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """IFairLRS's weighted loss: every target token carries its example's weight, mean over tokens.
+
+    nll:             (N,) per-token NLL (`token_nll(...).nll`).
+    rows:            (N,) batch row of each token (`token_nll(...).rows`).
+    example_weights: (B,) weight of each example of the batch.
+
+        loss = sum_t w_{b(t)} nll_t / N
+
+    divided by the token count, not by the sum of weights: with all weights 1 this is SFT's
+    token mean (`loss.sft_loss`) exactly. IFairLRS's code multiplies a micro-batch's mean token
+    loss by its examples' weights and averages, i.e. mean(w) * mean(nll) over the micro-batch,
+    which is this loss when a micro-batch holds one example; with several examples their
+    weights would be averaged before meeting any token, which we do not copy. `reduce_fn` (a
+    differentiable all-reduce SUM) makes the mean one over the global batch, as in `sft_loss`.
+    """
+    if rows.shape != nll.shape:
+        raise ValueError(f"rows {tuple(rows.shape)} and nll {tuple(nll.shape)} differ in shape")
+    weighted = example_weights.to(nll.device, torch.float32)[rows] * nll.float()    # (N,)
+    if reduce_fn is None:
+        return weighted.mean()
+    total = reduce_fn(weighted.sum())
+    count = reduce_fn(torch.tensor(float(nll.numel()), device=nll.device))
+    return total / count.clamp(min=1)
