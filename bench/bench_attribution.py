@@ -6,7 +6,7 @@ history item, and as prefix features the first title token, all the Fig. 2 / 7 r
 with --prefixes all every target token), text mode with the empty baseline by default. Both sides run the same nanogdrt Llama; only the attribution machinery differs.
 
 Captum (captum.attr.FeatureAblation through LLMAttribution, `forward_in_tokens=False`, the
-bridge of tests/test_attribution.py) needs one forward per feature plus one unablated forward,
+bridge in tests/references.py) needs one forward per feature plus one unablated forward,
 each over the whole prompt + target with logits at every position, and it cannot ablate the
 target, so each prefix feature j is its own run (prompt + target tokens 0..j, target j+1..).
 nanogdrt runs each example in one forward pass that computes only what differs from the
@@ -28,14 +28,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the Captum bridge lives beside the test that specifies it
+sys.path.insert(0, str(ROOT))  # for tests/references.py: the Captum bridge the test checks against
 
 from nanogdrt.attribution import attribute, context_ratios  # noqa: E402
 from nanogdrt.checkpoint import ensure_embedded_checkpoint  # noqa: E402
 from nanogdrt.llama import Llama  # noqa: E402
 from nanogdrt.prompt import PromptBuilder  # noqa: E402
 from nanogdrt.tokenizer import Tokenizer  # noqa: E402
-from tests.test_attribution import SEP, SegmentTokenizer, captum_attr, segments_of  # noqa: E402
+from tests.references import SEP, SegmentTokenizer, captum_attr, segments_of  # noqa: E402
 
 TOY = ROOT.parent / "shared" / "data" / "toy"
 

@@ -36,8 +36,8 @@ from nanogdrt.tokenizer import Tokenizer
 from nanogdrt.trie import Trie
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the transformers reference lives beside the test that checks it
-from tests.test_beam import hf_constrained_beam_search  # noqa: E402
+sys.path.insert(0, str(ROOT))  # for tests/references.py: the transformers reference the test checks against
+from tests.references import hf_constrained_beam_search  # noqa: E402
 
 TOY_DIR = ROOT.parent / "shared" / "data" / "toy"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

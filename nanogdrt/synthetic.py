@@ -13,14 +13,15 @@ built in on purpose:
   and overall. An item-to-item co-occurrence recommender therefore beats most-popular clearly
   (tests/test_synthetic.py checks HR@10 at least 2x).
 
-The sequences are cut into windows and split 8:1:1 by time with the same code as the real data
-(nanogdrt.data.make_windows / split_by_time), and no 5-core filter is applied: every catalogue item
-is a candidate, as every item of id2name.json is for the real data.
+This module only makes titles and time-ordered sequences; nanogdrt.data cuts them into windows and
+splits them 8:1:1 by time with the same code as the real data (`load_dataset("synthetic")`, with a
+SyntheticConfig for another seed or size). No 5-core filter is applied: every catalogue item is a
+candidate, as every item of id2name.json is for the real data.
 """
 
 import random
-
-from nanogdrt.data import Interaction, RecDataset, make_windows, split_by_time
+from dataclasses import dataclass
+from typing import NamedTuple
 
 BRAND_HEADS = ["Brick", "Zoom", "Tiny", "Happy", "Star", "Wonder", "Bright", "Kiddo", "Sunny", "Maple"]
 BRAND_TAILS = ["ton", "ix", "ville", "works", "land", "ora", "kin"]
@@ -96,11 +97,27 @@ def make_sequences(rng, line_of, lines, n_users=400, min_len=5, max_len=20, p_sa
     return sequences
 
 
-def synthetic_dataset(seed=0, n_users=400, n_brands=25, lines_per_brand=4, items_per_line=20) -> RecDataset:
-    """The embedded dataset (same seed, same dataset): ~2,000 items, ~2,000 windows split 8:1:1."""
-    rng = random.Random(seed)
-    titles, line_of, lines = make_catalogue(rng, n_brands, lines_per_brand, items_per_line)
-    sequences = make_sequences(rng, line_of, lines, n_users)
-    splits = [[Interaction(history, target, row) for row, (_, history, target, _) in enumerate(part)]
-              for part in split_by_time(make_windows(sequences))]
-    return RecDataset("synthetic", titles, *splits, source=f"synthetic(seed={seed})", skipped={})
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Seed and size of the generated catalogue and users; the defaults are the embedded dataset."""
+    seed: int = 0
+    n_users: int = 400
+    n_brands: int = 25
+    lines_per_brand: int = 4    # product lines per brand
+    items_per_line: int = 20    # items = n_brands * lines_per_brand * items_per_line (2,000 by default)
+
+
+# The tutorials' catalogue: the same generator at 120 items, so that scoring every title stays quick.
+SMALL = SyntheticConfig(n_users=200, n_brands=6, lines_per_brand=2, items_per_line=10)
+
+
+class SyntheticData(NamedTuple):
+    titles: dict[int, str]                          # item id (1..N) -> title
+    sequences: dict[int, list[tuple[int, int]]]     # user -> [(item, unix time), ...], oldest first
+
+
+def generate(config: SyntheticConfig = SyntheticConfig()) -> SyntheticData:
+    """Titles and users' sequences (same config, same data); ~2,000 windows by default once cut."""
+    rng = random.Random(config.seed)  # one stream: the catalogue first, then the users
+    titles, line_of, lines = make_catalogue(rng, config.n_brands, config.lines_per_brand, config.items_per_line)
+    return SyntheticData(titles, make_sequences(rng, line_of, lines, config.n_users))

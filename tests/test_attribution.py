@@ -1,6 +1,6 @@
 """Attribution vs Captum's FeatureAblation through LLMAttribution (captum.attr), to 1e-4.
 
-The bridge to Captum (also used by bench/bench_attribution.py):
+The bridge to Captum (tests/references.py, shared with bench/bench_attribution.py):
 - `HFLikeModel` gives a nanogdrt Llama the Hugging Face call Captum makes:
   `model.forward(input_ids=..., attention_mask=...).logits`.
 - `SegmentTokenizer` tokenizes text the way prompt.py does: each segment on its own, segments
@@ -18,88 +18,16 @@ The bridge to Captum (also used by bench/bench_attribution.py):
   segment into one feature (all its tokens take the baseline id at once).
 """
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from nanogdrt.attribution import (
     Attribution, Feature, ablated_rows, attribute, context_ratios, features_of, ratio_terms)
 from nanogdrt.llama import Llama, LlamaConfig
-from nanogdrt.prompt import PREAMBLE, TEMPLATES, PromptBuilder
+from nanogdrt.prompt import PromptBuilder
+from tests.references import SEP, SegmentTokenizer, captum_attr, segments_of
 
-SEP = "\ue000"  # private-use character: never in a title, marks segment boundaries
 TOL = 1e-4
-
-
-# ----------------------------------------------------------------------------- bridge to Captum
-
-class HFLikeModel(torch.nn.Module):
-    def __init__(self, llama):
-        super().__init__()
-        self.llama = llama
-
-    def forward(self, input_ids, attention_mask=None, **_):
-        with torch.no_grad():
-            return SimpleNamespace(logits=self.llama(input_ids, attention_mask))
-
-
-class SegmentTokenizer:
-    """A transformers tokenizer that encodes SEP-separated segments one by one (as prompt.py)."""
-
-    def __init__(self, hf_tokenizer):
-        self.hf = hf_tokenizer
-        self.special = hf_tokenizer.encode("", add_special_tokens=True)  # BOS where the model has one
-
-    def encode(self, text, add_special_tokens=True, return_tensors=None, **_):
-        ids = list(self.special) if add_special_tokens else []
-        for segment in text.split(SEP):
-            ids += self.hf.encode(segment, add_special_tokens=False)
-        return torch.tensor([ids]) if return_tensors == "pt" else ids
-
-    def __call__(self, *args, **kwargs):  # Captum's pretty-printing of output tokens
-        return self.hf(*args, **kwargs)
-
-    def decode(self, *args, **kwargs):
-        return self.hf.decode(*args, **kwargs)
-
-    def convert_ids_to_tokens(self, *args, **kwargs):
-        return self.hf.convert_ids_to_tokens(*args, **kwargs)
-
-
-def segments_of(builder: PromptBuilder, dataset: str, history: list[str]) -> list[str]:
-    """The prompt's segment texts, written out independently of PromptBuilder's internals."""
-    t = TEMPLATES[dataset]
-    head = f"{PREAMBLE}### Instruction:\n{t.instruction}\n\n### Input:\n{t.history}:"
-    items = [f'{"" if i == 0 else ","} "{title}"' for i, title in enumerate(history)]
-    return [head, *items, "\n\n### Response:\n"]
-
-
-def captum_attr(model, seg_tok, segments, features, target_ids, baseline):
-    """Captum's (seq_attr, token_attr) for the segments whose indices are in `features`."""
-    from captum.attr import FeatureAblation, LLMAttribution, TextTemplateInput, TextTokenInput
-
-    llm_attr = LLMAttribution(FeatureAblation(HFLikeModel(model)), seg_tok)
-    target = torch.tensor(target_ids)
-    if isinstance(baseline, str):
-        def literal(s):
-            return s.replace("{", "{{").replace("}", "}}")
-        template = SEP.join("{}" if k in features else literal(s) for k, s in enumerate(segments))
-        inp = TextTemplateInput(template, values=[segments[k] for k in features],
-                                baselines=[baseline] * len(features))
-        res = llm_attr.attribute(inp, target=target, forward_in_tokens=False)
-        return res.seq_attr, res.token_attr
-    inp = TextTokenInput(SEP.join(segments), seg_tok, baselines=baseline)
-    group = [len(features)] * len(seg_tok.special)  # special tokens: one extra, ignored group
-    first_col = []
-    for k, s in enumerate(segments):
-        n = len(seg_tok.hf.encode(s, add_special_tokens=False))
-        if k in features:
-            first_col.append(len(group))
-        group += [features.index(k) if k in features else len(features)] * n
-    res = llm_attr.attribute(inp, target=target, forward_in_tokens=False,
-                             feature_mask=torch.tensor([group]))
-    return res.seq_attr[first_col], res.token_attr[:, first_col]
 
 
 def check_against_captum(model, seg_tok, builder, dataset, history, title, baseline, all_prefixes):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from nanogdrt.beam import beam_search
 from nanogdrt.llama import Llama, LlamaConfig
 from nanogdrt.trie import Trie
+from tests.references import hf_constrained_beam_search
 
 TOL = 1e-4
 EOS = 2
@@ -111,28 +112,6 @@ def test_squeezing_the_tree_cache_changes_nothing(tiny, tiny_catalogue, monkeypa
 def test_rejects_top_k_above_beams(tiny, tiny_catalogue):
     with pytest.raises(ValueError, match="top_k"):
         beam_search(tiny, [[1, 2]], Trie.from_token_ids(tiny_catalogue, EOS), beams=2, top_k=3)
-
-
-def hf_constrained_beam_search(hf_model, prompt, trie, beams, eos_id, top_k=None, length_penalty=1.0):
-    """transformers' generate with the trie as prefix_allowed_tokens_fn (the per-beam Python
-    callback of the paper's code base) -> (item ids, scores), best first. Also used by
-    bench/bench_beam.py, so the benchmark times exactly the reference the test checks against."""
-    P = len(prompt)
-
-    def allowed(batch_id, sent):
-        node = trie.walk(sent[P:].tolist())
-        if node is None or node in trie.leaf_items:  # dead beams (transformers keeps some): anything
-            return [eos_id]
-        return trie.allowed(torch.tensor([node], device=trie.child_ptr.device)).tokens[0].tolist()
-
-    device = hf_model.device
-    out = hf_model.generate(torch.tensor([prompt], device=device),
-                            attention_mask=torch.ones(1, P, dtype=torch.long, device=device),
-                            num_beams=beams, num_return_sequences=top_k or beams, max_new_tokens=trie.depth,
-                            length_penalty=length_penalty, do_sample=False, prefix_allowed_tokens_fn=allowed,
-                            pad_token_id=eos_id, output_scores=True, return_dict_in_generate=True)
-    items = [trie.leaf_items[trie.walk(s[:s.index(eos_id) + 1])][0] for s in out.sequences[:, P:].tolist()]
-    return items, out.sequences_scores.float().tolist()
 
 
 def test_equals_transformers_generate_on_toy_users(smollm, hf_smollm, tokenizer, toy_dir):

@@ -1,17 +1,11 @@
-"""Dataset loading (line-numbered errors, file choice, subsampling), `prepare` on tiny raw files
-written here in the 2014 formats, resumable download against a local HTTP server, and the real Toy data."""
+"""Dataset loading (line-numbered errors, file choice, subsampling, windows and the time split) and
+the real Toy data. Preparing folders from raw files: tests/test_prepare.py."""
 
-import gzip
-import http.server
 import json
-import random
-import threading
-from pathlib import Path
 
 import pytest
 
-from nanogdrt.data import DataError, Interaction, load_dataset, prepare, preprocess
-from nanogdrt import data
+from nanogdrt.data import DataError, Interaction, load_dataset, make_windows, split_by_time
 
 TITLES = {1: "Uno", 2: "Jenga", 3: "Lego &amp; Friends", 4: "Chess", 5: "Go"}
 HEADER = "user_id,item_ids,timestamp\n"
@@ -48,7 +42,7 @@ def test_folder_lookup_and_missing_message(tmp_path, monkeypatch):
     assert len(load_dataset("clothing").train) == 2  # data/<name> relative to the cwd
     with pytest.raises(FileNotFoundError) as e:
         load_dataset("toy")
-    for hint in ("python -m nanogdrt.data prepare toy", "--data-dir", "--dataset synthetic"):
+    for hint in ("python -m nanogdrt.prepare toy", "--data-dir", "--dataset synthetic"):
         assert hint in str(e.value)
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("movies")
@@ -75,6 +69,17 @@ def test_subsampling_is_seeded_and_keeps_order(tmp_path):
     assert a.train == load_dataset("toy", data_dir=folder, train_samples=10, seed=1).train
     assert a.train != load_dataset("toy", data_dir=folder, train_samples=10, seed=2).train
     assert len(load_dataset("toy", data_dir=folder, train_samples=500).train) == 50
+
+
+def test_windows_and_time_split():
+    seq = [(item, 100 * item) for item in range(1, 17)]          # one user, 16 items in time order
+    windows = make_windows({7: seq, 8: seq[:4]})                 # 4 items: history only, no window
+    assert [len(h) for _, h, _, _ in windows] == [4, 5, 6, 7, 8, 9, 10, 10, 10, 10, 10, 10]
+    assert windows[0] == (7, [1, 2, 3, 4], 5, 500) and windows[-1] == (7, list(range(6, 16)), 16, 1600)
+    train, valid, test = split_by_time(list(reversed(windows)))  # sorted by the target's time again
+    assert [len(train), len(valid), len(test)] == [9, 1, 2] and train + valid + test == windows
+    ties = [("a", [1], 2, 5), ("b", [1], 3, 5), ("c", [1], 4, 1)]
+    assert [w[0] for part in split_by_time(ties) for w in part] == ["c", "a", "b"]  # stable on ties
 
 
 BAD_ROWS = [  # (data line, part of the message)
@@ -123,116 +128,6 @@ def test_missing_column_and_bad_json(tmp_path):
     (folder / "id2name.json").write_text('{"1": "Uno",\n "2": }')
     with pytest.raises(DataError, match="id2name.json, line 2"):
         load_dataset("toy", data_dir=folder)
-
-
-# ----------------------------------------------------------------------------- prepare
-
-def write_raw(raw_dir, category="Toys_and_Games"):
-    """6 users x 12 items that survive; an untitled item, and a user/item pair that needs 2 rounds."""
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    asins = [f"B{j:02d}" for j in range(12)]
-    reviews = [(f"U{u}", asins[j], 1000 * j + 10 * u) for u in range(6) for j in range(12)]
-    reviews += [(f"U{u}", "NOTITLE", 5 + u) for u in range(6)]               # dropped: no title
-    reviews += [("WEAK", a, 7) for a in asins[:3]] + [("WEAK", "EXTRA", 7)]  # 4 reviews: dropped
-    reviews += [(f"U{u}", "EXTRA", 50_000) for u in range(4)]               # 5, then 4 after WEAK goes
-    random.Random(0).shuffle(reviews)  # the file is not in time order
-    with gzip.open(raw_dir / f"reviews_{category}_5.json.gz", "wt") as f:
-        for user, asin, time in reviews:
-            f.write(json.dumps({"reviewerID": user, "asin": asin, "overall": 5.0, "unixReviewTime": time}) + "\n")
-    metas = [{"asin": a, "title": f"Toy {a} &amp; Co", "price": 9.99} for a in asins + ["EXTRA"]]
-    metas.append({"asin": "NOTITLE", "categories": [["Toys & Games"]]})
-    with gzip.open(raw_dir / f"meta_{category}.json.gz", "wt") as f:
-        f.write("".join(repr(m) + "\n" for m in metas))  # Python literals (single quotes), as the source
-    return asins
-
-
-def test_prepare_from_raw_files(tmp_path, capsys):
-    asins = write_raw(tmp_path / "raw")
-    out = prepare("toy", raw_dir=tmp_path / "raw", out=tmp_path / "toy")
-    id2name = json.loads((out / "id2name.json").read_text())
-    # untitled, too-sparse (after the 2nd round) items are gone; new ids are consecutive from 1
-    assert id2name == {str(j + 1): f"Toy {a} &amp; Co" for j, a in enumerate(asins)}  # entities kept
-    assert (out / "test.csv").read_text().splitlines()[0].startswith("user_id,item_ids,")
-    ds = load_dataset("toy", data_dir=out)
-    # 6 users x 12 items -> 8 windows each (the first 4 items are only history) = 48 -> 38 / 4 / 6
-    assert (len(ds.train), len(ds.valid), len(ds.test)) == (38, 4, 6)
-    assert [len(x.history) for x in ds.train[:6]] == [4] * 6  # targets at time 4000 + 10u come first
-    assert all(x.history == list(range(2, 12)) and x.target == 12 for x in ds.test)  # at most 10 history
-    assert all(x.history == list(range(1, 11)) and x.target == 11 for x in ds.valid)
-    assert "12 items" in capsys.readouterr().out
-
-
-def test_preprocess_book_sampling_and_k_core():
-    titles = {f"I{i}": f"Book {i}" for i in range(30)}
-    reviews = [(f"U{u}", f"I{i}", u + i) for u in range(12) for i in range(30)]
-    id2name, splits = preprocess(titles, reviews, book_items=20, seed=0)
-    assert len(id2name) == 20  # 20 random items kept, all then pass the 5-core filter
-    assert id2name != preprocess(titles, reviews, book_items=20, seed=1)[0]
-    assert id2name == preprocess(titles, reviews, book_items=20, seed=0)[0]
-    assert sum(len(s) for s in splits.values()) == 12 * (20 - 4)
-    assert data.k_core([("a", "x", 0)] * 4 + [("b", "y", 0)] * 5) == [("b", "y", 0)] * 5
-
-
-# ----------------------------------------------------------------------------- download
-
-PAYLOAD = bytes(range(256)) * 300
-
-
-class RangeHandler(http.server.BaseHTTPRequestHandler):
-    honour_range = True
-    ranges = []
-
-    def do_GET(self):
-        header = self.headers.get("Range")
-        type(self).ranges.append(header)
-        start = int(header.split("=")[1].rstrip("-")) if header and self.honour_range else 0
-        if start >= len(PAYLOAD):
-            self.send_response(416)
-            self.end_headers()
-            return
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
-        self.send_header("Content-Length", str(len(PAYLOAD) - start))
-        self.end_headers()
-        self.wfile.write(PAYLOAD[start:])
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    def start(honour_range):
-        handler = type("Handler", (RangeHandler,), {"honour_range": honour_range, "ranges": []})
-        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        servers.append(httpd)
-        return f"http://127.0.0.1:{httpd.server_port}/file.gz", handler
-    servers = []
-    yield start
-    for httpd in servers:
-        httpd.shutdown()
-        httpd.server_close()
-
-
-@pytest.mark.parametrize("honour_range", [True, False])
-def test_download_resumes_a_part_file(tmp_path, server, honour_range):
-    url, handler = server(honour_range)
-    dest = tmp_path / "file.gz"
-    Path(str(dest) + ".part").write_bytes(PAYLOAD[:1000])
-    data.download(url, dest)
-    assert dest.read_bytes() == PAYLOAD and not Path(str(dest) + ".part").exists()
-    assert handler.ranges == ["bytes=1000-"]  # asked to resume; a server that ignores it restarts
-    data.download(url, tmp_path / "fresh.gz")  # no .part: a plain GET
-    assert (tmp_path / "fresh.gz").read_bytes() == PAYLOAD and handler.ranges[-1] is None
-
-
-def test_download_complete_part_file(tmp_path, server):
-    url, _ = server(True)
-    Path(str(tmp_path / "f.gz") + ".part").write_bytes(PAYLOAD)  # complete but not renamed: 416
-    data.download(url, tmp_path / "f.gz")
-    assert (tmp_path / "f.gz").read_bytes() == PAYLOAD
 
 
 # ----------------------------------------------------------------------------- the real Toy data

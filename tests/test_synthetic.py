@@ -1,16 +1,47 @@
 """The embedded synthetic dataset: deterministic, shaped like the real data, and learnable."""
 
+import subprocess
+import sys
 from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
 
 from nanogdrt.data import MAX_HISTORY, MIN_HISTORY, load_dataset
 from nanogdrt.metrics import evaluate
-from nanogdrt.synthetic import synthetic_dataset
+from nanogdrt.synthetic import SMALL, SyntheticConfig, generate
+
+
+def synthetic_dataset(**config):
+    return load_dataset("synthetic", synthetic=SyntheticConfig(**config))
 
 
 def test_deterministic_for_a_seed():
     a, b, c = synthetic_dataset(seed=0), synthetic_dataset(seed=0), synthetic_dataset(seed=1)
-    assert a == b
+    assert a == b and a == load_dataset("synthetic")  # the default config is the embedded dataset
     assert a.titles != c.titles and a.test != c.test
+    assert a.source == "synthetic(seed=0)" and c.source == "synthetic(seed=1)"
+
+
+def test_generator_gives_titles_and_sequences_only():
+    titles, sequences = generate(SMALL)
+    assert len(titles) == 6 * 2 * 10 and len(sequences) == 200  # brands x lines x items, users
+    for seq in sequences.values():
+        times = [t for _, t in seq]
+        assert times == sorted(times) and len({i for i, _ in seq}) == len(seq) and len(seq) >= 5
+    ds = load_dataset("synthetic", synthetic=SMALL)
+    assert ds.titles == titles
+    assert len(ds.train) + len(ds.valid) + len(ds.test) == sum(len(s) - MIN_HISTORY for s in sequences.values())
+
+
+def test_synthetic_config_only_for_synthetic(tmp_path):
+    with pytest.raises(ValueError, match="synthetic"):
+        load_dataset("toy", data_dir=tmp_path, synthetic=SMALL)
+
+
+def test_synthetic_does_not_import_the_loader():
+    code = "import sys, nanogdrt.synthetic; assert 'nanogdrt.data' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
 def test_shape_like_the_real_data():

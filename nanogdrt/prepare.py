@@ -1,0 +1,178 @@
+"""Prepare a dataset folder from the raw Amazon 2014 files, as BIGRec and MSL did (GDRT §4.1.1).
+
+    items need a title -> 5-core filter (repeat until every user and item has >= 5 interactions)
+    -> each user's items sorted by time -> sliding windows of at most 10 history items + 1 target
+    -> all windows sorted by the target's timestamp -> split 8:1:1 into train / valid / test.
+    For Books, 100,000 random items are kept before the 5-core filter (seeded here).
+
+The raw files (`reviews_<Category>_5.json.gz`, `meta_<Category>.json.gz`) are downloaded from the
+SNAP mirror unless `--raw-dir` already holds them. The windows are cut by nanogdrt.data's
+make_windows / split_by_time, the same code that cuts the embedded synthetic dataset; the output is
+the folder that nanogdrt.data.load_dataset reads (`train.csv`, `valid.csv`, `test.csv`,
+`id2name.json`). Titles are kept exactly as the source has them, HTML entities included.
+
+    python -m nanogdrt.prepare toy [--raw-dir DIR] [--out DIR] [--seed N]
+"""
+
+import argparse
+import ast
+import csv
+import gzip
+import json
+import os
+import random
+import urllib.error
+import urllib.request
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from nanogdrt.data import CATEGORIES, DataError, make_windows, split_by_time
+
+RAW_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
+CORE = 5             # 5-core filter
+BOOK_ITEMS = 100_000 # §4.1.1: Books is cut to 100k random items before the 5-core filter
+
+
+def download(url, dest):
+    """Fetch `url` to `dest` with a progress bar; resumes a `.part` file (HTTP Range), then renames."""
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # the range starts at the end: the .part is already complete
+            os.replace(part, dest)
+            return dest
+        raise
+    with response:
+        if have and response.status != 206:  # the server ignored the Range header: start over
+            have = 0
+        size = response.headers.get("Content-Length")
+        total = have + int(size) if size is not None else None
+        with open(part, "ab" if have else "wb") as f, \
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    os.replace(part, dest)  # atomic: `dest` exists only once complete
+    return dest
+
+
+def _raw_file(raw_dir, file):
+    path = Path(raw_dir) / file
+    if not path.is_file():
+        Path(raw_dir).mkdir(parents=True, exist_ok=True)
+        print(f"{path} not found: downloading {RAW_URL + file}")
+        download(RAW_URL + file, path)
+    return path
+
+
+def read_raw(reviews_path, meta_path):
+    """Titles by asin (meta lines are Python literals) and (user, asin, time) reviews (strict JSON)."""
+    titles = {}
+    with gzip.open(meta_path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                meta = ast.literal_eval(line)
+            except (ValueError, SyntaxError) as e:
+                raise DataError(meta_path, line_no, f"not a Python literal ({e})") from None
+            title = meta.get("title")
+            if isinstance(title, str) and title.strip():  # items need a title
+                titles[meta["asin"]] = title
+    reviews = []
+    with gzip.open(reviews_path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                reviews.append((r["reviewerID"], r["asin"], int(r["unixReviewTime"])))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise DataError(reviews_path, line_no, f"bad review line ({e!r})") from None
+    return titles, reviews
+
+
+def k_core(reviews, k=CORE):
+    """Drop users and items with < k interactions, repeatedly, until none is left to drop."""
+    while True:
+        users = Counter(u for u, _, _ in reviews)
+        items = Counter(i for _, i, _ in reviews)
+        kept = [r for r in reviews if users[r[0]] >= k and items[r[1]] >= k]
+        # dropping a sparse item can push one of its users below k (and back): repeat to a fixed point
+        if len(kept) == len(reviews):
+            return kept
+        reviews = kept
+
+
+def preprocess(titles, reviews, book_items=None, seed=0):
+    """§4.1.1 on raw records -> (id2name with new ids 1..N, {split: windows of new ids})."""
+    reviews = [r for r in reviews if r[1] in titles]  # an item without a title cannot be generated
+    if book_items is not None:
+        items = sorted({i for _, i, _ in reviews})
+        if len(items) > book_items:
+            # sampled from the sorted asins, so the same seed keeps the same items on any machine
+            keep = set(random.Random(seed).sample(items, book_items))
+            reviews = [r for r in reviews if r[1] in keep]
+    reviews = k_core(reviews)
+    asins = sorted({i for _, i, _ in reviews})
+    new_id = {asin: n for n, asin in enumerate(asins, 1)}  # consecutive ids from 1, in asin order
+    user_id = {}
+    sequences = defaultdict(list)
+    for user, asin, time in reviews:  # dict order = first appearance in the review file
+        user_id.setdefault(user, len(user_id))
+        sequences[user_id[user]].append((new_id[asin], time))
+    for seq in sequences.values():
+        seq.sort(key=lambda x: x[1])  # stable: same-day reviews keep the file's order
+    train, valid, test = split_by_time(make_windows(sequences))
+    id2name = {new_id[a]: titles[a] for a in asins}
+    return id2name, {"train": train, "valid": valid, "test": test}
+
+
+def write_dataset(out, id2name, splits):
+    """The released BIGRec/MSL layout: one CSV per split (item_ids = history then target) + id2name.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, windows in splits.items():
+        with open(out / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["user_id", "item_ids", "item_titles", "timestamp"])
+            for user, history, target, time in windows:
+                items = history + [target]
+                writer.writerow([user, str(items), str([id2name[i] for i in items]), time])
+    (out / "id2name.json").write_text(json.dumps({str(k): v for k, v in id2name.items()}, indent=4),
+                                      encoding="utf-8")
+
+
+def prepare(name, raw_dir=None, out=None, seed=0):
+    """Build data/<name> (or `out`) from the raw 2014 files in `raw_dir` (downloaded if absent)."""
+    category = CATEGORIES[name]
+    raw_dir = Path(raw_dir) if raw_dir is not None else Path("data") / "raw"
+    reviews_path = _raw_file(raw_dir, f"reviews_{category}_5.json.gz")
+    meta_path = _raw_file(raw_dir, f"meta_{category}.json.gz")
+    titles, reviews = read_raw(reviews_path, meta_path)
+    id2name, splits = preprocess(titles, reviews, BOOK_ITEMS if name == "book" else None, seed)
+    out = Path(out) if out is not None else Path("data") / name
+    write_dataset(out, id2name, splits)
+    counts = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
+    print(f"wrote {out}: {len(id2name)} items, windows: {counts}")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nanogdrt.prepare", description=__doc__.split("\n")[0])
+    p.add_argument("name", choices=sorted(CATEGORIES))
+    p.add_argument("--raw-dir", help="folder with (or for) the raw .json.gz files (default data/raw)")
+    p.add_argument("--out", help="output folder (default data/<name>)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Books item sample")
+    args = p.parse_args(argv)
+    prepare(args.name, args.raw_dir, args.out, args.seed)
+
+
+if __name__ == "__main__":
+    main()

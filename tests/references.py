@@ -1,0 +1,126 @@
+"""Reference implementations that the tests check nanogdrt against and the benchmarks time.
+
+One copy, so that a benchmark times exactly the reference its test trusts:
+
+- `hf_constrained_beam_search`: transformers' `generate` with the title trie as
+  `prefix_allowed_tokens_fn`, the per-beam Python callback of the paper's code base
+  (tests/test_beam.py, bench/bench_beam.py).
+- The bridge to Captum's FeatureAblation through LLMAttribution (tests/test_attribution.py,
+  bench/bench_attribution.py):
+  * `HFLikeModel` gives a nanogdrt Llama the Hugging Face call Captum makes:
+    `model.forward(input_ids=..., attention_mask=...).logits`.
+  * `SegmentTokenizer` tokenizes text the way prompt.py does: each segment on its own, segments
+    joined by a private-use character SEP. A TextTemplateInput whose template joins its values by
+    SEP therefore yields exactly PromptBuilder's ids, and replacing a value by "" removes exactly
+    that segment's ids. (Tokenizing the whole string at once would merge tokens across segment
+    boundaries, e.g. '"' + ',' -> '",', and the two sides would not see the same ids.)
+  * `segments_of` writes the prompt's segments out independently of PromptBuilder's internals.
+  * `captum_attr` runs Captum with `forward_in_tokens=False`: one teacher-forced forward over
+    prompt + target, "original minus ablated" log-probability per target token (token_attr) and
+    summed (seq_attr), the definition in nanogdrt.attribution. Text mode ablates template values;
+    token mode groups a segment's tokens into one feature with a feature_mask.
+
+transformers and captum are test dependencies only (pyproject's `test` extra); they are imported
+inside the functions that need them, so importing this module needs neither.
+"""
+
+from types import SimpleNamespace
+
+import torch
+
+from nanogdrt.prompt import PREAMBLE, TEMPLATES, PromptBuilder
+
+SEP = "\ue000"  # private-use character: never in a title, marks segment boundaries
+
+
+# ----------------------------------------------------------------------------- constrained beam search
+
+def hf_constrained_beam_search(hf_model, prompt, trie, beams, eos_id, top_k=None, length_penalty=1.0):
+    """transformers' generate with the trie as prefix_allowed_tokens_fn (the per-beam Python
+    callback of the paper's code base) -> (item ids, scores), best first."""
+    P = len(prompt)
+
+    def allowed(batch_id, sent):
+        node = trie.walk(sent[P:].tolist())
+        if node is None or node in trie.leaf_items:  # dead beams (transformers keeps some): anything
+            return [eos_id]
+        return trie.allowed(torch.tensor([node], device=trie.child_ptr.device)).tokens[0].tolist()
+
+    device = hf_model.device
+    out = hf_model.generate(torch.tensor([prompt], device=device),
+                            attention_mask=torch.ones(1, P, dtype=torch.long, device=device),
+                            num_beams=beams, num_return_sequences=top_k or beams, max_new_tokens=trie.depth,
+                            length_penalty=length_penalty, do_sample=False, prefix_allowed_tokens_fn=allowed,
+                            pad_token_id=eos_id, output_scores=True, return_dict_in_generate=True)
+    items = [trie.leaf_items[trie.walk(s[:s.index(eos_id) + 1])][0] for s in out.sequences[:, P:].tolist()]
+    return items, out.sequences_scores.float().tolist()
+
+
+# ----------------------------------------------------------------------------- attribution: the bridge to Captum
+
+class HFLikeModel(torch.nn.Module):
+    def __init__(self, llama):
+        super().__init__()
+        self.llama = llama
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        with torch.no_grad():
+            return SimpleNamespace(logits=self.llama(input_ids, attention_mask))
+
+
+class SegmentTokenizer:
+    """A transformers tokenizer that encodes SEP-separated segments one by one (as prompt.py)."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        self.special = hf_tokenizer.encode("", add_special_tokens=True)  # BOS where the model has one
+
+    def encode(self, text, add_special_tokens=True, return_tensors=None, **_):
+        ids = list(self.special) if add_special_tokens else []
+        for segment in text.split(SEP):
+            ids += self.hf.encode(segment, add_special_tokens=False)
+        return torch.tensor([ids]) if return_tensors == "pt" else ids
+
+    def __call__(self, *args, **kwargs):  # Captum's pretty-printing of output tokens
+        return self.hf(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.hf.decode(*args, **kwargs)
+
+    def convert_ids_to_tokens(self, *args, **kwargs):
+        return self.hf.convert_ids_to_tokens(*args, **kwargs)
+
+
+def segments_of(builder: PromptBuilder, dataset: str, history: list[str]) -> list[str]:
+    """The prompt's segment texts, written out independently of PromptBuilder's internals."""
+    t = TEMPLATES[dataset]
+    head = f"{PREAMBLE}### Instruction:\n{t.instruction}\n\n### Input:\n{t.history}:"
+    items = [f'{"" if i == 0 else ","} "{title}"' for i, title in enumerate(history)]
+    return [head, *items, "\n\n### Response:\n"]
+
+
+def captum_attr(model, seg_tok, segments, features, target_ids, baseline):
+    """Captum's (seq_attr, token_attr) for the segments whose indices are in `features`."""
+    from captum.attr import FeatureAblation, LLMAttribution, TextTemplateInput, TextTokenInput
+
+    llm_attr = LLMAttribution(FeatureAblation(HFLikeModel(model)), seg_tok)
+    target = torch.tensor(target_ids)
+    if isinstance(baseline, str):
+        def literal(s):
+            return s.replace("{", "{{").replace("}", "}}")
+        template = SEP.join("{}" if k in features else literal(s) for k, s in enumerate(segments))
+        inp = TextTemplateInput(template, values=[segments[k] for k in features],
+                                baselines=[baseline] * len(features))
+        res = llm_attr.attribute(inp, target=target, forward_in_tokens=False)
+        return res.seq_attr, res.token_attr
+    inp = TextTokenInput(SEP.join(segments), seg_tok, baselines=baseline)
+    group = [len(features)] * len(seg_tok.special)  # special tokens: one extra, ignored group
+    first_col = []
+    for k, s in enumerate(segments):
+        n = len(seg_tok.hf.encode(s, add_special_tokens=False))
+        if k in features:
+            first_col.append(len(group))
+        group += [features.index(k) if k in features else len(features)] * n
+    res = llm_attr.attribute(inp, target=target, forward_in_tokens=False,
+                             feature_mask=torch.tensor([group]))
+    return res.seq_attr[first_col], res.token_attr[:, first_col]
