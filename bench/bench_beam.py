@@ -60,13 +60,13 @@ def profile_search(model, prompts, trie, args):
     """Where nanogdrt's search spends its time, by operator, and how many beam rows it decodes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from nanogdrt.kv_cache import BeamTreeCache
+    from nanogdrt.tree_cache import BeamTreeCache
     live_rows, hidden_states = [0], model.hidden_states
 
-    def counting_hidden_states(ids, *rest, cache=None, **kw):
-        if isinstance(cache, BeamTreeCache):  # a decoding step: count the beams fed (live ones)
-            live_rows[0] += int(cache.fed.sum())
-        return hidden_states(ids, *rest, cache=cache, **kw)
+    def counting_hidden_states(ids, *rest, context=None, **kw):
+        if isinstance(context, BeamTreeCache):  # a decoding step: ids (1, M), one per beam fed (live)
+            live_rows[0] += ids.shape[1]
+        return hidden_states(ids, *rest, context=context, **kw)
 
     model.hidden_states = counting_hidden_states
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -142,8 +142,9 @@ class PackedAttention:
     Ablating the span [s, e) leaves the tokens before s, and so their keys and values, exactly
     those of the unablated prompt (causal attention, same positions). A row therefore needs only
     its tokens from s on, attending to row 0's first s tokens and causally to its own: one
-    forward pass over row 0 plus every row's suffix, with no padding at all. This object plugs
-    into `Llama.hidden_states(cache=...)`, which asks a cache for RoPE positions and attention.
+    forward pass over row 0 plus every row's suffix, with no padding at all. This object is the
+    attention context (`nanogdrt.llama.AttentionContext`) of `Llama.hidden_states(ids, context=...)`:
+    it gives the RoPE positions and computes attention; it holds no keys between calls.
 
     Attention is computed row by row, over [row 0's first s keys ; the row's own keys], not as
     one (N, N) masked product: a packed example has ~1,700 tokens of which each row sees only a
@@ -167,15 +168,16 @@ class PackedAttention:
             self.blocks.append((a, b, r.start, mask))
 
     def positions(self, attention_mask, T):
-        return self._positions
+        return self._positions                                                   # (1, N)
 
     def start_step(self, attention_mask, T):
-        pass
+        pass  # nothing to set up: the blocks were built from the rows
 
     def end_step(self, T):
-        pass
+        pass  # nothing held: one forward pass is the whole computation
 
     def attend(self, layer, q, k, v):
+        """q (1, Hq, N, D); k, v (1, Hkv, N, D) of all packed tokens -> (1, Hq, N, D)."""
         out = torch.empty_like(q)
         for a, b, s, mask in self.blocks:
             if mask is None:    # row 0 (or a row ablated from its first token): plain causal
@@ -194,7 +196,7 @@ def attribute(model, p: PromptIds, tokenizer: Tokenizer, baseline: str | int = "
               all_prefixes: bool = True) -> Attribution:
     """Feature-ablation attribution of one example in one forward pass.
 
-    model: a nanogdrt Llama (anything with `hidden_states(ids, cache=)` and `logits(hidden)`).
+    model: a nanogdrt Llama (anything with `hidden_states(ids, context=)` and `logits(hidden)`).
     baseline: a str replaces each span's text (text mode); an int replaces each token (token mode).
     all_prefixes: False keeps only the first title token among the prefix features (all that
     the ratios need).
@@ -206,7 +208,7 @@ def attribute(model, p: PromptIds, tokenizer: Tokenizer, baseline: str | int = "
     device = model.lm_head.weight.device
     packed = PackedAttention(rows, device)
     ids = torch.tensor([i for r in rows for i in r.ids], device=device)[None]      # (1, N)
-    hidden = model.hidden_states(ids, cache=packed)[0]                            # (N, C)
+    hidden = model.hidden_states(ids, context=packed)[0]                          # (N, C)
 
     # y_t at row position q is predicted by the hidden state at q - 1: row 0's if q - 1 lies in
     # the shared prefix, else the row's own. Only these go through the LM head.

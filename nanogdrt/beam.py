@@ -6,10 +6,10 @@ step for step (see "What transformers does" below) but organised for speed:
 
 - The prompt is prefilled once per user, not once per beam; the part common to every prompt
   (the task description) is prefilled once for the whole run.
-- A user's B beams share one cache (`BeamTreeCache`): its prompt, then the tree of tokens the
-  beams have fed, each beam attending to the prompt and its own ancestors through a mask. When
-  beams are reordered only the masks move, never keys; pruned branches are squeezed out now
-  and then (`COMPACT_WHEN_DEAD`).
+- A user's B beams share one cache (`nanogdrt.tree_cache.BeamTreeCache`): its prompt, then the
+  tree of tokens the beams have fed, each beam attending to the prompt and its own ancestors
+  through a mask. When beams are reordered only the masks move, never keys; pruned branches
+  are squeezed out now and then (`COMPACT_WHEN_DEAD`).
 - Only live beams are decoded. Once fewer than B titles remain reachable, transformers keeps
   the empty places as dead beams (score -1e9) and still runs the model on them; on Toy users
   with length_penalty 1 that is over half of the rows. Here they are left out of the batch.
@@ -48,20 +48,28 @@ What transformers 5 does (generation/utils.py, `_beam_search`), and what we matc
 6. The result is the finished hypotheses, best first; we return the first top_k.
 Where transformers would fill slots with dead beams (scores near -1e9, only when fewer than
 B titles can be completed) we return fewer hypotheses instead.
+
+The loop (`_search`) is a row of small steps over one state object (`Slots`): `_candidates`
+(2. above), `_finalise` (3.), `_continue` (4.), `_stop_finished` (5.), `_shrink`, `_feed` (run
+the model on the chosen tokens), `_refill`. Scores are normalised in one function, `_score`.
+The search talks to its cache only through the cache's methods; the cache knows no scores.
 """
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from nanogdrt.kv_cache import BeamTreeCache, KVCache
+from nanogdrt.kv_cache import KVCache
+from nanogdrt.tree_cache import BeamTreeCache
 from nanogdrt.trie import Trie
 
 FIRST_CACHE_STEPS = 32   # decoding steps the tree cache has room for at first; it grows when needed
 COMPACT_WHEN_DEAD = 0.2  # squeeze the tree cache once this share of its width is pruned branches
 PREFILL_USERS = 8        # prompts prefilled together: few enough that padding to the longest is small
+NEG_INF = float("-inf")  # the score of dead beams and empty slots
 
 
 @dataclass
@@ -117,7 +125,7 @@ def _prefill_common_prefix(model, prompts: list[list[int]]) -> KVCache | None:
         return None
     cache = model.new_cache(1, n)
     device = model.lm_head.weight.device
-    model.hidden_states(torch.tensor([first[:n]], device=device), cache=cache)
+    model.hidden_states(torch.tensor([first[:n]], device=device), context=cache)
     return cache
 
 
@@ -136,12 +144,9 @@ def _prefill(model, prompts: list[list[int]], head: KVCache | None):
         ids[n, :len(r)] = torch.tensor(r)
         mask[n, :len(r)] = 1
     cache = model.new_cache(N, h + T)
-    if head is not None:  # every row starts with the same head: copy its keys and values
-        cache.k[:, :, :, :h] = head.k[:, :, :, :h]
-        cache.v[:, :, :, :h] = head.v[:, :, :, :h]
-        cache.valid[:, :h] = True
-        cache.length = h
-    hidden = model.hidden_states(ids.to(device), mask.to(device), cache=cache)  # (N, T, C)
+    if head is not None:  # every row starts with the same head
+        cache.start_with(head)
+    hidden = model.hidden_states(ids.to(device), mask.to(device), context=cache)  # (N, T, C)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     return cache, hidden[torch.arange(N, device=device), lengths - h - 1], lengths
 
@@ -164,103 +169,173 @@ def _search(model, prompts, queue: list[int], trie: Trie, B: int, length_penalty
     with each user's finished hypotheses (normalised scores and leaf nodes), best first."""
     device, config = model.lm_head.weight.device, model.config
     dtype = model.lm_head.weight.dtype
-    neg_inf = float("-inf")
     head = _prefill_common_prefix(model, [prompts[u] for u in queue])
     queue = deque(queue)
     cache = BeamTreeCache(config.num_hidden_layers, n_slots, B, config.num_key_value_heads,
                           max(len(p) for p in prompts) + B * FIRST_CACHE_STEPS, config.head_dim,
                           dtype=dtype, device=device)
-    # Per slot and beam: trie node and accumulated log-prob of the running beams (dead beams and
-    # empty slots score -inf), the B best finished hypotheses (normalised, sorted), and the
-    # hidden state of the token each beam was last fed.
-    nodes = torch.zeros(n_slots, B, dtype=torch.long, device=device)
-    scores = torch.full((n_slots, B), neg_inf, device=device)
-    fin_scores = torch.full((n_slots, B), neg_inf, device=device)
-    fin_nodes = torch.zeros(n_slots, B, dtype=torch.long, device=device)
-    hidden = torch.zeros(n_slots, B, config.hidden_size, dtype=dtype, device=device)
-    user: list[int | None] = [None] * n_slots      # the user in each slot
-
-    def refill(free: list[int]):
-        """Start the next users in the `free` slots: prefill their prompts, one live beam each."""
-        take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
-        if not take:
-            return
-        slots = torch.tensor(free[:len(take)], device=device)
-        for i in range(0, len(take), PREFILL_USERS):  # the queue is sorted by prompt length
-            part = slots[i:i + PREFILL_USERS]
-            prompt_cache, last, lengths = _prefill(model, [prompts[u] for u in take[i:i + PREFILL_USERS]], head)
-            cache.load_prompts(part, prompt_cache, lengths)
-            hidden[part, 0] = last
-        # One live beam at the root (transformers starts the other B - 1 at -1e9, which only
-        # ever yields worse copies of beam 0).
-        nodes[slots], scores[slots], fin_scores[slots] = 0, neg_inf, neg_inf
-        scores[slots, 0] = 0.0
-        for s, u in zip(free, take):
-            user[s] = u
-
-    refill(list(range(n_slots)))
+    state = Slots.empty(n_slots, B, config.hidden_size, dtype, device)
+    _refill(model, prompts, queue, head, cache, state)
     while True:
-        S = len(user)
-        alive = scores > neg_inf                                                     # (S, B)
-        allowed = trie.allowed(nodes.flatten(), active=alive.flatten())              # (S*B, K)
-        K = allowed.tokens.shape[1]
-        logp = _allowed_log_probs(model, hidden.view(S * B, -1), allowed, alive.flatten())
-        cand = (scores[:, :, None] + logp.view(S, B, K)).view(S, B * K)
-        if B * K < 2 * B:  # fewer candidates than transformers keeps: pad with impossible ones
-            cand = torch.cat([cand, cand.new_full((S, 2 * B - B * K), neg_inf)], dim=1)
-        top, idx = cand.topk(2 * B)                                                  # (S, 2B), sorted
-        idx = idx.clamp(max=B * K - 1)
-        token = allowed.tokens.view(S, B * K).gather(1, idx)
-        child = allowed.nodes.view(S, B * K).gather(1, idx)
-        parent = idx // K                                                            # beam it extends
-        ends = (token == trie.eos_id) & (top > neg_inf)
-
-        # Finalise EOS candidates among the best B of the 2B (transformers' top_num_beam_mask).
-        n_generated = (cache.n_generated + 1)[:, None]                      # EOS included
-        finishing = ends.clone()
-        finishing[:, B:] = False
-        normalised = top / n_generated.float() ** length_penalty
-        merged = torch.cat([fin_scores, normalised.masked_fill(~finishing, neg_inf)], dim=1)
-        fin_scores, pick = merged.topk(B)
-        fin_nodes = torch.cat([fin_nodes, child], dim=1).gather(1, pick)
-
-        # The B best candidates that did not end continue.
-        scores, pick = top.masked_fill(ends, neg_inf).topk(B)
-        nodes, parent, token = child.gather(1, pick), parent.gather(1, pick), token.gather(1, pick)
-
-        # transformers' early-stop heuristic (early_stopping=False): a user stops for good once
-        # its B finished slots are full and its best running beam, normalised by the current
-        # length, is no better than its worst finished hypothesis.
-        full = (fin_scores > neg_inf).all(-1)
-        best_possible = scores[:, 0] / n_generated[:, 0].float() ** length_penalty
-        is_open = ((~full | (best_possible > fin_scores[:, -1])) & (scores[:, 0] > neg_inf)
-                   & (n_generated[:, 0] < trie.depth))
-        stopped = (cache.live & ~is_open).nonzero().flatten()   # live: the slot holds a user
-        if len(stopped):  # one sync per step: hand over the users that stopped
-            for s, fs, fn in zip(stopped.tolist(), fin_scores[stopped].tolist(), fin_nodes[stopped].tolist()):
-                kept = [i for i, x in enumerate(fs) if x > neg_inf]
-                done(user[s], [fs[i] for i in kept], [fn[i] for i in kept])
-                user[s] = None
-            cache.release(stopped)
-            scores[stopped] = neg_inf
-
-        if not queue:  # nobody waits: stop when all are done, halve the batch when half is empty
-            n_busy = int(cache.live.sum())
-            if n_busy == 0:
-                return
-            if n_busy <= S // 2:
-                keep = cache.live.nonzero().flatten()
-                cache.keep(keep)
-                nodes, scores, parent, token, hidden = nodes[keep], scores[keep], parent[keep], token[keep], hidden[keep]
-                fin_scores, fin_nodes = fin_scores[keep], fin_nodes[keep]
-                user = [user[i] for i in keep.tolist()]
-
-        # Feed the chosen tokens to the live beams (dead ones cost nothing): each beam first
-        # takes over the view of the beam it extends.
-        cache.select(parent, fed=scores > neg_inf)
-        if cache.fed.any():
-            packed = model.hidden_states(cache.pack(token)[None], cache=cache)[0]   # (M, C)
-            cache.unpack(packed, out=hidden)                                          # (S, B, C)
-        refill([s for s, u in enumerate(user) if u is None])
+        cand = _candidates(model, trie, state)
+        _finalise(state, cand, length_penalty)
+        _continue(state, cand)
+        _stop_finished(state, cache, trie.depth, length_penalty, done)
+        if not queue and not _shrink(state, cache):
+            return
+        _feed(model, cache, state)
+        _refill(model, prompts, queue, head, cache, state)
         if cache.dead_columns() > COMPACT_WHEN_DEAD:
             cache.compact()
+
+
+# ----------------------------------------------------------------------------- the steps of _search
+
+@dataclass
+class Slots:
+    """The search's state: one row per slot (the user it holds) and beam.
+
+    Running beams carry a trie node and their accumulated log-prob; dead beams and empty slots
+    score -inf. `parent` and `token` are the step's choice, fed to the model at its end.
+    """
+    user: list[int | None]    # the user in each slot; None: empty
+    live: torch.Tensor        # (S,) the slot holds a user still searching
+    length: torch.Tensor      # (S,) tokens of a title that ends at this step, EOS included
+    nodes: torch.Tensor       # (S, B) trie node of each running beam
+    scores: torch.Tensor      # (S, B) accumulated log-prob of each running beam
+    fin_scores: torch.Tensor  # (S, B) the B best finished hypotheses, normalised, best first
+    fin_nodes: torch.Tensor   # (S, B) their trie leaves
+    hidden: torch.Tensor      # (S, B, C) hidden state of the token each beam was last fed
+    parent: torch.Tensor      # (S, B) the beam each beam extends
+    token: torch.Tensor       # (S, B) the token it is fed next
+
+    @classmethod
+    def empty(cls, S: int, B: int, C: int, dtype, device) -> "Slots":
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+        return cls([None] * S, zeros(S, dtype=torch.bool), zeros(S), zeros(S, B),
+                   torch.full((S, B), NEG_INF, device=device), torch.full((S, B), NEG_INF, device=device),
+                   zeros(S, B), zeros(S, B, C, dtype=dtype), zeros(S, B), zeros(S, B))
+
+    def keep(self, idx: torch.Tensor):
+        """Keep only slots `idx` (indices), in that order."""
+        for f in fields(self):
+            if f.name != "user":
+                setattr(self, f.name, getattr(self, f.name)[idx])
+        self.user = [self.user[i] for i in idx.tolist()]
+
+
+class Candidates(NamedTuple):
+    """Each slot's 2B best (beam, token) extensions by accumulated log-prob, best first."""
+    logp: torch.Tensor    # (S, 2B) accumulated log-prob, -inf for impossible ones
+    token: torch.Tensor   # (S, 2B) the token
+    node: torch.Tensor    # (S, 2B) the trie node it leads to
+    parent: torch.Tensor  # (S, 2B) the beam it extends
+    ends: torch.Tensor    # (S, 2B) the token is EOS: the title is complete
+
+
+def _score(logp: torch.Tensor, length: torch.Tensor, length_penalty: float) -> torch.Tensor:
+    """A hypothesis' score: summed log-prob / (tokens, EOS included) ** length_penalty.
+
+    The one place where scores are normalised: for finished titles and for the stopping rule."""
+    return logp / length.float() ** length_penalty
+
+
+def _refill(model, prompts, queue: deque, head: KVCache | None, cache: BeamTreeCache, s: Slots):
+    """Start the next users in the empty slots: prefill their prompts, one live beam each."""
+    free = [i for i, u in enumerate(s.user) if u is None]
+    take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
+    if not take:
+        return
+    slots = torch.tensor(free[:len(take)], device=s.scores.device)
+    for i in range(0, len(take), PREFILL_USERS):  # the queue is sorted by prompt length
+        part = slots[i:i + PREFILL_USERS]
+        prompt_cache, last, lengths = _prefill(model, [prompts[u] for u in take[i:i + PREFILL_USERS]], head)
+        cache.load_prompts(part, prompt_cache, lengths)
+        s.hidden[part, 0] = last
+    # One live beam at the root (transformers starts the other B - 1 at -1e9, which only ever
+    # yields worse copies of beam 0).
+    s.nodes[slots], s.scores[slots], s.fin_scores[slots] = 0, NEG_INF, NEG_INF
+    s.scores[slots, 0] = 0.0
+    s.live[slots], s.length[slots] = True, 1
+    for slot, u in zip(free, take):
+        s.user[slot] = u
+
+
+def _candidates(model, trie: Trie, s: Slots) -> Candidates:
+    """Score every allowed next token of every running beam; keep the 2B best per slot."""
+    S, B = s.scores.shape
+    alive = s.scores > NEG_INF                                                   # (S, B)
+    allowed = trie.allowed(s.nodes.flatten(), active=alive.flatten())            # (S*B, K)
+    K = allowed.tokens.shape[1]
+    logp = _allowed_log_probs(model, s.hidden.view(S * B, -1), allowed, alive.flatten())
+    cand = (s.scores[:, :, None] + logp.view(S, B, K)).view(S, B * K)
+    if B * K < 2 * B:  # fewer candidates than transformers keeps: pad with impossible ones
+        cand = torch.cat([cand, cand.new_full((S, 2 * B - B * K), NEG_INF)], dim=1)
+    top, idx = cand.topk(2 * B)                                                  # (S, 2B), sorted
+    idx = idx.clamp(max=B * K - 1)
+    token = allowed.tokens.view(S, B * K).gather(1, idx)
+    node = allowed.nodes.view(S, B * K).gather(1, idx)
+    return Candidates(top, token, node, idx // K, (token == trie.eos_id) & (top > NEG_INF))
+
+
+def _finalise(s: Slots, c: Candidates, length_penalty: float):
+    """EOS candidates among the best B of the 2B (transformers' top_num_beam_mask) join the B
+    best finished hypotheses, with their normalised score."""
+    B = s.scores.shape[1]
+    finishing = c.ends.clone()
+    finishing[:, B:] = False
+    normalised = _score(c.logp, s.length[:, None], length_penalty)
+    merged = torch.cat([s.fin_scores, normalised.masked_fill(~finishing, NEG_INF)], dim=1)
+    s.fin_scores, pick = merged.topk(B)
+    s.fin_nodes = torch.cat([s.fin_nodes, c.node], dim=1).gather(1, pick)
+
+
+def _continue(s: Slots, c: Candidates):
+    """The B best candidates that did not end become the running beams."""
+    s.scores, pick = c.logp.masked_fill(c.ends, NEG_INF).topk(s.scores.shape[1])
+    s.nodes, s.parent, s.token = c.node.gather(1, pick), c.parent.gather(1, pick), c.token.gather(1, pick)
+
+
+def _stop_finished(s: Slots, cache: BeamTreeCache, depth: int, length_penalty: float, done):
+    """Hand over the users that stop now and free their slots.
+
+    transformers' early-stop heuristic (early_stopping=False): a user stops for good once its B
+    finished slots are full and its best running beam, normalised by the current length, is no
+    better than its worst finished hypothesis; also when no beam runs or no title is longer."""
+    full = (s.fin_scores > NEG_INF).all(-1)
+    best_possible = _score(s.scores[:, 0], s.length, length_penalty)
+    is_open = ((~full | (best_possible > s.fin_scores[:, -1])) & (s.scores[:, 0] > NEG_INF)
+               & (s.length < depth))
+    stopped = (s.live & ~is_open).nonzero().flatten()
+    if len(stopped):  # one sync per step
+        for slot, fs, fn in zip(stopped.tolist(), s.fin_scores[stopped].tolist(), s.fin_nodes[stopped].tolist()):
+            kept = [i for i, x in enumerate(fs) if x > NEG_INF]
+            done(s.user[slot], [fs[i] for i in kept], [fn[i] for i in kept])
+            s.user[slot] = None
+        s.live[stopped] = False
+        s.scores[stopped] = NEG_INF
+        cache.release(stopped)
+
+
+def _shrink(s: Slots, cache: BeamTreeCache) -> bool:
+    """Once nobody waits: halve the batch when half of it is empty. False when all are done."""
+    n_busy = int(s.live.sum())
+    if n_busy == 0:
+        return False
+    if n_busy <= len(s.user) // 2:
+        keep = s.live.nonzero().flatten()
+        cache.keep(keep)
+        s.keep(keep)
+    return True
+
+
+def _feed(model, cache: BeamTreeCache, s: Slots):
+    """Feed the chosen tokens to the running beams (dead ones cost nothing): each beam first
+    takes over the view of the beam it extends."""
+    fed = s.scores > NEG_INF                                                     # (S, B)
+    cache.select(s.parent, fed=fed)
+    if fed.any():
+        packed = model.hidden_states(cache.pack(s.token)[None], context=cache)[0]   # (M, C)
+        cache.unpack(packed, out=s.hidden)                                          # (S, B, C)
+    s.length += s.live

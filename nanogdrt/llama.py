@@ -1,28 +1,33 @@
-"""A Llama forward pass from scratch: config, RMSNorm, RoPE, attention with a KV cache, MLP, model.
+"""A Llama forward pass from scratch: config, RMSNorm, RoPE, attention, MLP, block, model.
 
 Covers the decoder-only family that LLM recommenders fine-tune: Llama 2 / 3 / 3.2 (incl.
 `llama3` RoPE scaling), SmolLM2, TinyLlama, and Qwen2 (q/k/v biases). Module names equal the
 Hugging Face weight names (`model.layers.0.self_attn.q_proj`, ...) so checkpoints load strictly
 and LoRA targets read as in PEFT.
 
-Two choices serve the rest of nanogdrt:
-- `hidden_states()` and `logits()` are separate steps. The loss needs logits only at the
-  target positions, and constrained beam search only for the vocabulary rows the trie allows;
-  a full (B, T, V) logits tensor is ~200 MB for one 8 x 160 batch of a 49k vocabulary.
-- The KV cache is an object that owns "how to attend over what I hold". `KVCache` is the
-  ordinary one; `SharedPrefixCache` lets many beams attend to one copy of their user's prompt.
+Three choices serve the rest of nanogdrt:
+- `hidden_states()` and `logits()` are separate steps. The loss needs logits only at the target
+  positions, beam search only at each beam's last token; a full (B, T, V) logits tensor is
+  ~200 MB for one 8 x 160 batch of a 49k vocabulary.
+- An optional *attention context* (`AttentionContext`) gives the new tokens' RoPE positions and
+  computes attention in every layer: `kv_cache.KVCache`, `kv_cache.SharedPrefixCache`,
+  `tree_cache.BeamTreeCache` (beam search) and `attribution.PackedAttention` (not a cache).
+  Without one, attention is causal (or padding-masked) self-attention over the tokens given.
+- Fused `scaled_dot_product_attention` by default; `Attention.use_sdpa = False` runs the same
+  formula written out, softmax(Q K^T / sqrt(D) + mask) V (`manual_attention`), as llama2.c does.
 """
 
 import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanogdrt.kv_cache import KVCache, SharedPrefixCache  # noqa: F401  (re-exported)
+from nanogdrt.kv_cache import KVCache
 
 # config.json fields that carry no information for a forward pass.
 IGNORED_FIELDS = {
@@ -53,6 +58,7 @@ class LlamaConfig:
     extra: dict = field(default_factory=dict, repr=False)  # ids etc. kept for callers
 
     def __post_init__(self):
+        # Derived fields: a config.json may leave them out (as older Llama configs do).
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -105,6 +111,26 @@ class LlamaConfig:
         )
 
 
+# ----------------------------------------------------------------------------- the attention context
+
+class AttentionContext(Protocol):
+    """What `Llama.hidden_states(ids, context=...)` asks of the object that decides what the new
+    tokens attend to (a KV cache, or several sequences packed in one row). Per forward pass of B
+    rows of T new tokens, in this order:
+      positions(attention_mask, T) -> (B, T)  RoPE positions, continuing what the context holds
+      start_step(attention_mask, T)           bookkeeping before the first layer (masks, room)
+      attend(layer, q, k, v) -> (B, Hq, T, D) once per layer, in order: the new tokens' rotated
+                                              q (B, Hq, T, D), k and v (B, Hkv, T, D), GQA's Hq
+                                              a multiple of Hkv; a cache also stores k and v
+      end_step(T)                             the new tokens now count as held
+    attention_mask (B, T): 1 for real tokens, 0 for padding; None: all real.
+    """
+    def positions(self, attention_mask: torch.Tensor | None, T: int) -> torch.Tensor: ...
+    def start_step(self, attention_mask: torch.Tensor | None, T: int) -> None: ...
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+    def end_step(self, T: int) -> None: ...
+
+
 # ----------------------------------------------------------------------------- building blocks
 
 class RMSNorm(nn.Module):
@@ -147,16 +173,34 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 def apply_rope(x, cos, sin):
+    """x (B, H, T, D) rotated by its positions' angles; cos, sin (B, 1, T, D) broadcast over heads."""
     # Hugging Face checkpoints pair dimension i with i + D/2 ("rotate half"), not 2i with 2i+1
     # as the original Llama code did; nanogdrt.checkpoint converts GGUF rows to this layout.
-    x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)                                # (B, H, T, D/2) each
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def manual_attention(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(D) + mask) v written out: what the fused SDPA kernel computes.
+    q (B, Hq, T, D); k, v (B, Hkv, S, D), Hq a multiple of Hkv (GQA); mask (B, 1, T, S) boolean,
+    True where a query may look, or None for causal attention (T == S)."""
+    B, Hq, T, D = q.shape
+    S, g = k.shape[2], Hq // k.shape[1]
+    # GQA: query head h reads key/value head h // g, so each K/V head is repeated g times in a row.
+    k = k.repeat_interleave(g, dim=1)                                            # (B, Hq, S, D)
+    v = v.repeat_interleave(g, dim=1)                                            # (B, Hq, S, D)
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(D)                               # (B, Hq, T, S)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()       # (T, S)
+    att = att.masked_fill(~mask, float("-inf"))  # -inf: exp(-inf) = 0, a masked key gets no weight
+    # Softmax in float32 (a bf16 sum of hundreds of terms loses digits), then back.
+    return att.float().softmax(-1).to(q.dtype) @ v                               # (B, Hq, T, D)
 
 
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx = layer_idx  # an attention context keeps one K/V buffer per layer
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         C, bias = config.hidden_size, config.attention_bias
@@ -164,16 +208,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(C, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, C, bias=False)
+        self.use_sdpa = True  # False: `manual_attention`, the formula written out (slower)
 
-    def forward(self, x, cos, sin, mask, cache=None):
+    def forward(self, x, cos, sin, mask, context=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)      # (B, Hq, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
+        # Keys are stored rotated (by their own position), so a cache never rotates them again.
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            y = cache.attend(self.layer_idx, q, k, v)                                   # (B, Hq, T, D)
-        elif mask is None:
+        if context is not None:  # a cache or packing decides which keys each query sees
+            y = context.attend(self.layer_idx, q, k, v)                                 # (B, Hq, T, D)
+        elif not self.use_sdpa:
+            y = manual_attention(q, k, v, mask)                                         # (B, Hq, T, D)
+        elif mask is None:  # is_causal lets SDPA skip the masked half instead of reading a mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -189,7 +237,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        # SwiGLU: a SiLU-gated product, (B, T, C) -> (B, T, intermediate) -> (B, T, C)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -200,8 +249,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, context=None):
+        # Pre-norm residual stream: each sublayer reads a normalised copy and adds its output.
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, context)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x
 
@@ -240,42 +290,45 @@ class Llama(nn.Module):
         self.config = config
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings:  # SmolLM2, Llama 3.2 1B/3B: one matrix embeds and unembeds
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Not persistent: derived from the config, and absent from Hugging Face checkpoints.
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, context: AttentionContext | None = None):
         """input_ids (B, T) -> final-normed hidden states (B, T, C).
 
-        attention_mask (B, T): 1 for real tokens, 0 for padding (left or right). With a cache,
-        it covers only the tokens given now; the cache remembers the earlier ones.
+        attention_mask (B, T): 1 for real tokens, 0 for padding (left or right). With a context
+        (a KV cache, say), it covers only the tokens given now; the cache remembers the earlier
+        ones, and the context alone decides positions and attention (see `AttentionContext`).
         """
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)                                  # (B, T, C)
-        mask = None
-        if cache is not None:
-            positions = cache.positions(attention_mask, T)
-            cache.start_step(attention_mask, T)
+        mask = None  # None: plain causal attention, the fast path
+        if context is not None:
+            positions = context.positions(attention_mask, T)
+            context.start_step(attention_mask, T)
         elif attention_mask is not None and not bool(attention_mask.all()):
             positions, mask = padding_positions_and_mask(attention_mask)
         else:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if position_ids is not None:
             positions = position_ids
+        # cos/sin once per forward, shared by every layer (they depend on positions only).
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache)
-        if cache is not None:
-            cache.end_step(T)
+            x = block(x, cos, sin, mask, context)
+        if context is not None:
+            context.end_step(T)
         return self.model.norm(x)
 
     def logits(self, hidden, rows=None):
         """LM head, optionally restricted to vocabulary `rows` (a 1-D index tensor)."""
-        weight = self.lm_head.weight if rows is None else self.lm_head.weight[rows]
-        return F.linear(hidden, weight)
+        weight = self.lm_head.weight if rows is None else self.lm_head.weight[rows]   # (V or R, C)
+        return F.linear(hidden, weight)                                                # (..., V or R)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
-        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+    def forward(self, input_ids, attention_mask=None, position_ids=None, context: AttentionContext | None = None):
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, context))
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         c = self.config
@@ -295,7 +348,7 @@ class Llama(nn.Module):
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
         config = LlamaConfig.from_hf(raw, source=str(config_file))
-        with torch.device("meta"):
+        with torch.device("meta"):  # shapes only: no memory or random init for weights we replace
             model = cls(config)
         state = load_safetensors_folder(path)
         if config.tie_word_embeddings:
@@ -312,9 +365,12 @@ class Llama(nn.Module):
                 raise ValueError(f"{path}: {k} has shape {tuple(t.shape)}, the config implies "
                                  f"{tuple(expected[k].shape)}")
         model = model.to_empty(device=device)
+        # strict=False only for the tied lm_head, checked above; assign=True keeps the loaded
+        # tensors instead of copying them into the empty ones.
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings:  # assign=True replaced embed_tokens.weight: tie again
             model.lm_head.weight = model.model.embed_tokens.weight
+        # Buffers made on the meta device hold no values, and inv_freq is not in the checkpoint.
         model.inv_freq = rope_inverse_frequencies(config).to(device)
         return model.to(device=device, dtype=dtype).eval()
 

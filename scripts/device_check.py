@@ -90,7 +90,7 @@ def kv_cache(model_dir):
     with torch.no_grad():
         full = m(ids)
         cache = m.new_cache(2, 40)
-        inc = torch.cat([m(ids[:, :30], cache=cache)] + [m(ids[:, t:t + 1], cache=cache) for t in range(30, 40)], 1)
+        inc = torch.cat([m(ids[:, :30], context=cache)] + [m(ids[:, t:t + 1], context=cache) for t in range(30, 40)], 1)
     return {"max_diff": float((full - inc).abs().max())}
 
 
@@ -169,17 +169,17 @@ def train_py(model_dir, out):
 @check("6_beam_dtypes")
 def beam_dtypes(model_dir):
     """s/user of beam search over 64 synthetic users in fp32 and bf16; bf16 also with cuDNN
-    attention allowed in the tree cache (what kv_cache.NOT_CUDNN keeps out, see there)."""
+    attention allowed in the tree cache (what tree_cache.NOT_CUDNN keeps out, see there)."""
     from torch.nn.attention import SDPBackend
 
-    from nanogdrt import kv_cache
+    from nanogdrt import tree_cache
     from nanogdrt.beam import beam_search
 
     prompts, trie = synthetic_prompts_and_trie(model_dir, 64)
-    out, default = {}, list(kv_cache.NOT_CUDNN)
+    out, default = {}, list(tree_cache.NOT_CUDNN)
     for name, dtype, backends in (("fp32", torch.float32, default), ("bf16", torch.bfloat16, default),
                                   ("bf16_cudnn_allowed", torch.bfloat16, default + [SDPBackend.CUDNN_ATTENTION])):
-        kv_cache.NOT_CUDNN[:] = backends
+        tree_cache.NOT_CUDNN[:] = backends
         model = Llama.from_pretrained(model_dir, dtype=dtype, device="cuda")
         beam_search(model, prompts[:4], trie, batch_size=4)  # warm-up
         torch.cuda.synchronize()
@@ -187,7 +187,7 @@ def beam_dtypes(model_dir):
         beam_search(model, prompts, trie, batch_size=32)
         torch.cuda.synchronize()
         out[name + "_s_per_user"] = round((time.perf_counter() - t) / len(prompts), 4)
-    kv_cache.NOT_CUDNN[:] = default
+    tree_cache.NOT_CUDNN[:] = default
     return out
 
 
