@@ -68,7 +68,7 @@ def score_targets(model, prompt_ids: Sequence[int], targets: Sequence[Sequence[i
     device = model.lm_head.weight.device
     P = len(prompt_ids)
     prefix = model.new_cache(1, P)
-    h = model.hidden_states(torch.tensor([list(prompt_ids)], device=device), cache=prefix)  # (1, P, C)
+    h = model.hidden_states(torch.tensor([list(prompt_ids)], device=device), context=prefix)  # (1, P, C)
     h_last = h[0, -1]                           # predicts the first token of every target
 
     out: list[torch.Tensor | None] = [None] * len(targets)
@@ -89,7 +89,7 @@ def score_targets(model, prompt_ids: Sequence[int], targets: Sequence[Sequence[i
             # Beams of the one prefix: token t's hidden state predicts token t + 1. Padding sits
             # to the right of real tokens, so causal attention keeps it out of their states.
             cache = SharedPrefixCache(prefix, beams=n, max_new_tokens=L - 1)
-            hid = model.hidden_states(ids[:, :-1], cache=cache)             # (n, L-1, C)
+            hid = model.hidden_states(ids[:, :-1], context=cache)             # (n, L-1, C)
             need = valid[:, 1:]                                             # rows whose logits we need
             rest = torch.zeros(n, L - 1, dtype=torch.float32, device=device)
             rest[need] = _target_logprob(model, hid[need], ids[:, 1:][need])
