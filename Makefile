@@ -4,7 +4,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.installed
 CKPT    := checkpoints/smollm2-135m-instruct/model.safetensors
 
-.PHONY: setup test train tutorials repro bench bench-train bench-beam bench-attribution bench-gdrt clean
+.PHONY: setup test train tutorials repro gpu-payload gpu-status bench bench-train bench-beam bench-attribution bench-gdrt clean
 
 setup: $(STAMP) $(CKPT)
 
@@ -29,6 +29,14 @@ train: setup
 TOY ?= ../shared/data/toy
 repro: setup
 	$(PY) scripts/repro.py --data-dir $(TOY)
+
+# The paper's protocol on a lent GPU (docs/gpu_protocol.md): the carried folders .devpayload/1..n
+# (model, gguf wheel, Toy files) and the device calls to make, in order; then what is done.
+gpu-payload: setup
+	$(PY) scripts/gpu_transfer.py prepare --data-dir $(TOY)
+
+gpu-status:
+	$(PY) scripts/gpu_protocol.py status
 
 # Executes every notebook in tutorials/ (they assert what they teach).
 tutorials: setup
