@@ -10,30 +10,36 @@ Run it alone: the machine has 2 cores and any other load skews the numbers.
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py lives at the top level
-import train  # noqa: E402
-from nanogdrt import grouping
+from nanogdrt import grouping, relevance
+from nanogdrt.batches import collate, epoch_batches, make_examples
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.data import load_dataset
 from nanogdrt.llama import Llama
 from nanogdrt.lora import LoRAConfig, inject_lora, lora_parameters
+from nanogdrt.loss import gdrt_loss, group_sums_and_counts, sft_loss, token_nll
 from nanogdrt.prompt import PromptBuilder
 from nanogdrt.tokenizer import Tokenizer
 
 
-def time_training(model, cfg, examples, groups, pad_id, steps):
+def time_training(model, method, examples, groups, pad_id, steps, batch_size=8, n_groups=5, tau=0.5):
+    """Seconds per step of train.py's step on one micro-batch: forward, the loss of `method`,
+    backward, the per-group losses it logs, AdamW."""
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
-    batches = train.epoch_batches(len(examples), cfg.batch_size, 0, 0)[:steps + 1]
+    batches = epoch_batches(len(examples), batch_size, 0, 0)[:steps + 1]
     elapsed = 0.0
     for i, b in enumerate(batches):
         start = time.perf_counter()
-        train.train_step(model, cfg, examples, groups, [b], pad_id)
+        ids, target_mask, group_ids = collate(examples, groups, b, pad_id, "cpu")
+        nll = token_nll(model.logits, model.hidden_states(ids), ids, target_mask).nll
+        token_group = group_ids[target_mask]
+        loss = gdrt_loss(nll, token_group, n_groups, tau).loss if method == "gdrt" else sft_loss(nll)
+        loss.backward()
+        loss.item()
+        group_sums_and_counts(nll.detach(), token_group, n_groups)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i > 0:  # the first step warms up allocators and kernels
@@ -65,15 +71,15 @@ def main():
     ds = load_dataset(args.dataset, train_samples=args.examples)
     builder = PromptBuilder(tokenizer, args.dataset if args.dataset != "synthetic" else "synthetic")
     model = Llama.from_pretrained(path)
-    examples = train.make_examples(builder, ds.train, ds.titles)
+    examples = make_examples(builder, ds.train, ds.titles)
     n_tokens = sum(e.target[1] - e.target[0] for e in examples)
 
     # Grouping: relevance of each distinct target title (no cache) + k-means over all target tokens.
     start = time.perf_counter()
     targets = sorted({x.target for x in ds.train})
-    logprobs = grouping.item_token_logprobs(model, builder, [ds.titles[i] for i in targets])
+    logprobs = relevance.item_token_logprobs(model, builder, [ds.titles[i] for i in targets])
     where = {item: k for k, item in enumerate(targets)}
-    token_rel = grouping.token_relevance(logprobs, [where[x.target] for x in ds.train])
+    token_rel = relevance.token_relevance(logprobs, [where[x.target] for x in ds.train])
     groups = grouping.token_groups(token_rel, 5)
     t_group = time.perf_counter() - start
     t_forward = time_forward_pass(model, examples, 8, tokenizer.pad_id)
@@ -86,9 +92,8 @@ def main():
     model.train()
     seconds = {}
     for method in ("sft", "gdrt"):
-        cfg = train.RunConfig(method=method, batch_size=8, groups=5, tau=0.5)
         torch.manual_seed(0)
-        seconds[method] = time_training(model, cfg, examples, groups, tokenizer.pad_id, args.steps)
+        seconds[method] = time_training(model, method, examples, groups, tokenizer.pad_id, args.steps)
     print(f"training step (batch 8): SFT {seconds['sft']:.2f} s   GDRT {seconds['gdrt']:.2f} s   "
           f"ratio {seconds['gdrt'] / seconds['sft']:.3f}")
 

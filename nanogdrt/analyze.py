@@ -47,7 +47,6 @@ itself, so they predict its next tokens well. Reported as measured, whatever the
 import argparse
 import json
 import math
-import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -56,7 +55,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from nanogdrt import attribution, plots
+from nanogdrt import attribution, files, plots
+from nanogdrt.batches import make_examples
+from nanogdrt.grouping import N_ITEM_GROUPS
 from nanogdrt.prompt import PromptIds
 
 PAIR_TYPES = ("task", "prefix", "interaction")
@@ -153,7 +154,7 @@ def cooccurrence_rates(examples: list[PromptIds], min_count: int = 5) -> dict:
 
 def attribution_ratios(model, builder, interactions, titles) -> dict:
     """attribution.context_ratios of a model over the given examples, with the mean terms."""
-    attrs = [attribution.attribute(model, builder.build([titles[i] for i in x.history], titles[x.target]),
+    attrs = [attribution.attribute(model, builder.for_interaction(x, titles, with_target=True),
                                    builder.tokenizer, all_prefixes=False) for x in interactions]
     r = attribution.context_ratios(attrs)
     terms = np.array([list(t) for t in r.per_example])                 # (N, 4)
@@ -238,7 +239,7 @@ def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20,
         plots.epoch_curves(curves, out / FIGURES["group1_share"],
                            "share of top-1 recommendations\nin item group 1 (validation)",
                            "Top-1 recommendations from the item group most predictable\n"
-                           "from auxiliary tokens (group 1 of 5), after each epoch", reference)
+                           f"from auxiliary tokens (group 1 of {N_ITEM_GROUPS}), after each epoch", reference)
         figures["group1_share"] = FIGURES["group1_share"]
 
         # A group absent from a step's batch was logged as 0: it is missing, not a zero loss.
@@ -250,7 +251,7 @@ def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20,
         plots.group_loss_panels(panels, out / FIGURES["group_loss"], window)
         figures["group_loss"] = FIGURES["group_loss"]
 
-    train_examples = [builder.build([ds.titles[i] for i in x.history], ds.titles[x.target]) for x in ds.train]
+    train_examples = make_examples(builder, ds.train, ds.titles)
     rates = cooccurrence_rates(train_examples, min_count)
     result["cooccurrence"] = {"definition": "per type, mean / median over distinct (context token c, target "
                               "token y) pairs, c and y each counted >= min_count times, of P(c | y) and P(y | c) "
@@ -262,7 +263,7 @@ def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20,
     figures["cooccurrence"] = FIGURES["cooccurrence"]
 
     result["figures"] = figures
-    write_json_atomic(out / "analysis.json", result)
+    files.write_json(out / "analysis.json", _finite(result), allow_nan=False)
     return result
 
 
@@ -275,12 +276,6 @@ def _finite(obj):
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
-
-
-def write_json_atomic(path: Path, obj):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(obj), indent=1, allow_nan=False))
-    os.replace(tmp, path)
 
 
 def main(argv=None):

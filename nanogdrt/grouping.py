@@ -1,205 +1,62 @@
-"""Token relevance to the auxiliary tokens (Eq. 2, Eq. 3) and the split into G groups (§3.2).
+"""Splitting relevance scores into groups: G token groups (§3.2) and the item groups of the metrics.
 
-Eq. 3 scores each target token by how predictable it is from the task description alone:
+Token groups. All target tokens of the training set are split by their Eq. 3 relevance
+(`nanogdrt.relevance`) into G groups with 1-D k-means, group 1 = highest relevance. scikit-learn's
+KMeans is used when importable; otherwise an exact dynamic programme (optimal within-cluster sum
+of squares) with the divide-and-conquer speed-up of Grønlund et al. 2017, vectorised over each
+recursion level. `quantile` gives equal-size groups instead (the paper's footnote 2).
 
-    r(y_t) = log P(y_t | x with its history replaced by "N/A", y_<t)
+Item groups. The fairness metrics MGU/DGU (§4.1.4) cut the catalogue into N_ITEM_GROUPS = 5
+equal-size groups by Eq. 2 item relevance, group 1 = most relevant (`item_groups`).
 
-and Eq. 2 scores an item by the mean of r over its title tokens. High r = the model would
-produce the token without looking at the user: the context bias GDRT counteracts.
-
-Speed. With the history masked the prompt is the same for every example of a dataset, so r
-depends on the target item only: we score each distinct title once, not each training row.
-The masked prompt is prefilled once into a KV cache; the titles are then run as "beams" of that
-one prefix through a `SharedPrefixCache` (no copies of the prompt's keys), a batch at a time.
-
-Grouping. All target tokens of the training set are split by r into G groups with 1-D k-means
-(group 1 = highest relevance). scikit-learn's KMeans is used when importable; otherwise an
-exact dynamic programme (optimal within-cluster sum of squares) with the divide-and-conquer
-speed-up of Grønlund et al. 2017, vectorised over each recursion level. `quantile` gives
-equal-size groups instead (the paper's footnote 2).
+Both equal-size splits are one function, `quantile_groups`: rank r (0 = highest value) goes to
+chunk r of `np.array_split` (sizes differ by at most one, the larger groups first).
 """
 
-import hashlib
-import json
-import os
-import tempfile
-from dataclasses import asdict
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from nanogdrt.kv_cache import SharedPrefixCache
-
-CACHE_FORMAT = "nanogdrt-relevance-v1"
+N_ITEM_GROUPS = 5   # item groups of MGU/DGU and of the group-distribution figures (Fig. 3/4/8/9)
 
 
-# ----------------------------------------------------------------------------- Eq. 3 / Eq. 2
+# ----------------------------------------------------------------------------- equal sizes
 
-def masked_prompt_ids(builder) -> list[int]:
-    """The prompt of Eq. 3: task description with the history replaced by " N/A"."""
-    return builder.build([], None, mask_history=True).ids
+def quantile_groups(values, n_groups: int, keys=None) -> np.ndarray:
+    """Equal-size groups 1..G by rank, group 1 = highest values -> int64 array shaped like `values`.
 
-
-def _target_logprob(model, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """log P(ids[n] | hidden[n]) for hidden (N, C): logit of the id minus the logsumexp, float32.
-
-    Chunked so that at most (chunk, V) logits exist at once (V is ~50k-150k)."""
-    out = []
-    for s in range(0, hidden.shape[0], chunk):
-        logits = model.logits(hidden[s:s + chunk]).float()                 # (n, V)
-        picked = logits.gather(1, ids[s:s + chunk, None])[:, 0]
-        out.append(picked - torch.logsumexp(logits, dim=-1))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
-
-
-@torch.no_grad()
-def score_targets(model, prompt_ids: Sequence[int], targets: Sequence[Sequence[int]],
-                  batch_size: int = 64, progress: bool = False) -> list[torch.Tensor]:
-    """Per-token log-probs (float32, on CPU) of each target id sequence after one shared prompt.
-
-    Equal to a full forward of `prompt_ids + target` per target (up to float rounding).
+    Rank r (0 = highest) goes to chunk r of np.array_split(range(n), G): the sizes differ by at
+    most one, the larger groups first. Equal values are ranked one of two ways:
+      keys given: by key, ascending (item groups pass item ids), so every group has its exact
+        size and the result does not depend on the input order;
+      keys None: a run of equal values is never split, it goes whole to the group of its highest
+        rank; sizes are then equal up to ties, and with long ties a group can be empty.
     """
-    from tqdm import tqdm
-
-    if any(len(t) == 0 for t in targets):
-        raise ValueError("every target needs at least one token (target_ids ends with EOS)")
-    device = model.lm_head.weight.device
-    P = len(prompt_ids)
-    prefix = model.new_cache(1, P)
-    h = model.hidden_states(torch.tensor([list(prompt_ids)], device=device), context=prefix)  # (1, P, C)
-    h_last = h[0, -1]                           # predicts the first token of every target
-
-    out: list[torch.Tensor | None] = [None] * len(targets)
-    order = sorted(range(len(targets)), key=lambda i: len(targets[i]))   # similar lengths together
-    for s in tqdm(range(0, len(order), batch_size), desc="Eq. 3 relevance", unit="batch",
-                  disable=not progress or len(order) <= batch_size):
-        chunk = order[s:s + batch_size]
-        n, L = len(chunk), max(len(targets[i]) for i in chunk)
-        ids = torch.zeros(n, L, dtype=torch.long)                          # right padding with id 0
-        valid = torch.zeros(n, L, dtype=torch.bool)
-        for r, i in enumerate(chunk):
-            ids[r, :len(targets[i])] = torch.tensor(targets[i])
-            valid[r, :len(targets[i])] = True
-        ids, valid = ids.to(device), valid.to(device)
-        logp = torch.zeros(n, L, dtype=torch.float32, device=device)
-        logp[:, 0] = _target_logprob(model, h_last.expand(n, -1), ids[:, 0])
-        if L > 1:
-            # Beams of the one prefix: token t's hidden state predicts token t + 1. Padding sits
-            # to the right of real tokens, so causal attention keeps it out of their states.
-            cache = SharedPrefixCache(prefix, beams=n, max_new_tokens=L - 1)
-            hid = model.hidden_states(ids[:, :-1], context=cache)             # (n, L-1, C)
-            need = valid[:, 1:]                                             # rows whose logits we need
-            rest = torch.zeros(n, L - 1, dtype=torch.float32, device=device)
-            rest[need] = _target_logprob(model, hid[need], ids[:, 1:][need])
-            logp[:, 1:] = rest
-        for r, i in enumerate(chunk):
-            out[i] = logp[r, :len(targets[i])].cpu()
-    return out
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    n = v.size
+    starts = np.arange(n_groups) * (n // n_groups) + np.minimum(np.arange(n_groups), n % n_groups)
+    if keys is not None:
+        order = np.lexsort((np.asarray(keys), -v))       # highest value first, then smallest key
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n)
+    else:
+        u, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+        rank = (n - np.cumsum(counts))[inverse.reshape(-1)]  # values above -> a tie run's highest rank
+    return np.searchsorted(starts, rank, side="right").astype(np.int64).reshape(np.shape(values))
 
 
-def item_token_logprobs(model, builder, titles: Sequence[str], batch_size: int = 64,
-                        shard=None, progress: bool = False) -> list[torch.Tensor]:
-    """Eq. 3 for the target ids (quoted title + EOS) of each title, in the order given.
-
-    Titles that tokenize identically (the same title under two item ids) are scored once.
-    `shard` (a `nanogdrt.distributed.Dist`) splits the titles across data-parallel ranks and
-    gathers the scores, so every rank returns the whole list."""
-    targets = [tuple(builder.target_ids(t)) for t in titles]
-    distinct = list(dict.fromkeys(targets))
-    mine = shard.shard(distinct) if shard is not None else distinct
-    scored = score_targets(model, masked_prompt_ids(builder), mine, batch_size, progress)
-    if shard is not None:
-        scored = shard.gather(scored, len(distinct))
-    where = {t: k for k, t in enumerate(distinct)}
-    return [scored[where[t]] for t in targets]
+def item_groups(relevance: dict[int, float], n_groups: int = N_ITEM_GROUPS) -> dict[int, int]:
+    """Item -> group 1..n_groups by Eq. 2 relevance ({item id: score}), group 1 = highest; equal
+    sizes (differ by at most one); ties broken by item id, so the grouping is deterministic."""
+    if len(relevance) < n_groups:
+        raise ValueError(f"{len(relevance)} items cannot fill {n_groups} groups")
+    items = list(relevance)
+    groups = quantile_groups([relevance[i] for i in items], n_groups, keys=items)
+    return dict(zip(items, groups.tolist()))
 
 
-def item_relevance(token_logprobs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Eq. 2: an item's relevance is the mean of its title tokens' Eq. 3 scores -> (n_items,)."""
-    return torch.stack([lp.float().mean() for lp in token_logprobs]) if token_logprobs else torch.zeros(0)
-
-
-def token_relevance(item_logprobs: Sequence[torch.Tensor], target_items: Sequence[int]) -> list[torch.Tensor]:
-    """Per training example, the Eq. 3 scores of its target tokens: those of its target item
-    (an index into item_logprobs). The prompt is history-free, so nothing else matters."""
-    return [item_logprobs[i] for i in target_items]
-
-
-# ----------------------------------------------------------------------------- disk cache
-
-def model_fingerprint(model, samples: int = 4096) -> str:
-    """Hash of the config plus, for every tensor of the state dict, its name, shape, dtype, a
-    strided sample of its values and its float64 sum and sum of squares (so a change anywhere in
-    a tensor, e.g. a merged LoRA delta, changes the fingerprint)."""
-    h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True, default=str).encode())
-    for name, t in model.state_dict().items():
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // samples)
-        sample = flat[::step][:samples].float().cpu().numpy()
-        stats = torch.stack([flat.double().sum(), flat.double().square().sum()]).cpu().numpy()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        h.update(sample.tobytes())
-        h.update(stats.tobytes())
-    return h.hexdigest()
-
-
-def relevance_cache_key(model_fingerprint: str, dataset: str, prompt_ids: Sequence[int],
-                        titles: Sequence[str], target_ids: Sequence[Sequence[int]]) -> str:
-    """Everything Eq. 3's numbers depend on: the scoring model, the dataset, the masked prompt's
-    ids (template and tokenizer) and every item's title and target ids, in the caller's order."""
-    payload = {"format": CACHE_FORMAT, "model": model_fingerprint, "dataset": dataset,
-               "prompt": list(prompt_ids), "titles": list(titles),
-               "targets": [list(t) for t in target_ids]}
-    return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
-
-
-def load_or_compute(model, builder, dataset: str, titles: Sequence[str], cache_dir,
-                    batch_size: int = 64, shard=None, progress: bool = False) -> list[torch.Tensor]:
-    """`item_token_logprobs`, read from `cache_dir` when an entry with the exact same key exists.
-
-    With `shard` the scoring is split across ranks and only rank 0 writes the entry. The file (safetensors: flat log-probs + offsets, the key in its metadata) is named after the
-    key and written atomically (temporary file + os.replace), so a stale or half-written entry
-    is never read."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open, save_file
-
-    targets = [builder.target_ids(t) for t in titles]
-    key = relevance_cache_key(model_fingerprint(model), dataset, masked_prompt_ids(builder), titles, targets)
-    cache_dir = Path(cache_dir)
-    path = cache_dir / f"relevance-{dataset}-{key[:20]}.safetensors"
-    lengths = [len(t) for t in targets]
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                stored_key = (f.metadata() or {}).get("key")
-            if stored_key == key:
-                data = load_file(str(path))
-                offsets = data["offsets"].tolist()
-                if np.diff(offsets).tolist() == lengths:
-                    return list(torch.split(data["logprobs"], lengths))
-        except (SafetensorError, OSError, KeyError):
-            pass  # unreadable entry: recompute and overwrite it
-    logprobs = item_token_logprobs(model, builder, titles, batch_size, shard, progress)
-    if shard is not None and not shard.main:
-        return logprobs
-    flat = torch.cat(logprobs) if logprobs else torch.zeros(0)
-    offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"logprobs": flat.float().contiguous(), "offsets": offsets}, tmp,
-                  metadata={"key": key, "format": CACHE_FORMAT, "dataset": dataset, "n_items": str(len(titles))})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return logprobs
-
-
-# ----------------------------------------------------------------------------- grouping (§3.2)
+# ----------------------------------------------------------------------------- k-means (§3.2)
 
 def _kmeans_dp(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
     """Exact weighted 1-D k-means of sorted distinct x (m >= k) -> cluster index 0..k-1 per value.
@@ -264,9 +121,9 @@ def group_values(values, n_groups: int, method: str = "kmeans", backend: str = "
     method "kmeans": 1-D k-means; backend "sklearn" (KMeans, n_init=10, random_state=seed),
       "dp" (exact optimum, no dependency) or "auto" (sklearn if importable, else dp).
       With m < G distinct values each value is its own group: ids 1..m, groups m+1..G empty.
-    method "quantile": equal-size groups by rank (footnote 2); a run of ties would straddle a
-      boundary stays whole in the higher group, so sizes are equal up to ties and a group can
-      be empty when ties are long.
+    method "quantile": equal-size groups by rank (footnote 2, `quantile_groups`); a run of equal
+      values that would straddle a group boundary goes whole to the higher group, so sizes are
+      equal up to ties and a group can be empty when ties are long.
     Always: equal values share a group; empty input -> empty array; non-finite values raise.
     Returns an int64 numpy array shaped like `values`.
     """
@@ -277,29 +134,28 @@ def group_values(values, n_groups: int, method: str = "kmeans", backend: str = "
         raise ValueError("values contain NaN or infinity")
     if v.size == 0:
         return np.zeros(v.shape, dtype=np.int64)
-    u, inverse, counts = np.unique(v.reshape(-1), return_inverse=True, return_counts=True)
-    m = u.size
     if backend not in ("auto", "sklearn", "dp"):
         raise ValueError(f"unknown backend {backend!r} (auto, sklearn, dp)")
     if method == "quantile":
-        greater = v.size - np.cumsum(counts)          # how many values lie above each distinct value
-        group_of_unique = greater * n_groups // v.size + 1
-    elif method == "kmeans":
-        k = min(n_groups, m)
-        if k == m:
-            cluster = np.arange(m)                     # every distinct value is its own cluster
-        elif backend == "auto":
-            try:
-                cluster = _kmeans_sklearn(u, counts, k, seed)
-            except ImportError:
-                cluster = _kmeans_dp(u, counts.astype(np.float64), k)
-        elif backend == "sklearn":
-            cluster = _kmeans_sklearn(u, counts, k, seed)
-        else:
-            cluster = _kmeans_dp(u, counts.astype(np.float64), k)
-        group_of_unique = cluster.max() - cluster + 1  # ascending clusters -> group 1 = highest
-    else:
+        return quantile_groups(v, n_groups)
+    if method != "kmeans":
         raise ValueError(f"unknown method {method!r} (kmeans, quantile)")
+    # k-means runs on the distinct values weighted by their counts: a title's tokens recur in
+    # every example that targets it, so there are far fewer distinct values than tokens.
+    u, inverse, counts = np.unique(v.reshape(-1), return_inverse=True, return_counts=True)
+    k = min(n_groups, u.size)
+    if k == u.size:
+        cluster = np.arange(k)                         # every distinct value is its own cluster
+    elif backend == "auto":
+        try:
+            cluster = _kmeans_sklearn(u, counts, k, seed)
+        except ImportError:
+            cluster = _kmeans_dp(u, counts.astype(np.float64), k)
+    elif backend == "sklearn":
+        cluster = _kmeans_sklearn(u, counts, k, seed)
+    else:
+        cluster = _kmeans_dp(u, counts.astype(np.float64), k)
+    group_of_unique = cluster.max() - cluster + 1      # ascending clusters -> group 1 = highest
     return group_of_unique[inverse].reshape(v.shape).astype(np.int64)
 
 

@@ -23,15 +23,14 @@ This module knows only modules and names; nothing about recommendation.
 
 import json
 import math
-import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanogdrt.files import atomic_path
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -215,25 +214,10 @@ def save_adapter(model: nn.Module, folder, config: LoRAConfig,
     state = adapter_state_dict(model)
     if not state:
         raise ValueError("model has no LoRA layers to save (call inject_lora first)")
-    with _atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
+    with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
-    with _atomic_path(folder / ADAPTER_CONFIG) as tmp:
+    with atomic_path(folder / ADAPTER_CONFIG) as tmp:
         Path(tmp).write_text(json.dumps(peft_config_dict(config, base_model_name_or_path), indent=2))
-
-
-@contextmanager
-def _atomic_path(target: Path):
-    """Yield a temp path beside `target`, renamed onto it only on success, so a crash mid-write
-    never leaves a truncated adapter where a good one was."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; an adapter is an ordinary file
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def read_adapter_config(folder) -> LoRAConfig:

@@ -9,8 +9,9 @@ Accuracy. With `rank` the 0-based position of the target in a user's ranked list
 The paper's code generates titles and compares strings, so an item whose title is shared by several
 ids (57 titles in Toy) counts as a hit for any of them: pass `titles` (id -> title) to match that way.
 
-Unfairness. Items are cut into n_groups = 5 equal-size groups by their relevance to auxiliary tokens
-(Eq. 2), group 1 holding the most relevant items (`item_groups`). Over all test users,
+Unfairness. Items are cut into N_ITEM_GROUPS = 5 equal-size groups by their relevance to auxiliary
+tokens (Eq. 2), group 1 holding the most relevant items (`nanogdrt.grouping.item_groups`). Over all
+test users,
     GP_g = share of group g among all top-K recommended items
     GH_g = share of group g among all history items
     MGU@K = mean_g |GP_g - GH_g|          DGU@K = max_g (GP_g - GH_g) - min_g (GP_g - GH_g)
@@ -23,6 +24,8 @@ recommendations beside the test targets).
 import math
 
 import numpy as np
+
+from nanogdrt.grouping import N_ITEM_GROUPS
 
 
 def target_ranks(ranked, targets, titles=None) -> list[int | None]:
@@ -49,21 +52,7 @@ def per_user_metrics(ranked, targets, k, titles=None) -> dict[str, np.ndarray]:
     return {"hit": hit, "ndcg": ndcg}
 
 
-def item_groups(relevance: dict[int, float], n_groups=5) -> dict[int, int]:
-    """Item -> group 1..n_groups, equal sizes (differ by at most one), group 1 = highest relevance.
-
-    Ties in relevance are broken by item id so that the grouping is deterministic."""
-    if len(relevance) < n_groups:
-        raise ValueError(f"{len(relevance)} items cannot fill {n_groups} groups")
-    order = sorted(relevance, key=lambda item: (-relevance[item], item))
-    groups = {}
-    for g, chunk in enumerate(np.array_split(np.arange(len(order)), n_groups), start=1):
-        for i in chunk:
-            groups[order[i]] = g
-    return groups
-
-
-def group_distribution(item_ids, item_group, n_groups=5) -> np.ndarray:
+def group_distribution(item_ids, item_group, n_groups=N_ITEM_GROUPS) -> np.ndarray:
     """Share of each group among `item_ids` (index g-1 holds group g); items without a group skipped."""
     counts = np.zeros(n_groups)
     for item in item_ids:
@@ -73,7 +62,7 @@ def group_distribution(item_ids, item_group, n_groups=5) -> np.ndarray:
     return counts / total if total else counts
 
 
-def group_unfairness(ranked, histories, item_group, k, n_groups=5) -> tuple[float, float]:
+def group_unfairness(ranked, histories, item_group, k, n_groups=N_ITEM_GROUPS) -> tuple[float, float]:
     """(MGU@k, DGU@k): the gap between the groups' share of top-k recommendations and of histories."""
     gp = group_distribution([item for items in ranked for item in items[:k]], item_group, n_groups)
     gh = group_distribution([item for history in histories for item in history], item_group, n_groups)
@@ -81,7 +70,8 @@ def group_unfairness(ranked, histories, item_group, k, n_groups=5) -> tuple[floa
     return float(np.abs(gap).mean()), float(gap.max() - gap.min())
 
 
-def evaluate(ranked, targets, histories, item_group=None, titles=None, ks=(5, 10), n_groups=5) -> dict:
+def evaluate(ranked, targets, histories, item_group=None, titles=None, ks=(5, 10),
+             n_groups=N_ITEM_GROUPS) -> dict:
     """Flat dict {"NDCG@5", "HR@5", ..., "MGU@5", "DGU@5", ...}; MGU/DGU only with `item_group`."""
     out = {}
     for k in ks:

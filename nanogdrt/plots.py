@@ -47,6 +47,18 @@ def per_group_curves(steps, values, path, ylabel, title):
 
 # ----------------------------------------------------------------------------- figures of nanogdrt.analyze
 
+def run_figures(out, method: str, tau: float, steps: list[dict], top1_dist, target_dist):
+    """The figures of one train.py run, into folder `out`: top-1 item groups beside the test
+    targets, the training loss by token group and, for GDRT, the weights Q(g) over the steps."""
+    x, name = [s["step"] for s in steps], method.upper()
+    group_distribution({"test targets": target_dist, f"{name} top-1": top1_dist}, out / "top1_group_distribution.png")
+    per_group_curves(x, [s["group_loss"] for s in steps], out / "group_loss.png",
+                     "mean NLL of the group's tokens", f"{name}: training loss by token group")
+    if method == "gdrt":
+        per_group_curves(x, [s["q"] for s in steps], out / "group_weights.png", "Q(g)",
+                         f"GDRT: group weights Q(g) = softmax(L(g)/{tau})")
+
+
 def _label_bars(ax, bars):
     for b in bars:
         h = b.get_height()

@@ -92,6 +92,11 @@ class PromptBuilder:
         """Ids the model must generate for `title`: the quoted title, then EOS (Eq. 1's y)."""
         return self._encode(f'"{title}"') + [self.tokenizer.eos_id]
 
+    def for_interaction(self, x, titles, *, with_target: bool) -> PromptIds:
+        """The prompt of one interaction (`x.history`, `x.target`: item ids; `titles`: id -> title),
+        with its target title for training and attribution, without it for generation."""
+        return self.build([titles[i] for i in x.history], titles[x.target] if with_target else None)
+
     def build(self, history: list[str], target: str | None = None, mask_history: bool = False) -> PromptIds:
         ids = list(self.head_ids)
         items = []

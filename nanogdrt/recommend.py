@@ -3,7 +3,7 @@
 Evaluation protocol of the paper (§4.1.4): for each user, trie-constrained beam search (beam
 10) over all catalogue titles gives a ranked list of items; NDCG@K and HR@K measure accuracy,
 MGU@K and DGU@K how far the recommended item groups stray from the users' histories, with the
-5 item groups formed by item relevance (Eq. 2) under the *base* model.
+N_ITEM_GROUPS = 5 item groups formed by item relevance (Eq. 2) under the *base* model.
 
     python -m nanogdrt.recommend --dataset toy --split test --users 100 --out recs.jsonl
     python -m nanogdrt.recommend --dataset synthetic --adapter runs/gdrt/best_adapter --out recs.jsonl
@@ -14,44 +14,18 @@ the top-K item ids and their scores) and prints the metrics.
 """
 
 import argparse
-import json
-import os
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-from nanogdrt import grouping, metrics
+from nanogdrt import files, grouping, metrics, relevance
 from nanogdrt.beam import beam_search
 from nanogdrt.trie import Trie
-
-RELEVANCE_CACHE = Path(os.environ.get("NANOGDRT_CACHE", Path(__file__).resolve().parent.parent
-                                      / "checkpoints" / ".relevance-cache"))
 
 
 def build_trie(builder, titles: dict[int, str]) -> Trie:
     """Trie of every catalogue title exactly as the model generates it (prompt.target_ids)."""
     return Trie.from_titles(titles, builder)
-
-
-def catalogue_logprobs(model, builder, dataset, cache_dir=RELEVANCE_CACHE, shard=None, progress=True):
-    """Eq. 3 token log-probs of every catalogue title under `model` -> {item id: (n_tokens,)}.
-    Cached on disk when `cache_dir` is given (keyed by model, dataset and titles). `shard` (a
-    `nanogdrt.distributed.Dist`) splits the work across data-parallel ranks."""
-    items = sorted(dataset.titles)
-    titles = [dataset.titles[i] for i in items]
-    progress = progress and (shard is None or shard.main)
-    logprobs = (grouping.load_or_compute(model, builder, dataset.name, titles, cache_dir, shard=shard,
-                                         progress=progress) if cache_dir
-                else grouping.item_token_logprobs(model, builder, titles, shard=shard, progress=progress))
-    return dict(zip(items, logprobs))
-
-
-def item_groups(logprobs: dict, n_groups=5) -> dict:
-    """Eq. 2 (mean of the title's token scores) -> the item groups of MGU/DGU (1 = most relevant)."""
-    relevance = dict(zip(logprobs, grouping.item_relevance(list(logprobs.values())).tolist()))
-    return metrics.item_groups(relevance, n_groups)
 
 
 def recommend(model, builder, trie, interactions, titles, beams=10, top_k=10, batch_size=32,
@@ -65,7 +39,7 @@ def recommend(model, builder, trie, interactions, titles, beams=10, top_k=10, ba
         records = recommend(model, builder, trie, mine, titles, beams, top_k, batch_size, length_penalty,
                             progress and dist.main) if mine else []
         return dist.gather(records, len(interactions))
-    prompts = [builder.build([titles[i] for i in x.history]).ids for x in interactions]
+    prompts = [builder.for_interaction(x, titles, with_target=False).ids for x in interactions]
     results = beam_search(model, prompts, trie, beams=beams, top_k=min(top_k, beams),
                           batch_size=batch_size,
                           length_penalty=length_penalty, progress=progress)
@@ -78,17 +52,6 @@ def score(records, interactions, titles, item_group=None) -> dict:
     """Metrics dict (NDCG/HR@5,10, and MGU/DGU@5,10 when item groups are given)."""
     return metrics.evaluate([r["topk_item_ids"] for r in records], [x.target for x in interactions],
                             [x.history for x in interactions], item_group=item_group, titles=titles)
-
-
-def write_jsonl(records, path):
-    """Atomic: the file appears complete or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def parse_rows(spec: str, n: int) -> slice:
@@ -140,7 +103,8 @@ def main(argv=None):
     builder = PromptBuilder(Tokenizer(model_dir), args.dataset)
     item_group = None
     if not args.no_fairness:  # groups come from the base model, before any adapter
-        item_group = item_groups(catalogue_logprobs(model, builder, dataset, shard=dist))
+        logprobs = relevance.catalogue_logprobs(model, builder, dataset, shard=dist)
+        item_group = grouping.item_groups(relevance.item_scores(logprobs))
     if args.adapter:
         load_adapter(model, args.adapter)
         model.eval()
@@ -151,7 +115,7 @@ def main(argv=None):
     seconds = time.perf_counter() - start
     if not dist.main:
         return
-    write_jsonl(records, args.out)
+    files.write_jsonl(args.out, records)
     result = score(records, interactions, dataset.titles, item_group)
     print(f"{len(records)} users of {args.dataset}/{args.split} in {seconds:.1f} s "
           f"({seconds / max(len(records), 1):.3f} s/user) -> {args.out}")

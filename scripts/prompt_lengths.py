@@ -8,17 +8,14 @@ the loss sees in training. Useful to size batches and the KV cache.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
+from nanogdrt.batches import epoch_batches, make_examples
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.data import load_dataset
 from nanogdrt.prompt import PromptBuilder
 from nanogdrt.tokenizer import Tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # train.py, for its batching
 
 
 def main():
@@ -33,7 +30,7 @@ def main():
     ds = load_dataset(args.dataset, data_dir=args.data_dir, train_file=args.train_file)
     builder = PromptBuilder(Tokenizer(ensure_embedded_checkpoint()), args.dataset)
     rows = getattr(ds, args.split)
-    prompts = [builder.build([ds.titles[i] for i in x.history], ds.titles[x.target]) for x in rows]
+    prompts = make_examples(builder, rows, ds.titles)
     print(f"{args.dataset} {args.split}: {len(rows)} prompts ({ds.source})")
     for label, lengths in (("prompt", [p.prompt_len for p in prompts]),
                            ("with target", [len(p.ids) for p in prompts])):
@@ -41,10 +38,9 @@ def main():
         print(f"  {label:<12} mean {lengths.mean():6.1f}  p95 {np.percentile(lengths, 95):6.1f}  max {lengths.max()}")
     # Training pads each batch to its longest row: tokens computed per real token, train.py's
     # batching in plain random order vs grouped by length (its default).
-    import train
     lengths = [len(p.ids) for p in prompts]
     for label, key in (("random batches", None), ("length-grouped", lengths)):
-        batches = train.epoch_batches(len(lengths), args.batch_size, seed=0, epoch=0, lengths=key)
+        batches = epoch_batches(len(lengths), args.batch_size, seed=0, epoch=0, lengths=key)
         padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
         print(f"  {label:<15} batch {args.batch_size}: {padded / sum(lengths):.3f} tokens computed per real token")
 

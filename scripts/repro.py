@@ -20,7 +20,6 @@ so the same command finishes an interrupted reproduction where an uninterrupted 
 
 import argparse
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -32,12 +31,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nanogdrt import metrics  # noqa: E402
+from nanogdrt import files, grouping, metrics, relevance  # noqa: E402
 from nanogdrt.checkpoint import ensure_embedded_checkpoint  # noqa: E402
 from nanogdrt.data import load_dataset  # noqa: E402
 from nanogdrt.llama import Llama  # noqa: E402
 from nanogdrt.prompt import PromptBuilder  # noqa: E402
-from nanogdrt.recommend import RELEVANCE_CACHE, catalogue_logprobs, item_groups  # noqa: E402
 from nanogdrt.tokenizer import Tokenizer  # noqa: E402
 
 TABLE_KEYS = ["NDCG@5", "NDCG@10", "HR@5", "HR@10", "MGU@5", "DGU@5"]
@@ -64,9 +62,7 @@ class Log:
         subprocess.run(argv, check=True, cwd=ROOT)
         self.entries.append({"stage": name, "command": shlex.join(argv),
                              "seconds": round(time.perf_counter() - start, 1)})
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.entries, indent=1))
-        os.replace(tmp, self.path)
+        files.write_json(self.path, self.entries)
 
 
 def train_argv(a, out: Path, method: str, groups=None, tau=None) -> list[str]:
@@ -141,8 +137,8 @@ def report(a, out: Path, gdrt_dir: Path, grid_scores: dict):
     # fingerprint, so the model is loaded (not run) to find the entry.
     model_dir = ensure_embedded_checkpoint()
     model = Llama.from_pretrained(model_dir)
-    item_group = item_groups(catalogue_logprobs(model, PromptBuilder(Tokenizer(model_dir), "toy"), dataset,
-                                                RELEVANCE_CACHE))
+    logprobs = relevance.catalogue_logprobs(model, PromptBuilder(Tokenizer(model_dir), "toy"), dataset)
+    item_group = grouping.item_groups(relevance.item_scores(logprobs))
     files = {"base model": out / "base" / "test_predictions.jsonl", "SFT": out / "sft" / "test_predictions.jsonl",
              "GDRT": gdrt_dir / "test_predictions.jsonl"}
     models = {}
@@ -165,9 +161,9 @@ def report(a, out: Path, gdrt_dir: Path, grid_scores: dict):
     lines += ["", "Commands and wall times (this machine):", "", "| stage | seconds | command |", "|---|---|---|"]
     lines += [f"| {e['stage']} | {e['seconds']:.0f} | `{e['command']}` |" for e in log]
     text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
-    (out / "report.json").write_text(json.dumps({"table": table, "valid": {
-        name: dict(zip(SELECT_KEYS, v)) for name, v in grid_scores.items()}}, indent=1))
+    files.write_text(out / "report.md", text)
+    files.write_json(out / "report.json", {"table": table, "valid": {
+        name: dict(zip(SELECT_KEYS, v)) for name, v in grid_scores.items()}})
     print("\n" + text)
 
 

@@ -1,7 +1,9 @@
 """Shared fixtures: the embedded model is loaded once per test session; real data is optional."""
 
 import json
+import runpy
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ import torch
 
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
 
-TOY_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "toy"
+ROOT = Path(__file__).resolve().parent.parent
+TOY_DIR = ROOT.parent / "shared" / "data" / "toy"
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +69,20 @@ def tiny_model_dir(tmp_path_factory, smollm_dir):
     state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
     return folder
+
+
+@pytest.fixture(scope="session")
+def train_py():
+    """`python train.py ARGS` run in this process (train.py is a script, not a library): a test
+    can point $NANOGDRT_CACHE elsewhere or patch a nanogdrt function the script imports."""
+    def run(*argv):
+        saved = sys.argv
+        sys.argv = [str(ROOT / "train.py"), *map(str, argv)]
+        try:
+            runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+        except SystemExit as e:   # sys.exit(main()) on success, 0 after --help
+            if e.code not in (None, 0):
+                raise
+        finally:
+            sys.argv = saved
+    return run

@@ -10,7 +10,6 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-import train
 from nanogdrt import analyze, attribution
 from nanogdrt.analyze import FIGURES, cooccurrence_rates
 from nanogdrt.llama import Llama
@@ -18,16 +17,16 @@ from nanogdrt.prompt import PromptIds
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model_dir, tmp_path_factory):
+def runs(train_py, tiny_model_dir, tmp_path_factory):
     """Two finished train.py runs on 24 synthetic windows: SFT (1 epoch) and GDRT (2 epochs)."""
     root = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "RELEVANCE_CACHE", root / "cache")
+        mp.setenv("NANOGDRT_CACHE", str(root / "cache"))
         for method, epochs in (("sft", "1"), ("gdrt", "2")):
-            train.main(["--model", str(tiny_model_dir), "--dataset", "synthetic", "--train-samples", "24",
-                        "--valid-users", "4", "--test-users", "6", "--epochs", epochs, "--batch-size", "4",
-                        "--beams", "4", "--eval-batch-size", "4", "--lr", "3e-3", "--method", method,
-                        "--out", str(root / method)])
+            train_py("--model", tiny_model_dir, "--dataset", "synthetic", "--train-samples", "24",
+                     "--valid-users", "4", "--test-users", "6", "--epochs", epochs, "--batch-size", "4",
+                     "--beams", "4", "--eval-batch-size", "4", "--lr", "3e-3", "--method", method,
+                     "--out", root / method)
     return root / "sft", root / "gdrt"
 
 

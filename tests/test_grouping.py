@@ -1,121 +1,12 @@
-"""grouping.py against references: full forward passes (Eq. 3), brute force and scikit-learn (k-means)."""
+"""grouping.py against references: brute force and scikit-learn (k-means), np.array_split (equal sizes)."""
 
 import itertools
-import os
 import sys
 
 import numpy as np
 import pytest
-import torch
 
-from nanogdrt import grouping
-from nanogdrt.grouping import (group_values, item_relevance, item_token_logprobs, load_or_compute,
-                               masked_prompt_ids, model_fingerprint, score_targets, token_groups,
-                               token_relevance)
-from nanogdrt.llama import Llama, LlamaConfig
-from nanogdrt.prompt import PromptBuilder
-
-TITLES = ["LEGO City Fire Station", "Melissa & Doug Wooden Abacus", "Uno Card Game",
-          "Ravensburger 500 Piece Puzzle - Lighthouse", "Uno Card Game", "Play-Doh"]
-
-
-def tiny_model(vocab, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    return Llama(cfg).eval()
-
-
-@torch.no_grad()
-def reference_logprobs(model, ids: list[int], start: int) -> torch.Tensor:
-    """The straightforward way: one full forward, log_softmax at the positions before ids[start:]."""
-    logp = model(torch.tensor([ids])).float().log_softmax(-1)[0]          # (T, V)
-    pos = torch.arange(start, len(ids))
-    return logp[pos - 1, torch.tensor(ids[start:])]
-
-
-# ----------------------------------------------------------------------------- Eq. 3
-
-def test_score_targets_equals_full_forward_tiny():
-    vocab = 101
-    model = tiny_model(vocab)
-    g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (13,), generator=g).tolist()
-    targets = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (1, 5, 3, 9, 2, 5, 7)]
-    got = score_targets(model, prompt, targets, batch_size=3)              # several padded batches
-    for t, lp in zip(targets, got):
-        ref = reference_logprobs(model, prompt + t, len(prompt))
-        assert lp.shape == (len(t),)
-        torch.testing.assert_close(lp, ref, atol=1e-4, rtol=0)
-
-
-def test_item_logprobs_equal_masked_prompt_forward(tokenizer):
-    """Via PromptBuilder, vs build(history, target, mask_history=True): the history is irrelevant."""
-    model = tiny_model(tokenizer.vocab_size)
-    builder = PromptBuilder(tokenizer, "toy")
-    got = item_token_logprobs(model, builder, TITLES, batch_size=4)
-    for title, lp in zip(TITLES, got):
-        p = builder.build(["Some Other Toy", "Another One"], title, mask_history=True)
-        ref = reference_logprobs(model, p.ids, p.target[0])
-        assert lp.shape == (len(builder.target_ids(title)),)
-        torch.testing.assert_close(lp, ref, atol=1e-4, rtol=0)
-    torch.testing.assert_close(got[2], got[4])                            # same title, same scores
-
-
-def test_item_logprobs_equal_masked_prompt_forward_smollm(smollm, tokenizer):
-    builder = PromptBuilder(tokenizer, "toy")
-    titles = TITLES[:3]
-    got = item_token_logprobs(smollm, builder, titles, batch_size=2)
-    for title, lp in zip(titles, got):
-        p = builder.build(["Bath Time Puzzle"], title, mask_history=True)
-        ref = reference_logprobs(smollm, p.ids, p.target[0])
-        torch.testing.assert_close(lp, ref, atol=1e-4, rtol=0)
-        assert (lp <= 0).all()
-
-
-def test_item_and_token_relevance():
-    lps = [torch.tensor([-1.0, -3.0]), torch.tensor([-0.5]), torch.tensor([-2.0, -2.0, -5.0])]
-    torch.testing.assert_close(item_relevance(lps), torch.tensor([-2.0, -0.5, -3.0]))   # Eq. 2
-    rel = token_relevance(lps, [2, 0, 2])
-    assert [r.tolist() for r in rel] == [[-2.0, -2.0, -5.0], [-1.0, -3.0], [-2.0, -2.0, -5.0]]
-    groups = token_groups(rel, 2, backend="dp")
-    assert [g.tolist() for g in groups] == [[1, 1, 2], [1, 1], [1, 1, 2]]   # {-5, -5} vs the rest
-
-
-# ----------------------------------------------------------------------------- disk cache
-
-def test_cache_roundtrip_and_staleness(tokenizer, tmp_path, monkeypatch):
-    model = tiny_model(tokenizer.vocab_size)
-    builder = PromptBuilder(tokenizer, "toy")
-    first = load_or_compute(model, builder, "toy", TITLES, tmp_path)
-    files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].endswith(".safetensors")         # no temporary file left
-
-    def fail(*args, **kwargs):
-        raise AssertionError("recomputed although a valid cache entry exists")
-
-    with monkeypatch.context() as m:
-        m.setattr(grouping, "score_targets", fail)
-        again = load_or_compute(model, builder, "toy", TITLES, tmp_path)
-    for a, b in zip(first, again):
-        assert torch.equal(a, b)
-
-    # Any change of model weights, titles or dataset is a new key, never the old entry.
-    fp = model_fingerprint(model)
-    with torch.no_grad():
-        model.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3          # one element, maybe unsampled
-    assert model_fingerprint(model) != fp
-    changed = load_or_compute(model, builder, "toy", TITLES, tmp_path)
-    assert not torch.equal(changed[0], first[0])
-    load_or_compute(model, builder, "toy", TITLES[:-1], tmp_path)
-    load_or_compute(model, builder, "book", TITLES, tmp_path)
-    assert len(os.listdir(tmp_path)) == 4
-
-
-def test_masked_prompt_has_no_history(tokenizer):
-    builder = PromptBuilder(tokenizer, "toy")
-    p = builder.build(["A", "B"], "C", mask_history=True)
-    assert masked_prompt_ids(builder) == p.ids[:p.target[0]]
+from nanogdrt.grouping import N_ITEM_GROUPS, group_values, item_groups, quantile_groups, token_groups
 
 
 # ----------------------------------------------------------------------------- grouping
@@ -203,3 +94,33 @@ def test_dp_handles_many_distinct_values():
     values = np.random.default_rng(2).normal(size=100_000)
     g = group_values(values, 10, backend="dp")
     assert sorted(np.unique(g)) == list(range(1, 11))
+
+
+def test_item_groups_equal_sizes_highest_first():
+    relevance = {i: float(i) for i in range(1, 11)}  # item 10 most relevant
+    groups = item_groups(relevance)
+    assert groups == {10: 1, 9: 1, 8: 2, 7: 2, 6: 3, 5: 3, 4: 4, 3: 4, 2: 5, 1: 5}
+    sizes = np.bincount(list(item_groups({i: 0.0 for i in range(11)}).values()))[1:]
+    assert sizes.tolist() == [3, 2, 2, 2, 2]  # sizes differ by at most one
+    ties = item_groups({5: 1.0, 3: 1.0, 4: 1.0, 1: 1.0, 2: 1.0})
+    assert ties == {1: 1, 2: 2, 3: 3, 4: 4, 5: 5}  # ties broken by item id
+    with pytest.raises(ValueError):
+        item_groups({1: 0.0}, n_groups=N_ITEM_GROUPS)
+
+
+@pytest.mark.parametrize("n", [5, 11, 12, 13, 14, 1003])
+def test_item_groups_equal_sort_then_array_split(n):
+    """The reference: sort by (-relevance, id), cut with np.array_split; ties and any input order."""
+    rng = np.random.default_rng(n)
+    ids = rng.permutation(10 * n)[:n].tolist()
+    scores = np.round(rng.normal(size=n), 1).tolist()                    # rounding makes ties
+    relevance = dict(zip(ids, scores))
+    order = sorted(relevance, key=lambda i: (-relevance[i], i))
+    expected = {order[i]: g for g, chunk in enumerate(np.array_split(np.arange(n), 5), 1) for i in chunk}
+    assert item_groups(relevance) == expected
+
+
+def test_quantile_groups_without_keys_keep_ties_in_the_higher_group():
+    values = np.array([3.0, 2.0, 2.0, 2.0, 1.0, 0.0])                    # chunks of 2: ranks 0-1, 2-3, 4-5
+    assert quantile_groups(values, 3).tolist() == [1, 1, 1, 1, 3, 3]     # the 2.0 run starts in chunk 1
+    assert quantile_groups(values, 3, keys=range(6)).tolist() == [1, 1, 2, 2, 3, 3]

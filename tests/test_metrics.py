@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import ndcg_score
 
-from nanogdrt.metrics import (evaluate, group_distribution, group_unfairness, item_groups,
-                              per_user_metrics, target_ranks)
+from nanogdrt.metrics import evaluate, group_distribution, group_unfairness, per_user_metrics, target_ranks
 
 # four users: target at rank 0, rank 4, rank 7, and absent
 RANKED = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
@@ -59,18 +58,6 @@ def test_ndcg_matches_sklearn():
             if target == 100:
                 y_score[0, 100] = -2.0  # the absent target last: ndcg 0 at k <= 20
             assert value == pytest.approx(ndcg_score(y_true, y_score, k=k), abs=1e-12)
-
-
-def test_item_groups_equal_sizes_highest_first():
-    relevance = {i: float(i) for i in range(1, 11)}  # item 10 most relevant
-    groups = item_groups(relevance)
-    assert groups == {10: 1, 9: 1, 8: 2, 7: 2, 6: 3, 5: 3, 4: 4, 3: 4, 2: 5, 1: 5}
-    sizes = np.bincount(list(item_groups({i: 0.0 for i in range(11)}).values()))[1:]
-    assert sizes.tolist() == [3, 2, 2, 2, 2]  # sizes differ by at most one
-    ties = item_groups({5: 1.0, 3: 1.0, 4: 1.0, 1: 1.0, 2: 1.0})
-    assert ties == {1: 1, 2: 2, 3: 3, 4: 4, 5: 5}  # ties broken by item id
-    with pytest.raises(ValueError):
-        item_groups({1: 0.0}, n_groups=5)
 
 
 def test_mgu_dgu_by_hand():
