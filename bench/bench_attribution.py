@@ -50,7 +50,7 @@ def toy_examples(n: int):
 def captum_features(model, seg_tok, builder, history, title, baseline, prefixes):
     """Captum's token_attr for the same features (prefix features j in `prefixes`), in our order."""
     p = builder.build(history, title)
-    segments = segments_of(builder, "toy", history)
+    segments = segments_of(builder, history)
     target = p.ids[p.target[0]:p.target[1]]
     decoded = [seg_tok.hf.decode([i]) for i in target]
     assert seg_tok.encode(SEP.join(segments + decoded)) == p.ids, "the bridge must see our ids"
@@ -87,7 +87,7 @@ def main():
 
     # Warm-up both paths once (allocator, thread pool), then time.
     attribute(model, builder.build(*examples[0]), tokenizer, baseline, all_prefixes)
-    captum_attr(model, seg_tok, segments_of(builder, "toy", examples[0][0]), [0],
+    captum_attr(model, seg_tok, segments_of(builder, examples[0][0]), [0],
                 builder.target_ids(examples[0][1]), baseline)
 
     ours_s = captum_s = max_diff = 0.0

@@ -9,8 +9,8 @@ the feature is removed.
 Features (half-open token ranges of `PromptIds`, so the spans come from prompt.py):
 
     head        the task text before the history (BOS, if any, is kept)   kind "task"
-    tail        "\\n\\n### Response:\\n"                                    kind "task"
-    item{i}     history item i: ' "Title"' or ', "Title"'                 kind "history"
+    tail        "\\n \\n\\n### Response:\\n"                                  kind "task"
+    item{i}     history item i: ' "Title"' (+ the ',' merged into '",')   kind "history"
     prefix{j}   target token j, as context for target tokens after it      kind "prefix"
 
 For one target token y_t and feature f (Captum's FeatureAblation convention, "original minus
@@ -23,10 +23,10 @@ after it: under teacher forcing tokens t <= j never see y_j, so a[t, prefix_j] =
 
 Ablation, two modes (as Captum's two text inputs):
 - text (`baseline` a str, default ""): the span's text is replaced by the baseline inside the
-  unchanged template, as `TextTemplateInput` does. Segments are tokenized on their own
-  (prompt.py), so this is exact id surgery: the span's ids become `encode(baseline)` and
-  everything after shifts. Removing item i removes ' "Title"' (or ', "Title"') whole: the user
-  never interacted with it. Rows then differ in length.
+  unchanged template, as `TextTemplateInput` does. The prompt is one joint tokenization cut
+  into spans at pre-token boundaries (prompt.py), so this is exact id surgery: the span's ids
+  become `encode(baseline)` and everything after shifts. Removing item i removes its quoted
+  title whole: the user never interacted with it. Rows then differ in length.
 - token (`baseline` an int): each token of the span becomes that id, as `TextTokenInput` does;
   lengths stay equal.
 All ablations of one example (plus the unablated prompt) run as one forward pass: a row shares the

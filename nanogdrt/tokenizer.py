@@ -1,7 +1,19 @@
-"""A thin wrapper over `tokenizers.Tokenizer` that knows the checkpoint's BOS/EOS/PAD ids.
+"""A thin wrapper over `tokenizers.Tokenizer` that knows the checkpoint's BOS/EOS/PAD ids and
+adds special tokens exactly as `transformers.AutoTokenizer.from_pretrained(folder)(text)` does.
 
 Everything that turns text into ids goes through here (mostly via nanogdrt.prompt), so the
 training targets, the "N/A"-masked prompts, the trie of titles and the attribution all agree.
+
+Which special tokens surround a text: those of tokenizer.json's post-processor, and none when
+it has none. That is what transformers (5.x) does for a `PreTrainedTokenizerFast` folder with
+a tokenizer.json: it then drops tokenizer_config.json's `add_bos_token` / `add_eos_token`
+(tests/test_tokenizer.py checks this against transformers; model-specific tokenizer classes
+are not covered). Llama-3 folders add <|begin_of_text|> through their post-processor
+(TemplateProcessing); the embedded SmolLM2 has none, so nothing is added.
+We read the post-processor's additions once, into `special_prefix` / `special_suffix` (ids
+before / after the text), then drop it from the backend: a ByteLevel post-processor with
+`trim_offsets` would move token offsets off their leading spaces, and prompt.py derives spans
+from the offsets.
 """
 
 import json
@@ -27,10 +39,18 @@ class Tokenizer:
         self.eos_id = self._special_id(tok_config.get("eos_token"), config.get("eos_token_id"))
         pad = self._special_id(tok_config.get("pad_token"), config.get("pad_token_id"))
         self.pad_id = pad if pad is not None else self.eos_id  # padding positions are masked anyway
-        # Whether to prepend BOS ourselves; Llama-3 style tokenizer.json files add it in
-        # their own post-processor, SmolLM2 adds none.
-        self.add_bos = bool(tok_config.get("add_bos_token", False))
         self.vocab_size = self.backend.get_vocab_size()
+
+        # What the post-processor puts around one plain token (special_tokens_mask marks it).
+        probe = self.backend.encode("a", add_special_tokens=True)
+        special = probe.special_tokens_mask
+        n_pre = special.index(0)
+        n_suf = special[::-1].index(0)
+        self.special_prefix = probe.ids[:n_pre]
+        self.special_suffix = probe.ids[len(probe.ids) - n_suf:]
+        self.backend.post_processor = None  # raw offsets; the specials are added by hand (above)
+        # Whether a BOS starts every transformers-tokenized text (Llama 3: yes; SmolLM2: no).
+        self.add_bos = self.bos_id is not None and self.special_prefix == [self.bos_id]
 
     def _special_id(self, token, fallback_id):
         if isinstance(token, dict):  # {"content": "<s>", ...} in older tokenizer_config files
@@ -41,10 +61,17 @@ class Tokenizer:
             fallback_id = fallback_id[0] if fallback_id else None
         return fallback_id
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        """Token ids of `text` with no special tokens added (BOS only if asked and configured)."""
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; with add_special_tokens, exactly transformers' `tokenizer(text)`."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] + ids if bos and self.add_bos and self.bos_id is not None else ids
+        return self.special_prefix + ids + self.special_suffix if add_special_tokens else ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """(ids, start): ids with no special tokens, and the character where each token starts.
+
+        Byte-level tokens that split one character share that character's start."""
+        enc = self.backend.encode(text, add_special_tokens=False)
+        return enc.ids, [s for s, _ in enc.offsets]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]

@@ -9,12 +9,14 @@ One copy, so that a benchmark times exactly the reference its test trusts:
   bench/bench_attribution.py):
   * `HFLikeModel` gives a nanogdrt Llama the Hugging Face call Captum makes:
     `model.forward(input_ids=..., attention_mask=...).logits`.
-  * `SegmentTokenizer` tokenizes text the way prompt.py does: each segment on its own, segments
-    joined by a private-use character SEP. A TextTemplateInput whose template joins its values by
-    SEP therefore yields exactly PromptBuilder's ids, and replacing a value by "" removes exactly
-    that segment's ids. (Tokenizing the whole string at once would merge tokens across segment
-    boundaries, e.g. '"' + ',' -> '",', and the two sides would not see the same ids.)
-  * `segments_of` writes the prompt's segments out independently of PromptBuilder's internals.
+  * `SegmentTokenizer` tokenizes text segment by segment, segments joined by a private-use
+    character SEP. The segments (`segments_of`) are the texts of our spans (head, each item,
+    tail), decoded from the prompt's ids: prompt.py cuts the joint tokenization of the whole
+    text at token boundaries that are also pre-token boundaries (e.g. '",' | ' "' between
+    items), so each segment tokenized on its own gives back exactly its span's ids (asserted in
+    tests/test_attribution.py). A TextTemplateInput whose template joins its values by SEP
+    therefore yields exactly PromptBuilder's ids, and replacing a value by "" removes exactly
+    that span's ids, which is what our text-mode ablation does.
   * `captum_attr` runs Captum with `forward_in_tokens=False`: one teacher-forced forward over
     prompt + target, "original minus ablated" log-probability per target token (token_attr) and
     summed (seq_attr), the definition in nanogdrt.attribution. Text mode ablates template values;
@@ -28,7 +30,7 @@ from types import SimpleNamespace
 
 import torch
 
-from nanogdrt.prompt import PREAMBLE, TEMPLATES, PromptBuilder
+from nanogdrt.prompt import PromptBuilder
 
 SEP = "\ue000"  # private-use character: never in a title, marks segment boundaries
 
@@ -91,12 +93,11 @@ class SegmentTokenizer:
         return self.hf.convert_ids_to_tokens(*args, **kwargs)
 
 
-def segments_of(builder: PromptBuilder, dataset: str, history: list[str]) -> list[str]:
-    """The prompt's segment texts, written out independently of PromptBuilder's internals."""
-    t = TEMPLATES[dataset]
-    head = f"{PREAMBLE}### Instruction:\n{t.instruction}\n\n### Input:\n{t.history}:"
-    items = [f'{"" if i == 0 else ","} "{title}"' for i, title in enumerate(history)]
-    return [head, *items, "\n\n### Response:\n"]
+def segments_of(builder: PromptBuilder, history: list[str]) -> list[str]:
+    """The texts of the prompt's spans (head without BOS, each item, tail), from its ids."""
+    p = builder.build(history)
+    spans = [(p.bos[1], p.task[0][1]), *p.items, p.task[1]]
+    return [builder.tokenizer.decode(p.ids[s:e]) for s, e in spans]
 
 
 def captum_attr(model, seg_tok, segments, features, target_ids, baseline):

@@ -3,11 +3,14 @@
 The bridge to Captum (tests/references.py, shared with bench/bench_attribution.py):
 - `HFLikeModel` gives a nanogdrt Llama the Hugging Face call Captum makes:
   `model.forward(input_ids=..., attention_mask=...).logits`.
-- `SegmentTokenizer` tokenizes text the way prompt.py does: each segment on its own, segments
-  joined by a private-use character SEP. A TextTemplateInput whose template joins its values by
-  SEP therefore yields exactly PromptBuilder's ids, and replacing a value by "" removes exactly
-  that segment's ids. (Tokenizing the whole string at once would merge tokens across segment
-  boundaries, e.g. '"' + ',' -> '",', and the two sides would not see the same ids.)
+- `SegmentTokenizer` tokenizes text segment by segment, segments joined by a private-use
+  character SEP. The segments are the texts of our spans (head, each item, tail), decoded
+  from the prompt's ids: prompt.py cuts the joint tokenization of the whole text at token
+  boundaries that are also pre-token boundaries (e.g. '",' | ' "' between items), so each
+  segment tokenized on its own gives back exactly its span's ids (asserted below). A
+  TextTemplateInput whose template joins its values by SEP therefore yields exactly
+  PromptBuilder's ids, and replacing a value by "" removes exactly that span's ids, which is
+  what our text-mode ablation does.
 - Captum is run with `forward_in_tokens=False`: one teacher-forced forward over prompt + target,
   log-softmax at the target positions, "original minus ablated" per target token (token_attr)
   and summed (seq_attr): the definition in nanogdrt.attribution.
@@ -30,13 +33,13 @@ from tests.references import SEP, SegmentTokenizer, captum_attr, segments_of
 TOL = 1e-4
 
 
-def check_against_captum(model, seg_tok, builder, dataset, history, title, baseline, all_prefixes):
+def check_against_captum(model, seg_tok, builder, history, title, baseline, all_prefixes):
     """Ours vs Captum: every prompt feature, and every prefix feature that we computed."""
     p = builder.build(history, title)
     ours = attribute(model, p, builder.tokenizer, baseline, all_prefixes=all_prefixes)
     prefixes = [int(f.name[len("prefix"):]) for f in ours.features if f.kind == "prefix"]
     names = [f.name for f in ours.features]
-    segments = segments_of(builder, dataset, history)
+    segments = segments_of(builder, history)
     target = p.ids[p.target[0]:p.target[1]]
     decoded = [seg_tok.hf.decode([i]) for i in target]
     assert seg_tok.encode(SEP.join(segments + decoded)) == p.ids, "bridge must see our ids"
@@ -98,10 +101,9 @@ def test_features_and_ablated_rows(builder, tokenizer):
             assert [ids[q] for _, q in r.scored] == target[r.scored[0][0]:]  # positions hold y_t
         if baseline == 0:
             assert {len(ids) for ids in full} == {len(p.ids)}              # token mode keeps lengths
-    # Text mode "" removes item 1's segment and nothing else: segment-wise concatenation.
+    # Text mode "" removes item 1's span and nothing else.
     rows = ablated_rows(p, feats, "", tokenizer)
-    segs = [builder.head_ids] + [builder.item_ids(t, i == 0) for i, t in enumerate(TITLES)]
-    expected = segs[0] + segs[1] + segs[3] + segs[4] + builder.tail_ids + builder.target_ids(TARGET)
+    expected = p.ids[:p.items[1][0]] + p.ids[p.items[1][1]:]
     assert p.ids[:rows[1 + 2].start] + rows[1 + 2].ids == expected
     assert rows[1 + 2].start == p.items[1][0]  # the row shares the prompt before the item
     assert rows[1].ids == p.ids[p.task[0][1]:]  # head -> "" (SmolLM2 has no BOS to keep)
@@ -112,8 +114,7 @@ def test_features_and_ablated_rows(builder, tokenizer):
 @pytest.mark.parametrize("baseline", ["", " N/A", 0])
 def test_matches_captum_tiny_model(tiny, seg_tok, builder, baseline):
     """Every feature, prefix ones included, on a tiny random model: text and token modes."""
-    ours = check_against_captum(tiny, seg_tok, builder, "toy", TITLES, TARGET, baseline,
-                                all_prefixes=True)
+    ours = check_against_captum(tiny, seg_tok, builder, TITLES, TARGET, baseline, all_prefixes=True)
     assert len(ours.features) == 6 + len(builder.target_ids(TARGET)) - 1
 
 
@@ -132,8 +133,7 @@ def test_matches_captum_smollm_toy(smollm, seg_tok, builder, toy_dir):
         rows = [ast.literal_eval(r["item_ids"]) for r in csv.DictReader(f)]
     ids = next(r for r in rows if len(r) == 5)  # the shortest histories: 4 items
     history, title = [names[str(i)] for i in ids[:-1]], names[str(ids[-1])]
-    ours = check_against_captum(smollm, seg_tok, builder, "toy", history, title, "",
-                                all_prefixes=False)
+    ours = check_against_captum(smollm, seg_tok, builder, history, title, "", all_prefixes=False)
     assert ours.first_title_token == 1  # '"' then the title's first token
     assert [f.name for f in ours.features if f.kind == "prefix"] == ["prefix1"]
 

@@ -31,9 +31,9 @@ RUNS = ["sft", "gdrt-G2-tau0.5", "gdrt-G3-tau1.0"]
 @pytest.fixture(scope="module")
 def toy_like(tmp_path_factory):
     """id2name.json + train_small.csv / valid.csv / test.csv (item_ids only), from the synthetic data."""
-    from nanogdrt.synthetic import synthetic_dataset
+    from nanogdrt.data import load_dataset
 
-    ds = synthetic_dataset()
+    ds = load_dataset("synthetic")
     splits = {"train_small.csv": ds.train[:24], "valid.csv": ds.valid[:8], "test.csv": ds.test[:6]}
     folder = tmp_path_factory.mktemp("toy-like")
     items = sorted({i for rows in splits.values() for x in rows for i in [*x.history, x.target]})

@@ -61,19 +61,47 @@ def test_rejects_targets_without_final_eos():
         Trie.from_token_ids({}, EOS)
 
 
-def test_toy_catalogue_agrees_with_prompt_builder(tokenizer, toy_dir):
+def check_catalogue(titles: dict[int, str], builder, hf):
+    """Each title's path in the trie = the ids after the response header in MSL's prompt for
+    that target, tokenized whole by transformers (the "N/A" prompt of Eq. 2), + EOS."""
+    from msl_reference import msl_ids, msl_text
+
+    trie = Trie.from_titles(titles, builder)
+    header = msl_ids(hf, msl_text("toy", [], na=True), add_eos=False)
+    full = hf([msl_text("toy", [], t, na=True) for t in titles.values()])["input_ids"]
+    for item, ids in zip(titles, full):
+        assert ids[:len(header)] == header
+        leaf = trie.walk(ids[len(header):] + [hf.eos_token_id])
+        assert leaf is not None and item in trie.leaf_items[leaf], titles[item]
+    return trie
+
+
+@pytest.fixture(scope="module")
+def hf(smollm_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(smollm_dir)
+
+
+def test_synthetic_catalogue_agrees_with_msl_prompts(tokenizer, hf):
+    from nanogdrt.prompt import PromptBuilder
+    from nanogdrt.synthetic import SyntheticConfig, generate
+
+    check_catalogue(generate(SyntheticConfig()).titles, PromptBuilder(tokenizer, "synthetic"), hf)
+
+
+def test_toy_catalogue_agrees_with_msl_prompts(tokenizer, hf, toy_dir):
     from nanogdrt.prompt import PromptBuilder
 
     builder = PromptBuilder(tokenizer, "toy")
     titles = {int(k): v for k, v in json.loads((toy_dir / "id2name.json").read_text()).items()}
-    trie = Trie.from_titles(titles, builder)
+    trie = check_catalogue(titles, builder, hf)
     assert sum(len(ids) for ids in trie.leaf_items.values()) == len(titles) == 11758
     assert sum(len(ids) > 1 for ids in trie.leaf_items.values()) == 57  # shared titles (README)
-    # The target of a test row, tokenized as in training, is a path to that item's leaf.
+    # The target of a test row, in its prompt with history, is a path to that item's leaf.
     row = (toy_dir / "test.csv").read_text().splitlines()[1]
-    target = ast.literal_eval(row.split('"')[1])[-1]
-    leaf = trie.walk(builder.build([], titles[target]).ids[-len(builder.target_ids(titles[target])):])
-    assert target in trie.leaf_items[leaf]
+    items = ast.literal_eval(row.split('"')[1])
+    p = builder.build([titles[i] for i in items[:-1]], titles[items[-1]])
+    assert items[-1] in trie.leaf_items[trie.walk(p.ids[slice(*p.target)])]
 
 
 def test_prefix_nodes_are_the_nodes_before_each_target_token():
