@@ -33,43 +33,72 @@ All ablations of one example (plus the unablated prompt) run as one forward pass
 unablated tokens before its span, so only its suffix is computed, packed beside the others
 (`PackedAttention`); the LM head is applied only at the target positions.
 
-Ratios (Fig. 2 / Fig. 7). Spans differ a lot in length (a 10-item history is ~100 tokens, the
-task text ~60, a prefix token 1), and a longer span removes more context at once, so raw span
-attributions would favour long spans merely by length. We therefore compare attribution *per
-token*: the sum of the span attributions of a kind divided by the number of tokens in those
-spans (span ablation is not additive over tokens; this is the per-token share of the span's
-effect, not a sum of single-token ablations).
+Ratios (Fig. 2 / Fig. 7), two definitions, both reported by nanogdrt.analyze.
+
+"segment (paper)": what Captum's `LLMAttribution(FeatureAblation)` over a `TextTemplateInput`
+computes, the tool the paper cites (its refs [34, 47]). Two features, each ablated whole (text
+baseline ""), and the target is the *predicted* item: the top-1 title of constrained beam search,
+its ids as the model generates them ('"', title, '"', EOS). A feature's attribution is Captum's
+seq_attr, the drop of log P(title | prompt) summed over the target tokens (`segment_features`):
+- task description vs interactions: A(task) / A(interactions). "The task description" is all the
+  auxiliary prompt text, i.e. everything outside the quoted history list (head without BOS, and
+  the tail; one feature of two template values). Why: the paper splits the input into auxiliary
+  (task-description) and interaction tokens and nothing else, and its Eq. 2/3 measure relevance
+  to the auxiliary tokens with the prompt minus the history (history -> "N/A"); the sentence
+  "The user has played the following toys before:" is thus auxiliary too. The alternative, the
+  instruction sentence alone ("Given a list of toys ... to the user."), is ablated in the same
+  pass: `instruction_ratio`. The interactions feature is the whole list, from the space after
+  "before:" (it belongs to the token ' "') to the last title's closing quote.
+- prefix vs interactions ("prefix tokens of the predicted item, take the first token"): Captum
+  cannot ablate the target, so the first generated token y_0 is appended to the prompt as a third
+  feature and y_1.. is the target: A(y_0) / A(interactions), both summed over y_1.. (teacher
+  forcing: the same as our prefix0 column and the interaction column at t >= 1). With MSL's
+  prompt y_0 is the opening quote '"' of every title (the paper's lineage quotes titles too).
+Aggregation: Fig. 2 shows one number per model and the paper does not say how it pooled
+examples, so we report both the ratio of means (sum of A(aux) over sum of A(interactions)) and the
+mean of per-example ratios (over the examples whose ratio is defined).
+
+"per-token (ours)": target = the ground-truth title; spans differ a lot in length (a 10-item
+history is ~100 tokens, the task text ~60, a prefix token 1), and a longer span removes more
+context at once, so we divide each kind's summed span attributions by its number of tokens (span
+ablation is not additive over tokens; this is the per-token share of the span's effect):
 - task ratio: (A_head + A_tail) / (n_head + n_tail)  over  sum_i A_item_i / sum_i n_item_i,
-  with A summed over all target tokens (the title and EOS).
+  with A summed over all target tokens (the title and EOS); head/tail include the history
+  intro sentence and the response header.
 - prefix ratio: the first title token's attribution (one token) over the interaction tokens'
   per-token attribution, both summed over the same target tokens, those after it. The first
-  title token is the first target token with title text: every target opens with the quote
-  token '"', which is identical for all items and so carries no item information.
-Over examples we report the ratio of means (mean per-token auxiliary attribution over mean
-per-token interaction attribution), not the mean of per-example ratios: an example whose
-interaction attribution is near zero (or negative) makes its own ratio explode or flip sign and
-would dominate a mean of ratios. Per-example terms are returned too, for other summaries.
+  title token is the first target token with title text (the quote '"' before it is the same
+  for all items and so carries no item information).
+Over examples: the ratio of means, since an example whose interaction attribution is near zero
+(or negative) makes its own ratio explode or flip sign. Per-example terms are returned too.
 """
 
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from nanogdrt.prompt import PromptIds
+from nanogdrt.prompt import PromptBuilder, PromptIds
 from nanogdrt.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
 class Feature:
-    name: str               # "head", "tail", "item3", "prefix0", ...
-    kind: str               # "task" | "history" | "prefix"
+    name: str               # "head", "tail", "item3", "prefix0", "auxiliary", ...
+    kind: str               # "task" | "instruction" | "history" | "prefix"
     span: tuple[int, int]   # [start, end) in PromptIds.ids
+    more: tuple[tuple[int, int], ...] = ()  # later spans ablated together with `span` (one
+                                            # feature of several template values, as Captum's mask)
+
+    @property
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        return (self.span, *self.more)
 
     @property
     def n_tokens(self) -> int:
-        return self.span[1] - self.span[0]
+        return sum(e - s for s, e in self.spans)
 
 
 @dataclass
@@ -128,11 +157,14 @@ def ablated_rows(p: PromptIds, features: list[Feature], baseline: str | int, tok
     text_ids = tokenizer.encode(baseline) if isinstance(baseline, str) else None
     rows = [Row(0, list(p.ids), [(t, t0 + t) for t in range(t1 - t0)])]
     for f in features:
-        s, e = f.span
-        repl = text_ids if text_ids is not None else [baseline] * (e - s)
-        shift = len(repl) - (e - s)  # later tokens move by this much (0 in token mode)
-        first = e - t0 if f.kind == "prefix" else 0
-        rows.append(Row(s, repl + p.ids[e:], [(t, t0 + t + shift) for t in range(first, t1 - t0)]))
+        ids, pos = [], f.span[0]
+        for s, e in f.spans:    # each span -> the baseline; the tokens between spans are kept
+            ids += p.ids[pos:s] + (text_ids if text_ids is not None else [baseline] * (e - s))
+            pos = e
+        ids += p.ids[pos:]
+        shift = len(ids) - (len(p.ids) - f.span[0])  # later tokens move by this much (0 in token mode)
+        first = f.spans[-1][1] - t0 if f.kind == "prefix" else 0
+        rows.append(Row(f.span[0], ids, [(t, t0 + t + shift) for t in range(first, t1 - t0)]))
     return rows
 
 
@@ -193,17 +225,19 @@ class PackedAttention:
 
 @torch.no_grad()
 def attribute(model, p: PromptIds, tokenizer: Tokenizer, baseline: str | int = "",
-              all_prefixes: bool = True) -> Attribution:
+              all_prefixes: bool = True, features: list[Feature] | None = None) -> Attribution:
     """Feature-ablation attribution of one example in one forward pass.
 
     model: a nanogdrt Llama (anything with `hidden_states(ids, context=)` and `logits(hidden)`).
     baseline: a str replaces each span's text (text mode); an int replaces each token (token mode).
     all_prefixes: False keeps only the first title token among the prefix features (all that
-    the ratios need).
+    the per-token ratios need).
+    features: ablate these instead of `features_of(p)` (e.g. `segment_features`).
     """
     first = first_title_token(p, tokenizer)
-    features = [f for f in features_of(p, tokenizer)
-                if all_prefixes or f.kind != "prefix" or f.name == f"prefix{first}"]
+    if features is None:
+        features = [f for f in features_of(p, tokenizer)
+                    if all_prefixes or f.kind != "prefix" or f.name == f"prefix{first}"]
     rows = ablated_rows(p, features, baseline, tokenizer)
     device = model.lm_head.weight.device
     packed = PackedAttention(rows, device)
@@ -234,7 +268,7 @@ def attribute(model, p: PromptIds, tokenizer: Tokenizer, baseline: str | int = "
     return Attribution(features, token_attr, full, first)
 
 
-# ----------------------------------------------------------------------------- the ratios of Fig. 2 / 7
+# ----------------------------------------------------------------------------- per-token ratios (ours)
 
 class RatioTerms(NamedTuple):
     """Per-token attributions of one example; each ratio is a quotient of two of them."""
@@ -276,3 +310,83 @@ def context_ratios(attributions: list[Attribution]) -> ContextRatios:
 
     return ContextRatios(ratio(mean["task"], mean["interaction"]),
                          ratio(mean["prefix"], mean["interaction_after"]), terms)
+
+
+# ----------------------------------------------------------------------------- segment ratios (paper)
+
+def instruction_span(p: PromptIds, builder: PromptBuilder) -> tuple[int, int]:
+    """Tokens of the instruction sentence ("Given a list of ... to the user.") inside the head.
+
+    The head tokenizes alone as inside the whole prompt (nothing straddles head/history, prompt.py);
+    a token belongs to the instruction if its first character does, as prompt.py's spans."""
+    head = builder.head
+    c0 = head.index("### Instruction:\n") + len("### Instruction:\n")
+    c1 = head.index("\n\n### Input:", c0)
+    ids, starts = builder.tokenizer.encode_with_offsets(head)
+    n = p.bos[1]
+    if p.ids[n:n + len(ids)] != ids:
+        raise ValueError("the head's tokens differ inside the prompt: cannot locate the instruction")
+    return n + bisect_left(starts, c0), n + bisect_left(starts, c1)
+
+
+def segment_features(p: PromptIds, builder: PromptBuilder) -> list[Feature]:
+    """The paper's features (module docstring): all auxiliary text, the instruction sentence
+    alone, all interactions, and the first generated token (conditioning the rest of the title)."""
+    if p.target is None:
+        raise ValueError("attribution needs a prompt built with the predicted title as target")
+    head = (p.bos[1], p.task[0][1])           # BOS is not text: a template keeps it
+    t0 = p.target[0]
+    return [Feature("auxiliary", "task", head, more=(p.task[1],)),
+            Feature("instruction", "instruction", instruction_span(p, builder)),
+            Feature("interactions", "history", p.history),
+            Feature("prefix0", "prefix", (t0, t0 + 1))]
+
+
+def segment_attribution(model, builder: PromptBuilder, history: list[str], predicted: str,
+                        baseline: str = "") -> Attribution:
+    """`attribute` over `segment_features`, with the predicted title as the target."""
+    p = builder.build(history, predicted)
+    return attribute(model, p, builder.tokenizer, baseline, features=segment_features(p, builder))
+
+
+class SegmentTerms(NamedTuple):
+    """Captum seq_attr of each feature for one example (sums over target tokens, no division)."""
+    task: float                 # all auxiliary text, over the whole predicted title
+    instruction: float          # the instruction sentence alone, same target
+    interaction: float          # all interactions, same target
+    prefix: float               # the first generated token, over target tokens 1..
+    interaction_after: float    # all interactions, over target tokens 1..
+
+
+def segment_terms(a: Attribution) -> SegmentTerms:
+    col = {f.name: i for i, f in enumerate(a.features)}
+    seq = a.token_attr.sum(0)
+    return SegmentTerms(float(seq[col["auxiliary"]]), float(seq[col["instruction"]]),
+                        float(seq[col["interactions"]]), float(a.token_attr[1:, col["prefix0"]].sum()),
+                        float(a.token_attr[1:, col["interactions"]].sum()))
+
+
+class SegmentRatios(NamedTuple):
+    task_ratio: float           # A(auxiliary) / A(interactions), ratio of means
+    task_ratio_mean: float      # the same, mean of per-example ratios
+    instruction_ratio: float    # A(instruction sentence) / A(interactions), ratio of means
+    instruction_ratio_mean: float
+    prefix_ratio: float         # A(first generated token) / A(interactions), over y_1.., ratio of means
+    prefix_ratio_mean: float
+    per_example: list           # SegmentTerms of each example
+
+
+def segment_ratios(attributions: list[Attribution]) -> SegmentRatios:
+    """Both aggregations of each segment ratio (module docstring)."""
+    terms = [segment_terms(a) for a in attributions]
+
+    def ratio(num, den):
+        return num / den if den else float("nan")
+
+    def both(num, den):
+        of_means = ratio(sum(getattr(t, num) for t in terms), sum(getattr(t, den) for t in terms))
+        each = [r for t in terms if (r := ratio(getattr(t, num), getattr(t, den))) == r]  # drop NaN
+        return of_means, sum(each) / len(each) if each else float("nan")
+
+    return SegmentRatios(*both("task", "interaction"), *both("instruction", "interaction"),
+                         *both("prefix", "interaction_after"), terms)

@@ -21,6 +21,11 @@ One copy, so that a benchmark times exactly the reference its test trusts:
     prompt + target, "original minus ablated" log-probability per target token (token_attr) and
     summed (seq_attr), the definition in nanogdrt.attribution. Text mode ablates template values;
     token mode groups a segment's tokens into one feature with a feature_mask.
+  * `captum_segment_attr` runs the paper's definition (nanogdrt.attribution's "segment"
+    ratios) as Captum states it: a TextTemplateInput whose values are the auxiliary text
+    (head and tail, one feature through the template's `mask`) or the instruction sentence
+    alone (the rest of the head fixed text), and the whole interaction list; optionally the
+    first generated token appended as a third value, the rest of the title then the target.
 
 transformers and captum are test dependencies only (pyproject's `test` extra); they are imported
 inside the functions that need them, so importing this module needs neither.
@@ -125,3 +130,41 @@ def captum_attr(model, seg_tok, segments, features, target_ids, baseline):
     res = llm_attr.attribute(inp, target=target, forward_in_tokens=False,
                              feature_mask=torch.tensor([group]))
     return res.seq_attr[first_col], res.token_attr[:, first_col]
+
+
+def captum_segment_attr(model, seg_tok, builder: PromptBuilder, history: list[str], target_ids: list[int],
+                        task: str = "auxiliary", with_prefix: bool = False):
+    """Captum's (seq_attr, token_attr) over the features (task, interactions[, first target token]).
+
+    task: "auxiliary" (head + tail, one feature) | "instruction" (the instruction sentence)."""
+    from captum.attr import FeatureAblation, LLMAttribution, TextTemplateInput
+
+    from nanogdrt.attribution import instruction_span
+
+    p = builder.build(history)
+    head, tail = (p.bos[1], p.task[0][1]), p.task[1]
+    if task == "auxiliary":
+        spans, groups = [head, p.history, tail], [0, 1, 0]
+    else:
+        i0, i1 = instruction_span(p, builder)
+        spans, groups = [(head[0], i0), (i0, i1), (i1, head[1]), p.history, tail], [None, 0, None, 1, None]
+    texts = [builder.tokenizer.decode(p.ids[s:e]) for s, e in spans]
+    prompt = list(p.ids)
+    if with_prefix:   # Captum cannot ablate the target: y_0 joins the prompt, y_1.. is the target
+        texts.append(builder.tokenizer.decode(target_ids[:1]))
+        groups.append(2)
+        prompt, target_ids = prompt + list(target_ids[:1]), target_ids[1:]
+    assert seg_tok.encode(SEP.join(texts)) == prompt, "bridge must see our ids"
+
+    def literal(s):
+        return s.replace("{", "{{").replace("}", "}}")
+    template = SEP.join("{}" if g is not None else literal(t) for t, g in zip(texts, groups))
+    values = [t for t, g in zip(texts, groups) if g is not None]
+    inp = TextTemplateInput(template, values=values, baselines=[""] * len(values),
+                            mask=[g for g in groups if g is not None])
+    llm_attr = LLMAttribution(FeatureAblation(HFLikeModel(model)), seg_tok)
+    res = llm_attr.attribute(inp, target=torch.tensor(target_ids), forward_in_tokens=False)
+    # Captum scatters a group's attribution back onto each of its values: one column per group.
+    mask = [g for g in groups if g is not None]
+    cols = [mask.index(g) for g in sorted(set(mask))]
+    return res.seq_attr[cols], res.token_attr[:, cols]

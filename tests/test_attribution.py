@@ -19,16 +19,22 @@ The bridge to Captum (tests/references.py, shared with bench/bench_attribution.p
   tokens j+1.. : the same quantity as our prefix{j} column for t > j.
 - Token mode: TextTokenInput makes each token a feature; a feature_mask groups the tokens of a
   segment into one feature (all its tokens take the baseline id at once).
+- The paper's "segment" definition (`segment_attribution`) against `captum_segment_attr`: a
+  TextTemplateInput with the auxiliary text (head + tail grouped by the template's mask) or the
+  instruction sentence, and the whole interaction list; the first generated token appended as a
+  third value for the prefix ratio. On real Toy data the target is the top-1 title of our
+  constrained beam search.
 """
 
 import pytest
 import torch
 
 from nanogdrt.attribution import (
-    Attribution, Feature, ablated_rows, attribute, context_ratios, features_of, ratio_terms)
+    Attribution, Feature, SegmentTerms, ablated_rows, attribute, context_ratios, features_of, instruction_span,
+    ratio_terms, segment_attribution, segment_features, segment_ratios, segment_terms)
 from nanogdrt.llama import Llama, LlamaConfig
 from nanogdrt.prompt import PromptBuilder
-from tests.references import SEP, SegmentTokenizer, captum_attr, segments_of
+from tests.references import SEP, SegmentTokenizer, captum_attr, captum_segment_attr, segments_of
 
 TOL = 1e-4
 
@@ -160,3 +166,83 @@ def test_ratios_by_hand():
     assert r.task_ratio == pytest.approx((t.task + tb.task) / (t.interaction + tb.interaction))
     assert r.prefix_ratio == pytest.approx((t.prefix + tb.prefix) / (t.interaction_after + tb.interaction_after))
     assert r.per_example == [t, tb]
+
+
+# ----------------------------------------------------------------------------- segment (paper) definition
+
+def check_segment_against_captum(model, seg_tok, builder, history, title):
+    """Every column of segment_attribution vs Captum's TextTemplateInput runs."""
+    ours = segment_attribution(model, builder, history, title)
+    col = {f.name: i for i, f in enumerate(ours.features)}
+    target = builder.target_ids(title)
+    for task, name in (("auxiliary", "auxiliary"), ("instruction", "instruction")):
+        seq, tok = captum_segment_attr(model, seg_tok, builder, history, target, task)
+        torch.testing.assert_close(ours.token_attr[:, [col[name], col["interactions"]]], tok.float(), atol=TOL, rtol=0)
+        torch.testing.assert_close(ours.seq_attr[[col[name], col["interactions"]]], seq.float(), atol=TOL, rtol=0)
+    seq, tok = captum_segment_attr(model, seg_tok, builder, history, target, "auxiliary", with_prefix=True)
+    cols = [col["auxiliary"], col["interactions"], col["prefix0"]]
+    torch.testing.assert_close(ours.token_attr[1:, cols], tok.float(), atol=TOL, rtol=0)
+    assert torch.equal(ours.token_attr[0, col["prefix0"]], torch.tensor(0.0))
+    t = segment_terms(ours)
+    assert t.prefix == pytest.approx(float(seq[2]), abs=TOL)
+    assert t.interaction_after == pytest.approx(float(seq[1]), abs=TOL)
+    return ours
+
+
+def test_segment_features(builder, tokenizer):
+    p = builder.build(TITLES, TARGET)
+    aux, instr, hist, prefix = segment_features(p, builder)
+    assert aux.spans == ((p.bos[1], p.task[0][1]), p.task[1]) and aux.kind == "task"
+    assert hist.span == p.history == (p.items[0][0], p.items[-1][1])
+    assert prefix.span == (p.target[0], p.target[0] + 1) and tokenizer.decode([p.ids[p.target[0]]]) == '"'
+    assert tokenizer.decode(p.ids[slice(*instr.span)]) == (
+        "Given a list of toys the user has played before, please recommend a new toy that the user likes to the user.")
+    assert instr.span == instruction_span(p, builder)
+    # A feature of two spans: both become the baseline in one row, the tokens between are kept.
+    row = ablated_rows(p, [aux], "", tokenizer)[1]
+    assert p.ids[:row.start] + row.ids == p.ids[:p.bos[1]] + p.ids[p.history[0]:p.history[1]] + p.ids[p.target[0]:]
+    assert [row.ids[q - row.start] for _, q in row.scored] == p.ids[p.target[0]:p.target[1]]
+    assert aux.n_tokens == p.task[0][1] - p.bos[1] + p.task[1][1] - p.task[1][0]
+
+
+def test_segment_matches_captum_tiny_model(tiny, seg_tok, builder):
+    """CI, no data: the paper's definition on a tiny random model vs Captum."""
+    check_segment_against_captum(tiny, seg_tok, builder, TITLES, TARGET)
+
+
+def test_segment_matches_captum_smollm_toy(smollm, seg_tok, builder, toy_dir):
+    """Real Toy examples, the embedded SmolLM2, the target its top-1 constrained beam search title."""
+    from nanogdrt.data import load_dataset
+    from nanogdrt.recommend import build_trie, recommend
+
+    ds = load_dataset("toy", data_dir=toy_dir)
+    chosen = sorted(ds.test, key=lambda x: len(x.history))[:2]      # the shortest histories
+    trie = build_trie(builder, ds.titles)
+    records = recommend(smollm, builder, trie, chosen, ds.titles, beams=4, top_k=1)
+    attrs = []
+    for x, r in zip(chosen, records):
+        history = [ds.titles[i] for i in x.history]
+        attrs.append(check_segment_against_captum(smollm, seg_tok, builder, history,
+                                                  ds.titles[r["topk_item_ids"][0]]))
+    assert len(segment_ratios(attrs).per_example) == 2
+
+
+def test_segment_ratios_by_hand():
+    feats = [Feature("auxiliary", "task", (0, 3), more=((9, 10),)), Feature("instruction", "instruction", (1, 2)),
+             Feature("interactions", "history", (3, 9)), Feature("prefix0", "prefix", (10, 11))]
+    attr = torch.tensor([[1.0, 0.5, 0.1, 0.0],
+                         [2.0, 0.1, 0.3, 0.5],
+                         [0.0, 0.2, 0.6, 2.0]])
+    a = Attribution(feats, attr, torch.zeros(3), first_title_token=1)
+    t = segment_terms(a)
+    assert t == pytest.approx(SegmentTerms(3.0, 0.8, 1.0, 2.5, 0.9))   # sums, no division by length
+    b = Attribution(feats, attr * torch.tensor([1.0, 1.0, 4.0, 1.0]), torch.zeros(3), first_title_token=1)
+    r = segment_ratios([a, b])                                          # b: interaction x4
+    assert r.task_ratio == pytest.approx(6.0 / 5.0)                     # ratio of means
+    assert r.task_ratio_mean == pytest.approx((3.0 + 0.75) / 2)         # mean of ratios
+    assert r.instruction_ratio == pytest.approx(1.6 / 5.0)
+    assert r.prefix_ratio == pytest.approx(5.0 / 4.5)
+    assert r.prefix_ratio_mean == pytest.approx((2.5 / 0.9 + 2.5 / 3.6) / 2)
+    zero = Attribution(feats, attr * torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.zeros(3), first_title_token=1)
+    r = segment_ratios([a, zero])                                       # undefined ratios are left out of the mean
+    assert r.task_ratio_mean == pytest.approx(3.0) and r.task_ratio == pytest.approx(6.0 / 1.0)
