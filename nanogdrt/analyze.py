@@ -6,10 +6,14 @@
 Given the base model and any number of train.py run folders (results.json + best_adapter/), this
 writes to --out (default figures/):
 
-    fig2_attribution_ratios.png     Fig. 2 / 7: per-token attribution of the task description and
-                                    of the first title token, each over the interaction tokens
-                                    (attribution.context_ratios), for the base model (no adapter)
-                                    and each run's best adapter, on --examples seeded examples
+    fig2_attribution_ratios.png     Fig. 2 / 7: attribution of the task description and of the
+                                    title's first token, each over the interaction tokens, for the
+                                    base model (no adapter) and each run's best adapter, on
+                                    --examples seeded examples; one panel per --attribution
+                                    definition (nanogdrt/attribution.py): "segment (paper)", the
+                                    paper's Captum ratios on the top-1 title of constrained beam
+                                    search (--beams), with the paper's Toy numbers beside them, and
+                                    "per-token (ours)" on the ground-truth title
     fig3_top1_group_distribution.png Fig. 3 / 8: item groups of the top-1 recommendations vs the
                                     test targets (results.json: test.top1_group_distribution,
                                     test_target_group_distribution)
@@ -61,6 +65,14 @@ from nanogdrt.grouping import N_ITEM_GROUPS
 from nanogdrt.prompt import PromptIds
 
 PAIR_TYPES = ("task", "prefix", "interaction")
+DEFINITIONS = {"segment": "segment (paper)", "per-token": "per-token (ours)"}
+XTICKS = {"segment": ("task description (all auxiliary text)\nvs all interactions, predicted title",
+                      "first generated token (the quote)\nvs all interactions, rest of the title"),
+          "per-token": ("task text per token\nvs history per token, true title",
+                        "first title token\nvs history per token, rest of the title")}
+# The paper's auxiliary : interaction ratio (§2.2, Fig. 2, Toy): "about 1:1" before fine-tuning
+# and 4.69:1 after SFT. No other value is given in its text; Fig. 7 (GDRT) is drawn without numbers.
+PAPER_TASK_RATIOS = {"toy": {"base (no fine-tuning)": 1.0, "SFT": 4.69}}
 FIGURES = {"attribution": "fig2_attribution_ratios.png", "groups": "fig3_top1_group_distribution.png",
            "group1_share": "fig4_group1_share_by_epoch.png", "cooccurrence": "fig5_cooccurrence.png",
            "group_loss": "fig6_group_loss.png"}
@@ -152,8 +164,8 @@ def cooccurrence_rates(examples: list[PromptIds], min_count: int = 5) -> dict:
 
 # ----------------------------------------------------------------------------- Fig. 2 / 7
 
-def attribution_ratios(model, builder, interactions, titles) -> dict:
-    """attribution.context_ratios of a model over the given examples, with the mean terms."""
+def per_token_ratios(model, builder, interactions, titles) -> dict:
+    """attribution.context_ratios ("per-token (ours)", ground-truth titles), with the mean terms."""
     attrs = [attribution.attribute(model, builder.for_interaction(x, titles, with_target=True),
                                    builder.tokenizer, all_prefixes=False) for x in interactions]
     r = attribution.context_ratios(attrs)
@@ -161,6 +173,19 @@ def attribution_ratios(model, builder, interactions, titles) -> dict:
     return {"task_ratio": r.task_ratio, "prefix_ratio": r.prefix_ratio,
             "mean_terms": dict(zip(attribution.RatioTerms._fields, terms.mean(0).tolist())),
             "per_example": [t._asdict() for t in r.per_example]}
+
+
+def segment_ratios(model, builder, interactions, titles, trie, beams=10) -> dict:
+    """attribution.segment_ratios ("segment (paper)") on each example's predicted item: the top-1
+    title of this model's constrained beam search (nanogdrt.recommend.recommend)."""
+    from nanogdrt.recommend import recommend
+
+    records = recommend(model, builder, trie, interactions, titles, beams=beams, top_k=1)
+    predicted = [r["topk_item_ids"][0] for r in records]
+    attrs = [attribution.segment_attribution(model, builder, [titles[i] for i in x.history], titles[item])
+             for x, item in zip(interactions, predicted)]
+    r = attribution.segment_ratios(attrs)
+    return r._asdict() | {"per_example": [t._asdict() for t in r.per_example], "predicted_item_ids": predicted}
 
 
 def load_model(model_dir, adapter, device, dtype):
@@ -176,10 +201,15 @@ def load_model(model_dir, adapter, device, dtype):
 # ----------------------------------------------------------------------------- everything
 
 def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20, split="test",
-            seed=0, min_count=5, device="cpu", dtype="float32") -> dict:
+            seed=0, min_count=5, device="cpu", dtype="float32", attribution_defs="both", beams=10) -> dict:
     """Draw every figure into `out` and return (and write) the numbers behind them.
 
-    Attribution examples are a seeded sample of the full `split` (not the runs' own test sample)."""
+    Attribution examples are a seeded sample of the full `split` (not the runs' own test sample).
+    attribution_defs: "segment" | "per-token" | "both" (nanogdrt/attribution.py's two definitions);
+    beams: beam width of the search whose top-1 title the segment definition attributes."""
+    if attribution_defs not in ("segment", "per-token", "both"):
+        raise ValueError(f"attribution definition {attribution_defs!r}: expected segment, per-token or both")
+    defs = list(DEFINITIONS) if attribution_defs == "both" else [attribution_defs]
     from nanogdrt.checkpoint import ensure_embedded_checkpoint
     from nanogdrt.data import load_dataset
     from nanogdrt.prompt import PromptBuilder
@@ -202,7 +232,8 @@ def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20,
     out.mkdir(parents=True, exist_ok=True)
     figures = {}
     result = {"config": {"runs": [str(r.path) for r in runs], "model": str(model_dir), "dataset": name,
-                         "examples": examples, "split": split, "seed": seed, "min_count": min_count},
+                         "examples": examples, "split": split, "seed": seed, "min_count": min_count,
+                         "attribution": defs, "beams": beams},
               "labels": [r.label for r in runs]}
 
     if examples > 0:
@@ -210,15 +241,36 @@ def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20,
         rows = sorted(random.Random(f"{seed}:analyze:{split}").sample(range(len(pool)), min(examples, len(pool))))
         chosen = [pool[i] for i in rows]
         models = {"base (no fine-tuning)": None} | {r.label: r.path / "best_adapter" for r in runs}
+        trie = None
+        if "segment" in defs:
+            from nanogdrt.recommend import build_trie
+            trie = build_trie(builder, ds.titles)
         per_model = {}
         for label, adapter in models.items():
             m = load_model(model_dir, adapter, device, getattr(torch, dtype))
-            per_model[label] = attribution_ratios(m, builder, chosen, ds.titles)
-            print(f"{label}: task ratio {per_model[label]['task_ratio']:.3f}, "
-                  f"prefix ratio {per_model[label]['prefix_ratio']:.3f}")
-        result["attribution"] = {"split": split, "rows": rows, "models": per_model}
-        plots.attribution_ratios({k: (v["task_ratio"], v["prefix_ratio"]) for k, v in per_model.items()},
-                                 out / FIGURES["attribution"], len(rows), split)
+            per_model[label] = {}
+            if "segment" in defs:
+                per_model[label]["segment"] = segment_ratios(m, builder, chosen, ds.titles, trie, beams)
+            if "per-token" in defs:
+                per_model[label]["per-token"] = per_token_ratios(m, builder, chosen, ds.titles)
+            print(f"{label}: " + "; ".join(f"{DEFINITIONS[d]}: task ratio {v['task_ratio']:.3f}, prefix ratio "
+                                           f"{v['prefix_ratio']:.3f}" for d, v in per_model[label].items()))
+        paper = PAPER_TASK_RATIOS.get(name, {})
+        result["attribution"] = {
+            "split": split, "rows": rows, "definitions": {d: DEFINITIONS[d] for d in defs}, "models": per_model,
+            "paper": {"dataset": name, "task_ratio": paper,
+                      "source": "GDRT §2.2 / Fig. 2 (Toy): auxiliary vs interaction attribution about 1:1 "
+                                "before fine-tuning, 4.69:1 after SFT (Captum feature ablation, refs [34, 47])"}
+            if paper else None}
+        panels = []
+        for d in defs:
+            panel = {"title": DEFINITIONS[d], "xticks": XTICKS[d],
+                     "bars": {k: (v[d]["task_ratio"], v[d]["prefix_ratio"]) for k, v in per_model.items()}}
+            if d == "segment":
+                panel["dots"] = {k: (v[d]["task_ratio_mean"], v[d]["prefix_ratio_mean"]) for k, v in per_model.items()}
+                panel["paper"] = {k: (v, None) for k, v in paper.items() if k in per_model}
+            panels.append(panel)
+        plots.attribution_ratios(panels, out / FIGURES["attribution"], len(rows), split)
         figures["attribution"] = FIGURES["attribution"]
 
     if runs:
@@ -287,6 +339,11 @@ def main(argv=None):
     p.add_argument("--dataset", default=None, help="toy | clothing | book | synthetic (default: the runs')")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the runs')")
     p.add_argument("--examples", type=int, default=20, help="examples for Fig. 2/7 attribution (0: skip)")
+    p.add_argument("--attribution", default="both", choices=["segment", "per-token", "both"],
+                   help="Fig. 2/7 definition: the paper's Captum segment ratios on the predicted title, "
+                        "our per-token ratios on the ground truth, or both (nanogdrt/attribution.py)")
+    p.add_argument("--beams", type=int, default=10, help="beam width of the search whose top-1 title the "
+                                                         "segment definition attributes (the paper: 10)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split of those examples")
     p.add_argument("--seed", type=int, default=0, help="seed of the example sample")
     p.add_argument("--min-count", type=int, default=5, help="Fig. 5: only target tokens seen this often")
@@ -296,7 +353,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         analyze(a.runs, a.out, a.model, a.dataset, a.data_dir, a.examples, a.split, a.seed, a.min_count,
-                a.device, a.dtype)
+                a.device, a.dtype, a.attribution, a.beams)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"figures and analysis.json in {a.out}/")

@@ -68,21 +68,36 @@ def _label_bars(ax, bars):
                         textcoords="offset points")
 
 
-def attribution_ratios(ratios: dict[str, tuple[float, float]], path, n_examples: int, split: str):
-    """Fig. 2 / 7. ratios: model label -> (task ratio, first-title-token ratio); one bar each."""
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    n = len(ratios)
-    width = 0.8 / max(n, 1)
-    for i, (label, values) in enumerate(ratios.items()):
-        x = np.arange(2) + (i - (n - 1) / 2) * width
-        _label_bars(ax, ax.bar(x, [np.nan if v is None else v for v in values], width=width, label=label))
-    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="equal per-token attribution")
-    ax.set_xticks(np.arange(2), ["task description\nvs interaction (history) tokens",
-                                 "first title token (already generated)\nvs interaction (history) tokens"])
-    ax.set_ylabel("per-token attribution ratio\n(auxiliary / interaction)")
-    ax.set_title(f"How much the predicted title leans on auxiliary tokens\n"
-                 f"(feature ablation, {n_examples} {split} examples; > 1 = context bias)", fontsize=10)
-    ax.legend(fontsize=8)
+def attribution_ratios(panels: list[dict], path, n_examples: int, split: str):
+    """Fig. 2 / 7, one panel per attribution definition (nanogdrt/attribution.py). Each panel:
+    {"title": str, "xticks": (two labels), "bars": {model label: (task ratio, prefix ratio)}},
+    optionally "dots" (the same ratios as the mean of per-example ratios; bars are ratios of means)
+    and "paper" ({model label: (task ratio or None, prefix ratio or None)}, the paper's numbers,
+    drawn as stars)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        bars = panel["bars"]
+        n = len(bars)
+        width = 0.8 / max(n, 1)
+        for i, (label, values) in enumerate(bars.items()):
+            x = np.arange(2) + (i - (n - 1) / 2) * width
+            _label_bars(ax, ax.bar(x, [np.nan if v is None else v for v in values], width=width, label=label,
+                                   color=f"C{i}"))
+            if label in panel.get("dots", {}):
+                ax.plot(x, [np.nan if v is None else v for v in panel["dots"][label]], "o", color="black",
+                        markersize=4, label="mean of per-example ratios" if i == 0 else None)
+            if label in panel.get("paper", {}):
+                ax.plot(x, [np.nan if v is None else v for v in panel["paper"][label]], "*", color="red",
+                        markersize=11, markeredgecolor="black",
+                        label="the paper (Toy)" if label == next(iter(panel["paper"])) else None)
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="equal attribution")
+        ax.set_xticks(np.arange(2), panel["xticks"])
+        ax.set_ylabel("attribution ratio (auxiliary / interaction)" + ("\nbars: ratio of means" if "dots" in panel
+                                                                       else ""))
+        ax.set_title(panel["title"], fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"How much the predicted title leans on auxiliary tokens\n(feature ablation, {n_examples} "
+                 f"{split} examples; > 1 = context bias)", fontsize=10)
     _save(fig, path)
 
 

@@ -1,6 +1,7 @@
 """nanogdrt.analyze on a tiny random Llama (real tokenizer) and two real train.py runs (SFT, GDRT):
 every figure and number is written; Fig. 5's rates checked by hand; Fig. 2's ratios equal
-attribution.context_ratios computed directly; missing inputs fail naming the path."""
+attribution.segment_ratios (on the top-1 title of recommend) and attribution.context_ratios
+computed directly; --attribution picks the definitions; missing inputs fail naming the path."""
 
 import json
 import math
@@ -87,25 +88,36 @@ def test_analyze_writes_every_figure_and_the_numbers(runs, tiny_model_dir, tmp_p
             assert row == [None if v == 0 else v for v in step["group_loss"]]
     assert len(res["group1_share_by_epoch"]["GDRT"]["epoch"]) == 2
 
-    # Fig. 2: the base model's ratios are attribution.context_ratios on the same rows.
+    # Fig. 2: the base model's ratios are attribution's on the same rows, both definitions.
     att = res["attribution"]
     assert set(att["models"]) == {"base (no fine-tuning)", "SFT", "GDRT"} and len(att["rows"]) == 3
+    assert att["definitions"] == {"segment": "segment (paper)", "per-token": "per-token (ours)"}
+    assert att["paper"] is None                               # the paper's numbers are for Toy only
     from nanogdrt.data import load_dataset
     from nanogdrt.prompt import PromptBuilder
+    from nanogdrt.recommend import build_trie, recommend
     from nanogdrt.tokenizer import Tokenizer
 
     ds = load_dataset("synthetic")
     builder = PromptBuilder(Tokenizer(tiny_model_dir), "synthetic")
     model = Llama.from_pretrained(tiny_model_dir).eval()
-    direct = attribution.context_ratios(
-        [attribution.attribute(model, builder.build([ds.titles[i] for i in ds.test[r].history],
-                                                    ds.titles[ds.test[r].target]), builder.tokenizer)
-         for r in att["rows"]])
+    chosen = [ds.test[r] for r in att["rows"]]
+    direct = attribution.context_ratios([attribution.attribute(
+        model, builder.build([ds.titles[i] for i in x.history], ds.titles[x.target]), builder.tokenizer)
+        for x in chosen])
     base = att["models"]["base (no fine-tuning)"]
-    assert base["task_ratio"] == pytest.approx(direct.task_ratio, rel=1e-4)
-    assert base["prefix_ratio"] == pytest.approx(direct.prefix_ratio, rel=1e-4)
+    assert base["per-token"]["task_ratio"] == pytest.approx(direct.task_ratio, rel=1e-4)
+    assert base["per-token"]["prefix_ratio"] == pytest.approx(direct.prefix_ratio, rel=1e-4)
+    top1 = [r["topk_item_ids"][0] for r in recommend(model, builder, build_trie(builder, ds.titles), chosen,
+                                                     ds.titles, beams=10, top_k=1)]
+    assert base["segment"]["predicted_item_ids"] == top1
+    seg = attribution.segment_ratios([attribution.segment_attribution(
+        model, builder, [ds.titles[i] for i in x.history], ds.titles[item]) for x, item in zip(chosen, top1)])
+    for key in ("task_ratio", "task_ratio_mean", "instruction_ratio", "prefix_ratio", "prefix_ratio_mean"):
+        assert base["segment"][key] == pytest.approx(getattr(seg, key), rel=1e-4), key
     # The trained adapters change the model, so their attributions differ from the base model's.
-    assert att["models"]["SFT"]["per_example"] != base["per_example"]
+    assert att["models"]["SFT"]["per-token"]["per_example"] != base["per-token"]["per_example"]
+    assert att["models"]["SFT"]["segment"]["per_example"] != base["segment"]["per_example"]
 
     co = res["cooccurrence"]
     assert co["train_examples"] == 24 and co["types"]["task"]["given_target"]["mean"] == 1.0
@@ -120,6 +132,15 @@ def test_base_model_only_and_no_attribution(tiny_model_dir, tmp_path):
     res = analyze.analyze([], tmp_path / "a", model=str(tiny_model_dir), examples=2, min_count=1)
     assert set(res["figures"]) == {"attribution", "cooccurrence"}
     assert list(res["attribution"]["models"]) == ["base (no fine-tuning)"]
+    assert set(res["attribution"]["models"]["base (no fine-tuning)"]) == {"segment", "per-token"}
+    assert non_trivial_png(tmp_path / "a" / FIGURES["attribution"])
+    for only in ("segment", "per-token"):
+        res = analyze.analyze([], tmp_path / only, model=str(tiny_model_dir), examples=2, min_count=1,
+                              attribution_defs=only, beams=4)
+        assert set(res["attribution"]["models"]["base (no fine-tuning)"]) == {only}
+        assert non_trivial_png(tmp_path / only / FIGURES["attribution"])
+    with pytest.raises(ValueError, match="attribution definition 'paper'"):
+        analyze.analyze([], tmp_path / "c", model=str(tiny_model_dir), examples=2, attribution_defs="paper")
     res = analyze.analyze([], tmp_path / "b", model=str(tiny_model_dir), examples=0, min_count=1)
     assert set(res["figures"]) == {"cooccurrence"} and "attribution" not in res
     assert np.isfinite(res["cooccurrence"]["types"]["prefix"]["given_target"]["mean"])
@@ -143,3 +164,12 @@ def test_missing_inputs_name_the_path(runs, tmp_path):
     with pytest.raises(SystemExit, match=f"{no_adapter / 'best_adapter' / 'adapter_model.safetensors'} not found"):
         analyze.main(["--runs", str(no_adapter), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o" / "analysis.json").exists()
+
+
+def test_toy_reports_the_papers_numbers(tiny_model_dir, toy_dir, tmp_path):
+    """On Toy, analysis.json and Fig. 2 carry the paper's ratios beside ours (base model only here)."""
+    res = analyze.analyze([], tmp_path, model=str(tiny_model_dir), dataset="toy", data_dir=str(toy_dir),
+                          examples=2, min_count=5, attribution_defs="segment", beams=4)
+    paper = res["attribution"]["paper"]
+    assert paper["dataset"] == "toy" and paper["task_ratio"] == {"base (no fine-tuning)": 1.0, "SFT": 4.69}
+    assert non_trivial_png(tmp_path / FIGURES["attribution"])
