@@ -19,9 +19,11 @@ Deliberate differences from pmixer (none changes the model's capacity):
 * Padding keys are masked in attention (pmixer attends to the zeroed padding rows, whose keys and
   values are the projection biases), so a history's scores do not depend on how much padding a
   batch adds; every row still attends to itself, so an all-padding row never sees an empty softmax.
-* Positions count back from the most recent item, so a batch is padded to its own longest
-  history instead of always to maxlen. With pmixer's left padding to maxlen the most recent item
-  always sits in the last slot too: the two position tables are the same up to relabelling.
+* Positions count back from the last item fed, so a batch is padded to its own longest sequence
+  instead of always to maxlen. pmixer left-pads to maxlen, so its last item always sits in the
+  last slot too: the two position tables are the same up to relabelling. As in pmixer, training
+  feeds a whole window, so the prefix s_1..s_t is scored with the positions it has in the window,
+  not with those it would have if fed alone (then its s_t would take position 0).
 * The 1x1 Conv1d layers are nn.Linear (the same map per position); dropout before or after the
   ReLU is the same function.
 * maxlen = 10 (the windows hold at most 10 history items) instead of 50/200; dropout 0.2 (the
@@ -48,6 +50,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanogdrt import metrics
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -143,10 +147,9 @@ class SASRec(nn.Module):
         rows = [list(h)[-(maxlen or self.cfg.maxlen):] for h in histories]
         T = max(1, max(len(r) for r in rows))
         ids = torch.tensor([[-1] * (T - len(r)) + r for r in rows], device=self.id_to_index.device)
-        if bool((ids >= len(self.id_to_index)).any()):
-            raise ValueError("a history holds an item id outside the model's catalogue")
-        rows = torch.where(ids >= 0, self.id_to_index[ids.clamp(min=0)], 0)     # -1 marks padding
-        if bool(((ids >= 0) & (rows < 0)).any()):
+        table, real = self.id_to_index, ids >= 0                                  # -1 marks padding
+        rows = torch.where(real, table[ids.clamp(0, len(table) - 1)], 0)
+        if bool((ids < -1).any() | (ids >= len(table)).any() | (real & (rows < 0)).any()):
             raise ValueError("a history holds an item id outside the model's catalogue")
         return rows
 
@@ -234,11 +237,14 @@ def recommend(model: SASRec, interactions, top_k=10, batch_size=256) -> list[dic
     return records
 
 
+def score(records, interactions, titles, item_group=None) -> dict:
+    """NDCG/HR@5,10 (and MGU/DGU@5,10 with item groups), matching titles as the LLM evaluation does."""
+    return metrics.evaluate([r["topk_item_ids"] for r in records], [x.target for x in interactions],
+                            [x.history for x in interactions], item_group=item_group, titles=titles)
+
+
 def evaluate(model, interactions, titles, item_group=None) -> dict:
-    from nanogdrt import metrics
-    ranked = [r["topk_item_ids"] for r in recommend(model, interactions)]
-    return metrics.evaluate(ranked, [x.target for x in interactions], [x.history for x in interactions],
-                            item_group=item_group, titles=titles)
+    return score(recommend(model, interactions), interactions, titles, item_group)
 
 
 def train(model: SASRec, train_rows, valid_rows, titles, loss="ce", epochs=200, patience=20,
@@ -318,10 +324,17 @@ def load(folder, device="cpu") -> SASRec:
 # ----------------------------------------------------------------------------- CLI
 
 def _versions() -> dict:
+    import subprocess
+
     import numpy
     import safetensors
+    try:  # the code's commit, when run from a git checkout
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "safetensors": safetensors.__version__}
+            "safetensors": safetensors.__version__, "nanogdrt_commit": commit}
 
 
 def main(argv=None):
@@ -366,9 +379,7 @@ def main(argv=None):
     best = train(model, ds.train, ds.valid, ds.titles, args.loss, args.epochs, args.patience, args.lr,
                  args.batch_size, args.seed, args.metric, progress=True)
     records = recommend(model, ds.test)
-    from nanogdrt import metrics
-    test = metrics.evaluate([r["topk_item_ids"] for r in records], [x.target for x in ds.test],
-                            [x.history for x in ds.test], item_group=item_group, titles=ds.titles)
+    test = score(records, ds.test, ds.titles, item_group)
     out = Path(args.out)
     save(model, out)
     write_jsonl(records, out / "test_records.jsonl")
