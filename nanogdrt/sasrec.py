@@ -347,7 +347,8 @@ def main(argv=None):
                                             "full catalogue for every test user.")
     p.add_argument("--dataset", default="synthetic", help="toy | clothing | book | synthetic")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
-    p.add_argument("--train-file", default=None, help="training CSV in the folder (default: train.csv, else the largest train*.csv)")
+    p.add_argument("--train-file", default=None,
+                   help="training CSV in the folder (default: train.csv, else the largest train*.csv)")
     p.add_argument("--loss", default="ce", choices=["bce", "ce"], help="bce: SASRec; ce: SASRec++ (full softmax)")
     p.add_argument("--out", required=True, help="output folder: model, config, test records, results.json")
     p.add_argument("--hidden", type=int, default=50)
@@ -358,8 +359,10 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=128, help="training windows per step")
     p.add_argument("--epochs", type=int, default=200, help="most epochs")
-    p.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better validation score")
-    p.add_argument("--metric", default="NDCG@10", choices=["NDCG@10", "NDCG@5"], help="validation metric for the best epoch")
+    p.add_argument("--patience", type=int, default=20,
+                   help="stop after this many epochs without a better validation score")
+    p.add_argument("--metric", default="NDCG@10", choices=["NDCG@10", "NDCG@5"],
+                   help="validation metric that picks the best epoch")
     p.add_argument("--valid-samples", type=int, default=None, help="validate on a seeded sample of users")
     p.add_argument("--test-samples", type=int, default=None, help="test on a seeded sample of users")
     p.add_argument("--item-groups", default=None, help="JSON {item id: group 1..5} (Eq. 2) to add MGU/DGU@K")
@@ -371,9 +374,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     ds = load_dataset(args.dataset, data_dir=args.data_dir, train_file=args.train_file,
                       valid_samples=args.valid_samples, test_samples=args.test_samples, seed=args.seed)
-    item_group = None
-    if args.item_groups:
-        item_group = {int(k): int(v) for k, v in json.loads(Path(args.item_groups).read_text()).items()}
+    item_group = ({int(k): int(v) for k, v in json.loads(Path(args.item_groups).read_text()).items()}
+                  if args.item_groups else None)
     cfg = SASRecConfig(len(ds.titles), args.hidden, args.blocks, args.heads, args.maxlen, args.dropout)
     model = SASRec(cfg, list(ds.titles)).to(args.device)
     best = train(model, ds.train, ds.valid, ds.titles, args.loss, args.epochs, args.patience, args.lr,
