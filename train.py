@@ -1,4 +1,4 @@
-"""Fine-tune an LLM recommender with SFT (Eq. 1) or GDRT (Eq. 5); choose on validation; test.
+"""Fine-tune an LLM recommender with SFT (Eq. 1), GDRT (Eq. 5) or a baseline; choose on validation; test.
 
     python train.py                                   # offline: synthetic data, embedded SmolLM2-135M
     python train.py --dataset toy --method gdrt       # the paper's Amazon Toys split
@@ -10,6 +10,7 @@ The script follows §3 of the paper, top to bottom:
      Eq. 2: every item's relevance (mean over its tokens), for the fairness groups of the metrics
   3. §3.2: 1-D k-means over the target tokens' relevance -> G token groups
   4. LoRA fine-tuning; each step weights the group losses L(g) by Q = softmax(L(g) / tau) (Eq. 5)
+     (--method also runs the baselines MSL, MSL+GDRT and IFairLRS's Reweight: nanogdrt/methods.py)
   5. each epoch: NDCG@5 on validation by constrained beam search; the best adapter is kept
   6. the best adapter is tested: NDCG/HR@5,10, MGU/DGU@5,10, top-1 item-group distribution
 Everything lands in <out>/: results.json, best_adapter/ (PEFT format), PNG figures, and state/
@@ -23,6 +24,7 @@ import platform
 import sys
 import time
 import typing
+from typing import NamedTuple
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,13 +32,13 @@ import torch
 from tqdm import tqdm
 
 import nanogdrt
-from nanogdrt import distributed, files, grouping, metrics, plots, relevance, synthetic
+from nanogdrt import distributed, files, grouping, methods, metrics, plots, relevance, synthetic
 from nanogdrt.batches import collate, epoch_batches, make_examples
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.data import load_dataset
 from nanogdrt.llama import Llama
 from nanogdrt.lora import LoRAConfig, inject_lora, load_adapter, lora_parameters, save_adapter
-from nanogdrt.loss import gdrt_loss, group_sums_and_counts, sft_loss, token_nll
+from nanogdrt.methods import METHODS, TargetLoss, Totals, group_weights, method_loss, totals
 from nanogdrt.prompt import PromptBuilder
 from nanogdrt.recommend import build_trie, recommend, score
 from nanogdrt.tokenizer import Tokenizer
@@ -60,7 +62,8 @@ class RunConfig:
     train_file: str | None = option(None, "which train*.csv of the folder (toy: train_1000.csv)")
     synthetic_size: str = option("full", "synthetic only: full (2,000 items) or small (120 items, for "
                                          "tutorials and smoke tests)", choices=["full", "small"])
-    method: str = option("gdrt", "SFT (Eq. 1) or GDRT (Eq. 5)", choices=["sft", "gdrt"])
+    method: str = option("gdrt", "SFT (Eq. 1), GDRT (Eq. 5), MSL's masked softmax, MSL with GDRT's group "
+                                 "weights, or IFairLRS's reweighting (nanogdrt/methods.py)", choices=list(METHODS))
     model: str | None = option(None, "Hugging Face Llama folder (default: embedded SmolLM2-135M-Instruct)")
     train_samples: int | None = option(None, "seeded sample of training windows (paper: 10,000)")
     valid_users: int | None = option(None, "seeded sample of validation users per epoch")
@@ -73,6 +76,16 @@ class RunConfig:
     clip: float = option(1.0, "gradient-norm clip")
     groups: int = option(5, "G token groups (paper grid: 2, 5, 10)")
     tau: float = option(0.5, "Group-DRO temperature (paper grid: 0.1 .. 1.0)")
+    loss_scope: str = option("step", "the batch a loss is computed over (its token mean; GDRT's L(g) and Q(g)). "
+                                     "step: the optimizer step's whole batch, every micro-batch of every rank "
+                                     "(exact: batch 4 x accum 32 and 4 x 4 x 8 ranks give the same Q and update; "
+                                     "GDRT with --grad-accum > 1 runs one extra no-grad forward per step for Q). "
+                                     "micro: each micro-batch across the ranks, averaged over the accumulation. "
+                                     "rank-micro: each rank's own micro-batch, as HF-Trainer implementations "
+                                     "compute it", choices=["step", "micro", "rank-micro"])
+    tau_msl: float = option(4.5, "MSL's softmax temperature (MSL's recipe for Toy: 4.5)")
+    reweight_power: float = option(1.0, "Reweight: IFairLRS's group weights raised to this power (our knob, "
+                                        "not IFairLRS's): 1 = IFairLRS, 0 = uniform = SFT. Item groups: Eq. 2's")
     grouping: str = option("kmeans", "how tokens are split by relevance", choices=["kmeans", "quantile"])
     regroup_every_epoch: bool = option(False, "re-score relevance with the current model each epoch")
     lora_r: int = option(8, "LoRA rank")
@@ -132,63 +145,120 @@ def parse_args(argv=None) -> RunConfig:
 
 # ----------------------------------------------------------------------------- steps
 
-class TargetNLL(torch.nn.Module):
-    """The model up to the NLL of each target token: the forward that DDP wraps (DDP hooks a
-    module's forward to know which backward it must synchronise)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids, target_mask):
-        hidden = self.model.hidden_states(ids)                          # right padding: no mask needed
-        return token_nll(self.model.logits, hidden, ids, target_mask).nll   # (N,) target tokens only
+class StepData(NamedTuple):
+    """What a training step reads per example, besides the token groups (which --regroup changes)."""
+    examples: list                      # PromptIds of every training window
+    nodes: list | None                  # MSL: trie node before each target token, per example
+    example_weight: torch.Tensor | None  # Reweight: (n,) IFairLRS weight of each example
+    pad_id: int
 
 
-def train_step(net, micro_batches, examples, token_groups, pad_id, method, n_groups, tau, device,
-               dist=distributed.Dist()):
+def micro_batch(data, token_groups, global_indices, device, dist):
+    """This rank's slice of a global micro-batch: ids, target mask, token groups, trie nodes and
+    example weights. A rank left without rows (a last batch shorter than the world) still runs a
+    forward and backward with no target tokens: DDP and the all-reduces need every rank."""
+    indices = dist.split_batch(global_indices)
+    rows = indices or global_indices[:1]
+    ids, mask, groups = collate(data.examples, token_groups, rows, data.pad_id, device)
+    nodes = collate(data.examples, data.nodes, rows, data.pad_id, device)[2] if data.nodes else None
+    if not indices:
+        mask[:] = False
+    weight = data.example_weight[rows] if data.example_weight is not None else None
+    return ids, mask, groups, nodes, weight
+
+
+def train_step(net, micro_batches, data, token_groups, cfg, dist=distributed.Dist()):
     """One optimizer step's worth of forward/backward over the micro-batches (grad accumulation).
 
-    `net` is a TargetNLL, DDP-wrapped under data parallelism. Each micro-batch holds indices of
-    the *global* batch; this rank takes its slice of it (`dist`) and the losses are computed over
-    the global batch (nanogdrt.loss), so every rank logs the same numbers.
-    Returns what is logged: the loss, L(g) over all the step's tokens (0 for a group with no
-    token in this step) and Q(g) averaged over the micro-batches (GDRT only)."""
+    `net` is a TargetLoss, DDP-wrapped under data parallelism. Each micro-batch holds indices of
+    the *global* batch; this rank takes its slice of it. The method's loss (nanogdrt.methods)
+    weights each token by constants from the totals of its --loss-scope:
+      step        totals over every micro-batch of every rank: the loss (and GDRT's Q) of the
+                  whole step's batch. GDRT needs L(g) before any backward, so with more than one
+                  micro-batch a no-grad pass sums them first (LoRA dropout draws its own masks
+                  there: equal to one big batch only with dropout 0); one micro-batch uses the
+                  detached sums of its own forward. Token counts need no forward.
+      micro       totals over the micro-batch on all ranks; the step averages the micro-batches.
+      rank-micro  totals over this rank's micro-batch only (HF-Trainer-style); DDP averages ranks.
+    Returns what is logged, the same on every rank: the loss, L(g) over all the step's tokens (0
+    for a group without tokens), Q(g) (step: the step's; otherwise the mean over micro-batches
+    and ranks; 0 for methods without group weights)."""
     ddp = net if isinstance(net, torch.nn.parallel.DistributedDataParallel) else None
-    # The losses are means over the *global* batch: each rank's sums are all-reduced inside them.
+    module = ddp.module if ddp is not None else net
+    method, G, K, W = METHODS[cfg.method], cfg.groups, len(micro_batches), dist.world
     reduce_fn = dist.all_reduce_sum if dist.enabled else None
-    loss_sum, q = 0.0, torch.zeros(n_groups)
-    group_sums, group_counts = torch.zeros(n_groups), torch.zeros(n_groups)
-    for k, global_indices in enumerate(micro_batches):
-        indices = dist.split_batch(global_indices)
-        # A rank left without rows (a last batch shorter than the world) still runs a forward
-        # and backward with no target tokens: DDP and the all-reduces need every rank.
-        ids, target_mask, groups = collate(examples, token_groups, indices or global_indices[:1], pad_id, device)
-        if not indices:
-            target_mask[:] = False
-        last = k == len(micro_batches) - 1
+    parts = [micro_batch(data, token_groups, b, cfg.device, dist) for b in micro_batches]
+    step_totals = None                                      # scope "step" with one micro-batch: from its forward
+    if cfg.loss_scope == "step" and K > 1:
+        zero = torch.zeros(G, device=cfg.device)
+        if method.weighting == "groups":
+            with torch.no_grad():                           # the pass for L(g): sums and counts of the step
+                step_totals = sum((totals(module(ids, mask, nodes).nll, groups[mask], G)
+                                   for ids, mask, groups, nodes, _ in parts), Totals(zero, zero))
+        else:                                               # a token mean needs the counts only
+            step_totals = sum((totals(torch.zeros(int(mask.sum()), device=cfg.device), groups[mask], G)
+                               for _, mask, groups, _, _ in parts), Totals(zero, zero))
+        step_totals = step_totals.reduce(reduce_fn)
+    # The backward value of each rank: DDP averages the ranks' gradients, so a loss that is a sum
+    # over ranks (scopes step and micro) is scaled by W; micro-batches are averaged except in step.
+    scale = {"step": W, "micro": W / K, "rank-micro": 1 / K}[cfg.loss_scope]
+    loss_sum, q_sum = torch.zeros((), device=cfg.device), torch.zeros(G, device=cfg.device)
+    pooled = Totals(torch.zeros(G, device=cfg.device), torch.zeros(G, device=cfg.device))
+    for k, (ids, mask, groups, nodes, weight) in enumerate(parts):
         # Gradients are all-reduced once per optimizer step, at the last micro-batch.
-        with (ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext()):
-            nll = net(ids, target_mask)                                 # (N,) this rank's target tokens
-            token_group = groups[target_mask]                           # (N,) 1..G
-            if method == "gdrt":
-                out = gdrt_loss(nll, token_group, n_groups, tau, reduce_fn)     # Eq. 5
-                loss = out.loss
-                q += out.q.cpu() / len(micro_batches)
+        with (ddp.no_sync() if ddp is not None and k < K - 1 else contextlib.nullcontext()):
+            out = net(ids, mask, nodes)                                 # (N,) this rank's target tokens
+            token_group = groups[mask]                                  # (N,) 1..G
+            mine = totals(out.nll, token_group, G)
+            if step_totals is not None:
+                scope = step_totals
             else:
-                loss = sft_loss(nll, reduce_fn)                         # Eq. 1
+                scope = mine if cfg.loss_scope == "rank-micro" else mine.reduce(reduce_fn)
+            loss = method_loss(method.weighting, out.nll, token_group, out.rows, weight, scope, cfg.tau)
             if not torch.isfinite(loss):   # stop before a NaN reaches the LoRA weights
                 raise FloatingPointError(f"loss is {loss.item()}")
-            (loss / len(micro_batches)).backward()                      # the mean over micro-batches
-        loss_sum += loss.item()
-        # Per-group losses are logged for both methods (Fig. 6), pooled over the micro-batches.
-        sums, counts = group_sums_and_counts(nll.detach(), token_group, n_groups)
-        if dist.enabled:
-            sums, counts = dist.all_reduce_sum(sums), dist.all_reduce_sum(counts)
-        group_sums += sums.cpu()
-        group_counts += counts.cpu()
-    return {"loss": loss_sum / len(micro_batches), "q": q,
-            "group_loss": group_sums / group_counts.clamp(min=1)}
+            (loss * scale).backward()
+        loss_sum += loss.detach() * scale
+        if method.weighting == "groups":
+            q_sum += group_weights(scope, cfg.tau) / K
+        pooled = pooled + mine                  # per-group losses are logged for every method (Fig. 6)
+    pooled = pooled.reduce(reduce_fn)
+    loss_sum = loss_sum if reduce_fn is None else reduce_fn(loss_sum)
+    if cfg.loss_scope == "rank-micro" and reduce_fn is not None:
+        q_sum = reduce_fn(q_sum) / W                        # each rank had its own Q: log their mean
+    return {"loss": loss_sum.item() / W, "q": q_sum.cpu(),
+            "group_loss": (pooled.sums / pooled.counts.clamp(min=1)).cpu()}
+
+
+def method_postfix(cfg, log, method_log) -> dict:
+    """What the progress bar shows of the method: Q(g) each step, or the run's constants."""
+    if METHODS[cfg.method].weighting == "groups":
+        return {"Q": " ".join(f"{q:.2f}" for q in log["q"].tolist())}
+    if "example_weight_min" in method_log:
+        return {"w": f"{method_log['example_weight_min']:.2f}..{method_log['example_weight_max']:.2f}"}
+    if "single_allowed_token_share" in method_log:
+        return {"single": f"{method_log['single_allowed_token_share']:.0%}"}
+    return {}
+
+
+def method_setup(cfg, dataset, examples, trie, item_group, say):
+    """What a method needs once per run, and what it logs about it (results.json "method"):
+    MSL's trie nodes of every target token, Reweight's example weights (Eq. 2's item groups)."""
+    method, nodes, weight, log = METHODS[cfg.method], None, None, {}
+    if method.per_token == "msl":
+        trie.to(cfg.device)                                 # the allowed sets are looked up on the device
+        nodes = methods.target_nodes_of(trie, examples)
+        log["single_allowed_token_share"] = methods.single_continuation_share(trie, nodes)
+        log["tau_msl"] = cfg.tau_msl
+        say(f"MSL: {log['single_allowed_token_share']:.1%} of the target positions allow a single token")
+    if method.weighting == "examples":
+        n_item_groups = max(item_group.values())
+        group_w, weight = methods.reweight_example_weights(dataset.train, item_group, n_item_groups,
+                                                           cfg.reweight_power)
+        log.update(item_groups="Eq. 2", power=cfg.reweight_power, group_weights=group_w.tolist(),
+                   example_weight_min=float(weight.min()), example_weight_max=float(weight.max()))
+        say(f"Reweight: example weights {log['example_weight_min']:.3f} .. {log['example_weight_max']:.3f}")
+    return nodes, weight, log
 
 
 def evaluate(model, builder, trie, interactions, titles, item_group, beams, batch_size, desc,
@@ -310,6 +380,7 @@ def write_results(out, cfg, dataset, model_dir, world, token_groups, token_rel, 
         "token_groups": {"counts": torch.bincount(groups, minlength=cfg.groups + 1)[1:].tolist(),
                          "mean_relevance": [float(rel[groups == g].mean()) for g in range(1, cfg.groups + 1)]},
         "data_parallel_ranks": world,
+        "method": state["method"],
         "best_epoch": state["best"]["epoch"],
         "epochs": state["epochs"],
         "test": test,
@@ -358,9 +429,12 @@ def main(argv=None):
                       target_modules=tuple(cfg.lora_targets))
     inject_lora(model, lora)
     model.to(cfg.device)
-    net = data_parallel(TargetNLL(model), cfg, dist, say)
+    nodes, example_weight, method_log = method_setup(cfg, dataset, examples, trie, item_group, say)
+    data = StepData(examples, nodes, example_weight, tokenizer.pad_id)
+    net = data_parallel(TargetLoss(model, METHODS[cfg.method].per_token, trie, cfg.tau_msl), cfg, dist, say)
     optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = start_or_resume(out, cfg, model, optimizer, dist, say)
+    state["method"] = method_log                           # recomputed by a resumed run: the same numbers
     out.mkdir(parents=True, exist_ok=True)                 # only now: an existing run was refused above
     model.train()
 
@@ -388,8 +462,7 @@ def main(argv=None):
                    initial=state["batch"], total=len(steps), disable=not dist.main)
         for b in bar:
             try:
-                log = train_step(net, steps[b], examples, token_groups, tokenizer.pad_id, cfg.method, cfg.groups,
-                                 cfg.tau, cfg.device, dist)
+                log = train_step(net, steps[b], data, token_groups, cfg, dist)
             except FloatingPointError as e:
                 raise SystemExit(f"{e} at epoch {epoch + 1}, step {state['step'] + 1}: stopping. The last "
                                  f"good checkpoint is {out / 'state'} (--resume); try a lower --lr.") from None
@@ -400,8 +473,7 @@ def main(argv=None):
             # The log of every step lives in the checkpoint, so a resumed run reports all of them.
             state["steps"].append({"step": state["step"], "loss": log["loss"],
                                    "group_loss": log["group_loss"].tolist(), "q": log["q"].tolist()})
-            bar.set_postfix(loss=f"{log['loss']:.3f}",
-                            Q=" ".join(f"{q:.2f}" for q in log["q"].tolist()) if cfg.method == "gdrt" else "-")
+            bar.set_postfix(loss=f"{log['loss']:.3f}", **method_postfix(cfg, log, method_log))
             if state["step"] % cfg.save_every == 0:
                 checkpoint()
             stopped = cfg.max_steps is not None and state["step"] >= cfg.max_steps

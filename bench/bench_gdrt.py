@@ -1,7 +1,9 @@
 """What GDRT costs on top of SFT, measured side by side on the embedded model.
 
 1. Training step: the same LoRA step (forward, backward, AdamW) on the same batches of real
-   prompts, with the SFT loss (Eq. 1) and with the GDRT loss (Eq. 5). Goal: GDRT <= 1.05x SFT.
+   prompts, with the SFT loss (Eq. 1), the GDRT loss (Eq. 5), MSL's masked softmax and MSL with
+   GDRT's group weights (nanogdrt.methods). Goals: GDRT <= 1.05x SFT; MSL and MSL+GDRT within
+   1.15x of SFT (the comparison of the paper's Fig. 12).
 2. Grouping: Eq. 3 relevance of every training target token (+ 1-D k-means), against one plain
    no-grad forward pass over the training examples. Goal: grouping <= 1 forward pass.
 
@@ -20,26 +22,31 @@ from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.data import load_dataset
 from nanogdrt.llama import Llama
 from nanogdrt.lora import LoRAConfig, inject_lora, lora_parameters
-from nanogdrt.loss import gdrt_loss, group_sums_and_counts, sft_loss, token_nll
+from nanogdrt.methods import METHODS, TargetLoss, method_loss, target_nodes_of, totals
 from nanogdrt.prompt import PromptBuilder
+from nanogdrt.recommend import build_trie
 from nanogdrt.tokenizer import Tokenizer
 
 
-def time_training(model, method, examples, groups, pad_id, steps, batch_size=8, n_groups=5, tau=0.5):
-    """Seconds per step of train.py's step on one micro-batch: forward, the loss of `method`,
-    backward, the per-group losses it logs, AdamW."""
+def time_training(model, method, examples, groups, pad_id, steps, trie, nodes, batch_size=8, n_groups=5,
+                  tau=0.5, tau_msl=4.5):
+    """Seconds per step of train.py's step on one micro-batch (--grad-accum 1): forward, the
+    per-token loss and weighting of `method`, backward, the per-group losses it logs, AdamW."""
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    spec = METHODS[method]
+    net = TargetLoss(model, spec.per_token, trie, tau_msl)
     batches = epoch_batches(len(examples), batch_size, 0, 0)[:steps + 1]
     elapsed = 0.0
     for i, b in enumerate(batches):
         start = time.perf_counter()
         ids, target_mask, group_ids = collate(examples, groups, b, pad_id, "cpu")
-        nll = token_nll(model.logits, model.hidden_states(ids), ids, target_mask).nll
+        node_ids = collate(examples, nodes, b, pad_id, "cpu")[2] if spec.per_token == "msl" else None
+        out = net(ids, target_mask, node_ids)
         token_group = group_ids[target_mask]
-        loss = gdrt_loss(nll, token_group, n_groups, tau).loss if method == "gdrt" else sft_loss(nll)
+        scope = totals(out.nll, token_group, n_groups)       # also the per-group losses that are logged
+        loss = method_loss(spec.weighting, out.nll, token_group, out.rows, None, scope, tau)
         loss.backward()
         loss.item()
-        group_sums_and_counts(nll.detach(), token_group, n_groups)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i > 0:  # the first step warms up allocators and kernels
@@ -88,14 +95,19 @@ def main():
     print(f"grouping (Eq. 3 + k-means): {t_group:6.1f} s   one forward pass over the examples: "
           f"{t_forward:6.1f} s   ratio {t_group / t_forward:.2f}")
 
+    trie = build_trie(builder, ds.titles)
+    nodes = target_nodes_of(trie, examples)                 # once per run in train.py, not per step
     inject_lora(model, LoRAConfig())
     model.train()
     seconds = {}
-    for method in ("sft", "gdrt"):
+    for method in ("sft", "gdrt", "msl", "msl+gdrt"):
         torch.manual_seed(0)
-        seconds[method] = time_training(model, method, examples, groups, tokenizer.pad_id, args.steps)
+        seconds[method] = time_training(model, method, examples, groups, tokenizer.pad_id, args.steps, trie, nodes)
     print(f"training step (batch 8): SFT {seconds['sft']:.2f} s   GDRT {seconds['gdrt']:.2f} s   "
           f"ratio {seconds['gdrt'] / seconds['sft']:.3f}")
+    for method in ("msl", "msl+gdrt"):
+        print(f"training step (batch 8): {method.upper()} {seconds[method]:.2f} s   ratio to SFT "
+              f"{seconds[method] / seconds['sft']:.3f} (goal <= 1.15)")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def run_figures(out, method: str, tau: float, steps: list[dict], top1_dist, targ
     group_distribution({"test targets": target_dist, f"{name} top-1": top1_dist}, out / "top1_group_distribution.png")
     per_group_curves(x, [s["group_loss"] for s in steps], out / "group_loss.png",
                      "mean NLL of the group's tokens", f"{name}: training loss by token group")
-    if method == "gdrt":
+    if method.endswith("gdrt"):                 # gdrt and msl+gdrt
         per_group_curves(x, [s["q"] for s in steps], out / "group_weights.png", "Q(g)",
                          f"GDRT: group weights Q(g) = softmax(L(g)/{tau})")
 

@@ -121,8 +121,46 @@ def test_help_lists_every_option_with_its_default(train_py, capsys):
     train_py("--help")
     text = " ".join(capsys.readouterr().out.split())        # argparse wraps lines
     for expected in ("--dataset DATASET toy | clothing | book | synthetic (embedded, offline) (default: synthetic)",
-                     "--method {sft,gdrt}", "--grouping {kmeans,quantile}", "--epochs EPOCHS training epochs",
+                     "--method {sft,gdrt,msl,msl+gdrt,reweight}", "--loss-scope {step,micro,rank-micro}", "--grouping {kmeans,quantile}", "--epochs EPOCHS training epochs",
                      "--lora-targets LORA_TARGETS [LORA_TARGETS ...]", "(default: ['q_proj', 'v_proj'])",
                      "--lr LR AdamW learning rate of the LoRA parameters (default: 0.0005)",
                      "--regroup-every-epoch re-score", "--no-group-by-length batch examples", "--no-test stop"):
         assert expected in text, expected
+
+
+@pytest.fixture
+def small_run(train_py, tiny_model_dir):
+    """train.py on the small synthetic catalogue: 12 windows, 1 epoch of 3 steps (2 x 2 accumulated)."""
+    def run(out, *extra):
+        train_py("--model", tiny_model_dir, "--dataset", "synthetic", "--synthetic-size", "small",
+                 "--train-samples", "12", "--valid-users", "3", "--test-users", "3", "--epochs", "1",
+                 "--batch-size", "2", "--grad-accum", "2", "--beams", "3", "--eval-batch-size", "3",
+                 "--lr", "3e-3", "--out", out, *extra)
+        return json.loads((out / "results.json").read_text())
+    return run
+
+
+@pytest.mark.parametrize("method", ["msl", "msl+gdrt", "reweight"])
+def test_baseline_methods_run_and_log_what_is_special(small_run, tmp_path, method):
+    res = small_run(tmp_path / "run", "--method", method)
+    assert res["config"]["method"] == method and len(res["steps"]) == 3
+    q = torch.tensor([s["q"] for s in res["steps"]])
+    if method == "msl+gdrt":
+        assert torch.allclose(q.sum(1), torch.ones(3), atol=1e-5)      # Q(g) logged every step
+        assert (tmp_path / "run" / "group_weights.png").is_file()
+    else:
+        assert q.eq(0).all()
+    if method.startswith("msl"):
+        share = res["method"]["single_allowed_token_share"]
+        assert 0 < share < 1 and res["method"]["tau_msl"] == 4.5
+    else:
+        info = res["method"]
+        assert info["item_groups"] == "Eq. 2" and len(info["group_weights"]) == 5
+        assert 0 <= info["example_weight_min"] <= info["example_weight_max"]
+
+
+def test_reweight_with_power_0_is_sft_exactly(small_run, tmp_path):
+    sft = small_run(tmp_path / "sft", "--method", "sft")
+    flat = small_run(tmp_path / "flat", "--method", "reweight", "--reweight-power", "0")
+    assert flat["method"]["example_weight_min"] == flat["method"]["example_weight_max"] == 1.0
+    assert flat["steps"] == sft["steps"] and flat["test"] == sft["test"] and flat["epochs"] == sft["epochs"]

@@ -1,0 +1,135 @@
+"""methods.py and train.py's step: each method's loss against loss.py / baseline_losses.py, and
+--loss-scope step: gradient accumulation gives the Q(g), loss and update of one big batch."""
+
+import runpy
+
+import pytest
+import torch
+
+from nanogdrt import methods, synthetic
+from nanogdrt.baseline_losses import reweight_loss
+from nanogdrt.batches import make_examples
+from nanogdrt.data import load_dataset
+from nanogdrt.llama import Llama
+from nanogdrt.lora import LoRAConfig, inject_lora, lora_parameters
+from nanogdrt.loss import gdrt_loss, sft_loss
+from nanogdrt.prompt import PromptBuilder
+from nanogdrt.recommend import build_trie
+from nanogdrt.tokenizer import Tokenizer
+
+from conftest import ROOT
+
+G = 4
+
+
+def nll_groups_rows(n=37, B=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nll = (torch.rand(n, generator=g) * 4).requires_grad_()
+    groups = torch.randint(1, G + 1, (n,), generator=g)
+    groups[groups == 3] = 2                                  # one group absent: Q(3) = 0
+    rows = torch.sort(torch.randint(0, B, (n,), generator=g)).values
+    return nll, groups, rows
+
+
+@pytest.mark.parametrize("tau", [0.2, 1.0])
+def test_group_weighting_equals_gdrt_loss_and_the_smooth_max(tau):
+    """Q from the scope's totals, held constant: the value and gradient of loss.gdrt_loss, and
+    (envelope theorem) the gradient of tau * logsumexp(L / tau) over the present groups."""
+    nll, groups, rows = nll_groups_rows()
+    scope = methods.totals(nll, groups, G)
+    ours = methods.method_loss("groups", nll, groups, rows, None, scope, tau)
+    ref = gdrt_loss(nll, groups, G, tau)
+    torch.testing.assert_close(ours, ref.loss)
+    (g_ours,) = torch.autograd.grad(ours, nll)
+    (g_ref,) = torch.autograd.grad(ref.loss, nll)
+    torch.testing.assert_close(g_ours, g_ref)
+    L = torch.stack([nll[groups == g].mean() for g in (1, 2, 4)])
+    (g_max,) = torch.autograd.grad(tau * torch.logsumexp(L / tau, 0), nll)
+    torch.testing.assert_close(g_ours, g_max, atol=1e-7, rtol=1e-5)
+    assert methods.group_weights(scope, tau)[2] == 0
+
+
+def test_mean_and_example_weightings_equal_sft_and_reweight_losses():
+    nll, groups, rows = nll_groups_rows(seed=1)
+    scope = methods.totals(nll, groups, G)
+    assert torch.equal(methods.method_loss("mean", nll, groups, rows, None, scope, 1.0), sft_loss(nll))
+    w = torch.rand(6, generator=torch.Generator().manual_seed(2)) * 2
+    torch.testing.assert_close(methods.method_loss("examples", nll, groups, rows, w, scope, 1.0),
+                               reweight_loss(nll, rows, w))
+
+
+@pytest.mark.parametrize("weighting", ["mean", "groups", "examples"])
+def test_parts_with_the_whole_scope_sum_to_the_whole_loss(weighting):
+    nll, groups, rows = nll_groups_rows(seed=3)
+    w = torch.linspace(0.5, 1.5, 6)
+    scope = methods.totals(nll, groups, G)
+    whole = methods.method_loss(weighting, nll, groups, rows, w, scope, 0.5)
+    cuts = [slice(0, 5), slice(5, 20), slice(20, 37)]
+    parts = sum(methods.method_loss(weighting, nll[c], groups[c], rows[c], w, scope, 0.5) for c in cuts)
+    torch.testing.assert_close(parts, whole)
+
+
+# ----------------------------------------------------------------------------- train.py's step
+
+@pytest.fixture(scope="module")
+def step_setup(tiny_model_dir):
+    train = runpy.run_path(str(ROOT / "train.py"))            # the script's functions, main() not run
+    tokenizer = Tokenizer(tiny_model_dir)
+    builder = PromptBuilder(tokenizer, "synthetic")
+    ds = load_dataset("synthetic", train_samples=8, synthetic=synthetic.SMALL)
+    examples = make_examples(builder, ds.train, ds.titles)
+    trie = build_trie(builder, ds.titles)
+    g = torch.Generator().manual_seed(0)
+    token_groups = [torch.randint(1, G + 1, (e.target[1] - e.target[0],), generator=g) for e in examples]
+    nodes = methods.target_nodes_of(trie, examples)
+    return train, tokenizer, examples, trie, token_groups, nodes
+
+
+def step_gradients(step_setup, tiny_model_dir, method, scope, micro_batches):
+    train, tokenizer, examples, trie, token_groups, nodes = step_setup
+    torch.manual_seed(0)
+    model = Llama.from_pretrained(tiny_model_dir)
+    inject_lora(model, LoRAConfig(r=4, dropout=0.0))
+    params = lora_parameters(model)
+    with torch.no_grad():                                    # B != 0, so A gets a gradient too
+        for p in params:
+            p.normal_(0, 0.05)
+    cfg = train["RunConfig"](method=method, groups=G, tau=0.5, loss_scope=scope, tau_msl=4.5)
+    per_token = methods.METHODS[method].per_token
+    data = train["StepData"](examples, nodes if per_token == "msl" else None, None, tokenizer.pad_id)
+    net = methods.TargetLoss(model, per_token, trie, cfg.tau_msl)
+    log = train["train_step"](net, micro_batches, data, token_groups, cfg)
+    return log, [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("method", ["gdrt", "msl+gdrt", "sft"])
+def test_step_scope_accumulation_equals_one_big_batch(step_setup, tiny_model_dir, method):
+    """4 micro-batches of 2 (step scope) == one batch of 8: Q, loss, L(g), gradient (1e-5)."""
+    order = [3, 0, 6, 1, 7, 2, 5, 4]
+    one, g_one = step_gradients(step_setup, tiny_model_dir, method, "step", [order])
+    acc, g_acc = step_gradients(step_setup, tiny_model_dir, method, "step",
+                                [order[i:i + 2] for i in range(0, 8, 2)])
+    torch.testing.assert_close(acc["q"], one["q"], atol=1e-5, rtol=1e-5)
+    assert acc["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(acc["group_loss"], one["group_loss"], atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_acc, g_one):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    if method.endswith("gdrt"):
+        assert one["q"].sum().item() == pytest.approx(1.0) and one["q"].max() > 0.26
+        # Per-micro-batch Q (the behaviour of --loss-scope micro) is not the big batch's.
+        micro, g_micro = step_gradients(step_setup, tiny_model_dir, method, "micro",
+                                        [order[i:i + 2] for i in range(0, 8, 2)])
+        assert not torch.allclose(micro["q"], one["q"], atol=1e-3)
+        assert not all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g_micro, g_one))
+
+
+def test_msl_forward_on_a_rank_without_rows(step_setup, tiny_model_dir):
+    """Under DDP a rank may get no rows of a last micro-batch: an empty loss that still backprops."""
+    train, tokenizer, examples, trie, token_groups, nodes = step_setup
+    model = Llama.from_pretrained(tiny_model_dir)
+    inject_lora(model, LoRAConfig(r=4, dropout=0.0))
+    ids = torch.tensor([examples[0].ids])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    out = methods.TargetLoss(model, "msl", trie, 4.5)(ids, mask, torch.zeros_like(ids))
+    assert out.nll.shape == (0,)
+    out.nll.sum().backward()
