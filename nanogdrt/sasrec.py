@@ -38,11 +38,9 @@ Deliberate differences from pmixer (none changes the model's capacity):
 import argparse
 import json
 import math
-import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanogdrt import metrics
+from nanogdrt import files, metrics
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -287,17 +285,6 @@ def train(model: SASRec, train_rows, valid_rows, titles, loss="ce", epochs=200, 
 
 # ----------------------------------------------------------------------------- save / load
 
-def _atomic_write(path: Path, write):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save(model: SASRec, folder):
     """model.safetensors (weights + the item-id table) and config.json, each written atomically."""
     from safetensors.torch import save_file
@@ -305,8 +292,9 @@ def save(model: SASRec, folder):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, tmp))
-    _atomic_write(folder / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(asdict(model.cfg), indent=2)))
+    with files.atomic_path(folder / WEIGHTS) as tmp:
+        save_file(state, tmp)
+    files.write_json(folder / CONFIG, asdict(model.cfg), indent=2)
 
 
 def load(folder, device="cpu") -> SASRec:
@@ -339,7 +327,6 @@ def _versions() -> dict:
 
 def main(argv=None):
     from nanogdrt.data import load_dataset
-    from nanogdrt.recommend import write_jsonl
 
     p = argparse.ArgumentParser(prog="python -m nanogdrt.sasrec",
                                 description="Train SASRec (--loss bce) or SASRec++ (--loss ce) on a dataset's "
@@ -384,14 +371,14 @@ def main(argv=None):
     test = score(records, ds.test, ds.titles, item_group)
     out = Path(args.out)
     save(model, out)
-    write_jsonl(records, out / "test_records.jsonl")
+    files.write_jsonl(out / "test_records.jsonl", records)
     results = {"model": "SASRec++" if args.loss == "ce" else "SASRec", "config": vars(args),
                "model_config": asdict(cfg), "dataset": {"name": ds.name, "source": ds.source,
                "train": len(ds.train), "valid": len(ds.valid), "test": len(ds.test), "items": len(ds.titles)},
                "best_epoch": best["epoch"], "epochs_run": len(best["history"]), "valid": best["valid"],
                "metrics": test, "history": best["history"], "wall_time_s": time.perf_counter() - start,
                "versions": _versions(), "command": " ".join(sys.argv)}
-    _atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    files.write_json(out / "results.json", results, indent=2)
     print(f"{results['model']} on {ds.name}: best epoch {best['epoch']} (valid {args.metric} "
           f"{best['valid'].get(args.metric, 0):.4f}), test on {len(ds.test)} users -> {out}")
     print("  ".join(f"{k} {v:.4f}" for k, v in test.items()))
