@@ -41,7 +41,7 @@ from nanogdrt.prompt import PromptBuilder
 from nanogdrt.recommend import build_trie, recommend, score
 from nanogdrt.tokenizer import Tokenizer
 from nanogdrt.train_state import claim_run_folder, load_state, save_state
-from nanogdrt.validate import RANGE_KEYS, check_config, describe
+from nanogdrt.validate import DEVICE, RANGE_KEYS, check_config, describe
 
 
 # ----------------------------------------------------------------------------- config
@@ -57,7 +57,8 @@ def option(default, help, **argparse_kwargs):
 @dataclass
 class RunConfig:
     """Every setting of a run, saved in results.json. A None count is filled per dataset below."""
-    dataset: str = option("synthetic", "toy | clothing | book | synthetic (embedded, offline)")
+    dataset: str = option("synthetic", "toy | clothing | book | synthetic (embedded, offline)",
+                          pattern="toy|clothing|book|synthetic")
     data_dir: str | None = option(None, "dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
     train_file: str | None = option(None, "which train*.csv of the folder (toy: train_1000.csv)")
     synthetic_size: str = option("full", "synthetic only: full (2,000 items) or small (120 items, for "
@@ -84,7 +85,7 @@ class RunConfig:
     beams: int = option(10, "beam width of constrained beam search (paper: 10)", min=1)
     eval_batch_size: int = option(32, "users decoded at once (slots refilled as users finish)", min=1)
     seed: int = option(0, "seed of sampling, batching, LoRA init and dropout", min=0)
-    device: str = option("cpu", "cpu | cuda | mps")
+    device: str = option("cpu", "cpu | cuda | mps", pattern=DEVICE)
     dtype: str = option("float32", "model dtype", choices=["float32", "bfloat16", "float16"])
     out: str | None = option(None, "run folder (default: runs/<dataset>-<method>)")
     resume: bool = option(False, "continue from <out>/state")
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(RunConfig):
         kwargs = {k: v for k, v in f.metadata.items() if k not in RANGE_KEYS}
-        bounds = {k: f.metadata[k] for k in RANGE_KEYS if k in f.metadata}
+        bounds = {k: f.metadata[k] for k in RANGE_KEYS if k in f.metadata and k != "pattern"}
         if bounds:
             kwargs["help"] += f" [{describe(**bounds)}]"
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default

@@ -8,14 +8,17 @@ argparse type, so argparse's own error names the flag. Either way the message re
 
 Rules: 0 means 0 where that makes sense (`--weight-decay 0`, `--lora-dropout 0`); a count that
 would make the run empty or undefined (0 epochs, 0 beams, a batch of 0) is refused, never
-replaced by a default. Floats must be finite (`--lr nan` is refused).
+replaced by a default. Floats must be finite (`--lr nan` is refused). A string field may declare a `pattern` (a full
+regular-expression match), e.g. `--device`.
 """
 
 import argparse
 import dataclasses
 import math
+import re
 
-RANGE_KEYS = ("min", "max", "above", "below")
+RANGE_KEYS = ("min", "max", "above", "below", "pattern")
+DEVICE = r"cpu|mps|cuda(:[0-9]+)?"                      # what `--device` may name
 
 
 class ArgumentError(ValueError):
@@ -48,11 +51,14 @@ def check_config(config):
     """Check every field of the dataclass `config` against its metadata range; raise
     ArgumentError naming the first bad flag and its allowed range."""
     for f in dataclasses.fields(config):
-        bounds = {k: f.metadata[k] for k in RANGE_KEYS if k in f.metadata}
+        bounds = {k: f.metadata[k] for k in RANGE_KEYS if k in f.metadata and k != "pattern"}
         value = getattr(config, f.name)
         values = value if isinstance(value, list) else [value]
         for v in values:
             why = problem(v, **bounds) if bounds or isinstance(v, float) else None
+            pattern = f.metadata.get("pattern")
+            if pattern and isinstance(v, str) and not re.fullmatch(pattern, v):
+                why = f"expected {pattern.replace('|', ' | ')}"
             if why:
                 raise ArgumentError(f"{flag(f.name)} {v}: {why}")
     return config
