@@ -42,13 +42,15 @@ from nanogdrt.methods import METHODS, TargetLoss, Totals, group_weights, method_
 from nanogdrt.prompt import PromptBuilder
 from nanogdrt.recommend import build_trie, recommend, score
 from nanogdrt.tokenizer import Tokenizer
-from nanogdrt.train_state import load_state, save_state
+from nanogdrt.train_state import claim_run_folder, load_state, save_state
+from nanogdrt.validate import DEVICE, RANGE_KEYS, check_config, describe
 
 
 # ----------------------------------------------------------------------------- config
 
 def option(default, help, **argparse_kwargs):
-    """A RunConfig field and its command-line option (--field-name), declared once."""
+    """A RunConfig field and its command-line option (--field-name), declared once; `min`, `max`,
+    `above`, `below` declare its allowed range (checked by nanogdrt.validate at start-up)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **argparse_kwargs})
     return field(default=default, metadata={"help": help, **argparse_kwargs})
@@ -57,7 +59,8 @@ def option(default, help, **argparse_kwargs):
 @dataclass
 class RunConfig:
     """Every setting of a run, saved in results.json. A None count is filled per dataset below."""
-    dataset: str = option("synthetic", "toy | clothing | book | synthetic (embedded, offline)")
+    dataset: str = option("synthetic", "toy | clothing | book | synthetic (embedded, offline)",
+                          pattern="toy|clothing|book|synthetic")
     data_dir: str | None = option(None, "dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
     train_file: str | None = option(None, "which train*.csv of the folder (toy: train_1000.csv)")
     synthetic_size: str = option("full", "synthetic only: full (2,000 items) or small (120 items, for "
@@ -65,17 +68,17 @@ class RunConfig:
     method: str = option("gdrt", "SFT (Eq. 1), GDRT (Eq. 5), MSL's masked softmax, MSL with GDRT's group "
                                  "weights, or IFairLRS's reweighting (nanogdrt/methods.py)", choices=list(METHODS))
     model: str | None = option(None, "Hugging Face Llama folder (default: embedded SmolLM2-135M-Instruct)")
-    train_samples: int | None = option(None, "seeded sample of training windows (paper: 10,000)")
-    valid_users: int | None = option(None, "seeded sample of validation users per epoch")
-    test_users: int | None = option(None, "seeded sample of test users (default per dataset)")
-    epochs: int | None = option(None, "training epochs (paper: 5)")
-    batch_size: int = option(8, "examples per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(5e-4, "AdamW learning rate of the LoRA parameters")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    clip: float = option(1.0, "gradient-norm clip")
-    groups: int = option(5, "G token groups (paper grid: 2, 5, 10)")
-    tau: float = option(0.5, "Group-DRO temperature (paper grid: 0.1 .. 1.0)")
+    train_samples: int | None = option(None, "seeded sample of training windows (paper: 10,000)", min=1)
+    valid_users: int | None = option(None, "seeded sample of validation users per epoch", min=1)
+    test_users: int | None = option(None, "seeded sample of test users (default per dataset)", min=1)
+    epochs: int | None = option(None, "training epochs (paper: 5)", min=1)
+    batch_size: int = option(8, "examples per micro-batch", min=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
+    lr: float = option(5e-4, "AdamW learning rate of the LoRA parameters", above=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0)
+    clip: float = option(1.0, "gradient-norm clip", above=0)
+    groups: int = option(5, "G token groups (paper grid: 2, 5, 10)", min=1)
+    tau: float = option(0.5, "Group-DRO temperature (paper grid: 0.1 .. 1.0)", above=0)
     loss_scope: str = option("step", "the batch a loss is computed over (its token mean; GDRT's L(g) and Q(g)). "
                                      "step: the optimizer step's whole batch, every micro-batch of every rank "
                                      "(exact: batch 4 x accum 32 and 4 x 4 x 8 ranks give the same Q and update; "
@@ -83,24 +86,25 @@ class RunConfig:
                                      "micro: each micro-batch across the ranks, averaged over the accumulation. "
                                      "rank-micro: each rank's own micro-batch, as HF-Trainer implementations "
                                      "compute it", choices=["step", "micro", "rank-micro"])
-    tau_msl: float = option(4.5, "MSL's softmax temperature (MSL's recipe for Toy: 4.5)")
+    tau_msl: float = option(4.5, "MSL's softmax temperature (MSL's recipe for Toy: 4.5)", above=0)
     reweight_power: float = option(1.0, "Reweight: IFairLRS's group weights raised to this power (our knob, "
-                                        "not IFairLRS's): 1 = IFairLRS, 0 = uniform = SFT. Item groups: Eq. 2's")
+                                        "not IFairLRS's): 1 = IFairLRS, 0 = uniform = SFT. Item groups: Eq. 2's",
+                                   min=0)
     grouping: str = option("kmeans", "how tokens are split by relevance", choices=["kmeans", "quantile"])
     regroup_every_epoch: bool = option(False, "re-score relevance with the current model each epoch")
-    lora_r: int = option(8, "LoRA rank")
-    lora_alpha: float = option(16, "LoRA alpha (scale alpha/r)")
-    lora_dropout: float = option(0.05, "dropout on the LoRA path")
+    lora_r: int = option(8, "LoRA rank", min=1)
+    lora_alpha: float = option(16, "LoRA alpha (scale alpha/r)", above=0)
+    lora_dropout: float = option(0.05, "dropout on the LoRA path", min=0, below=1)
     lora_targets: list[str] = option(["q_proj", "v_proj"], "module names that get LoRA", nargs="+")
-    beams: int = option(10, "beam width of constrained beam search (paper: 10)")
-    eval_batch_size: int = option(32, "users decoded at once (slots refilled as users finish)")
-    seed: int = option(0, "seed of sampling, batching, LoRA init and dropout")
-    device: str = option("cpu", "cpu | cuda | mps")
+    beams: int = option(10, "beam width of constrained beam search (paper: 10)", min=1)
+    eval_batch_size: int = option(32, "users decoded at once (slots refilled as users finish)", min=1)
+    seed: int = option(0, "seed of sampling, batching, LoRA init and dropout", min=0)
+    device: str = option("cpu", "cpu | cuda | mps", pattern=DEVICE)
     dtype: str = option("float32", "model dtype", choices=["float32", "bfloat16", "float16"])
     out: str | None = option(None, "run folder (default: runs/<dataset>-<method>)")
     resume: bool = option(False, "continue from <out>/state")
-    save_every: int = option(50, "checkpoint every N optimizer steps")
-    max_steps: int | None = option(None, "stop after N optimizer steps in all (then --resume)")
+    save_every: int = option(50, "checkpoint every N optimizer steps", min=1)
+    max_steps: int | None = option(None, "stop after N optimizer steps in all (then --resume)", min=1)
     skip_bad: bool = option(False, "skip malformed data rows (counted in results.json)")
     group_by_length: bool = option(True, "batch examples in plain random order (default: random pools of "
                                          "batches, each of similar-length examples, so less of a step is padding)")
@@ -121,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(RunConfig):
-        kwargs = dict(f.metadata)
+        kwargs = {k: v for k, v in f.metadata.items() if k not in RANGE_KEYS}
+        bounds = {k: f.metadata[k] for k in RANGE_KEYS if k in f.metadata and k != "pattern"}
+        if bounds:
+            kwargs["help"] += f" [{describe(**bounds)}]"
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         name = f.name.replace("_", "-")
         if f.type is bool:
@@ -138,9 +145,10 @@ def parse_args(argv=None) -> RunConfig:
     for key, value in DATASET_DEFAULTS.get(args["dataset"], {}).items():
         if args.get(key) is None:
             args[key] = value
-    args["epochs"] = args["epochs"] or 2                   # datasets without defaults (clothing, book)
+    if args["epochs"] is None:                             # datasets without defaults (clothing, book)
+        args["epochs"] = 2
     args["out"] = args["out"] or f"runs/{args['dataset']}-{args['method']}"
-    return RunConfig(**args)
+    return check_config(RunConfig(**args))        # every range, before any work
 
 
 # ----------------------------------------------------------------------------- steps
@@ -411,6 +419,9 @@ def main(argv=None):
     cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, dist))   # cuda -> cuda:<local rank>
     say = print if dist.main else (lambda *args, **kwargs: None)
     out, times, t0 = Path(cfg.out), {}, time.perf_counter()
+    # Before any work: --out writable and locked for this run (a second run is refused), its
+    # checkpoint present when resuming, absent otherwise. The lock is held until main() returns.
+    lock = claim_run_folder(out, cfg.resume) if dist.main else None   # noqa: F841 (held, not used)
     torch.manual_seed(cfg.seed)                            # LoRA init and dropout follow from --seed
 
     # Step 1: the data, the base model and the prompt template.

@@ -59,7 +59,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from nanogdrt import attribution, files, plots
+from nanogdrt import attribution, files, plots, validate
 from nanogdrt.batches import make_examples
 from nanogdrt.grouping import N_ITEM_GROUPS
 from nanogdrt.prompt import PromptIds
@@ -338,19 +338,23 @@ def main(argv=None):
                                                  "the embedded SmolLM2-135M)")
     p.add_argument("--dataset", default=None, help="toy | clothing | book | synthetic (default: the runs')")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: the runs')")
-    p.add_argument("--examples", type=int, default=20, help="examples for Fig. 2/7 attribution (0: skip)")
+    p.add_argument("--examples", type=validate.number(int, min=0), default=20, help="examples for Fig. 2/7 attribution (0: skip)")
     p.add_argument("--attribution", default="both", choices=["segment", "per-token", "both"],
                    help="Fig. 2/7 definition: the paper's Captum segment ratios on the predicted title, "
                         "our per-token ratios on the ground truth, or both (nanogdrt/attribution.py)")
-    p.add_argument("--beams", type=int, default=10, help="beam width of the search whose top-1 title the "
+    p.add_argument("--beams", type=validate.number(int, min=1), default=10, help="beam width of the search whose top-1 title the "
                                                          "segment definition attributes (the paper: 10)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split of those examples")
-    p.add_argument("--seed", type=int, default=0, help="seed of the example sample")
-    p.add_argument("--min-count", type=int, default=5, help="Fig. 5: only target tokens seen this often")
+    p.add_argument("--seed", type=validate.number(int, min=0), default=0, help="seed of the example sample")
+    p.add_argument("--min-count", type=validate.number(int, min=1), default=5, help="Fig. 5: only target tokens seen this often")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="figures", help="folder for the PNG files and analysis.json")
-    a = p.parse_args(argv)
+    a = p.parse_args(argv)                        # every range checked here, before any work
+    try:
+        files.check_writable(a.out, "folder")
+    except files.OutputError as e:
+        p.error(str(e))
     try:
         analyze(a.runs, a.out, a.model, a.dataset, a.data_dir, a.examples, a.split, a.seed, a.min_count,
                 a.device, a.dtype, a.attribution, a.beams)

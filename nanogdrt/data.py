@@ -18,7 +18,9 @@ bytes, unless `train_file` names one (the same rule picks valid and test).
 
 Bad rows raise DataError naming the file and the CSV line number, 1-based with the header as line 1
 (for a quoted record spanning several lines, the line where it ends). With skip_bad=True they are
-skipped and counted in RecDataset.skipped instead.
+skipped and counted in RecDataset.skipped instead. File-level problems are never skippable: a split
+with no data rows, a missing or repeated column, an id2name.json key that is not a plain decimal
+integer or that names an id twice ("7" and "07" would be the same item). A UTF-8 BOM is dropped.
 
 Build a folder from the raw Amazon 2014 files with `python -m nanogdrt.prepare toy [--raw-dir DIR]`.
 """
@@ -28,6 +30,7 @@ import csv
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +40,7 @@ CATEGORIES = {"toy": "Toys_and_Games", "clothing": "Clothing_Shoes_and_Jewelry",
 MAX_HISTORY = 10     # sliding window of 11 = 10 history items + the target
 MIN_HISTORY = 4      # the released Toy rows have at least 5 item ids
 MAX_MESSAGES = 5     # how many skip messages RecDataset.skipped keeps
+DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)")   # an id2name.json key: ASCII digits, no leading zero
 
 
 class DataError(ValueError):
@@ -132,18 +136,33 @@ def _pick_file(folder, split, chosen=None):
     return max(files, key=lambda p: p.stat().st_size)
 
 
+def _pairs(pairs):
+    """json object hook that keeps every (key, value) pair, so a repeated key is seen, not overwritten."""
+    return pairs
+
+
 def load_titles(path):
+    """id2name.json -> {item id: title}. Keys are plain ASCII decimal integers ("7", not "07",
+    " 7", "٧" or "+7"), each id once: a key that repeats or means the same id as another is an
+    error, as silently keeping the last would change which title an id trains on."""
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+        raw = json.loads(Path(path).read_text(encoding="utf-8-sig"), object_pairs_hook=_pairs)
     except json.JSONDecodeError as e:
         raise DataError(path, e.lineno, f"invalid JSON: {e.msg}") from None
-    if not isinstance(raw, dict):
+    except UnicodeDecodeError as e:
+        raise DataError(path, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(raw, list):
         raise DataError(path, None, "expected a JSON object: item id -> title")
-    titles = {}
-    for key, title in raw.items():  # JSON keys are strings; the CSVs hold integer ids
-        if not key.lstrip("-").isdigit() or not isinstance(title, str):
-            raise DataError(path, None, f"entry {key!r}: expected an integer id and a string title")
-        titles[int(key)] = title
+    titles, key_of = {}, {}
+    for key, title in raw:  # JSON keys are strings; the CSVs hold integer ids
+        if not DECIMAL.fullmatch(key) or not isinstance(title, str):
+            raise DataError(path, None, f"entry {key!r}: expected a plain decimal integer id and a string title")
+        item = int(key)
+        if item in titles:
+            raise DataError(path, None, f"keys {key_of[item]!r} and {key!r} both name item {item}")
+        titles[item], key_of[item] = title, key
+    if not titles:
+        raise DataError(path, None, "no items")
     return titles
 
 
@@ -173,15 +192,20 @@ def read_split(path, titles, skip_bad=False, skipped=None):
     """Read one CSV into Interactions; bad rows raise DataError, or are counted when skip_bad."""
     path = Path(path)
     out, n_bad = [], 0
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (as spreadsheet programs write) is dropped, not read as part of
+    # the first column's name.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         try:
             header = reader.fieldnames
-        except csv.Error as e:
+        except (csv.Error, UnicodeDecodeError) as e:
             raise DataError(path, 1, f"unreadable header: {e}") from None
+        # file-level problems: no row can be read, so they are not skippable
         if header is None or "item_ids" not in header:
-            # a file-level problem: no row can be read, so it is not skippable
             raise DataError(path, 1, f"missing column 'item_ids' (header: {header})")
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:   # DictReader would silently keep the last column of that name
+            raise DataError(path, 1, f"repeated column name(s) {repeated}")
         # next(reader) sits inside the try: a broken quote or a NUL byte raises csv.Error while
         # reading, and that row must be skippable like one that parses to bad item ids.
         row_index = 0
@@ -203,6 +227,8 @@ def read_split(path, titles, skip_bad=False, skipped=None):
             row_index += 1  # bad rows count too: `row` stays the row's index in the file
     if n_bad and skipped is not None:
         skipped[path.name] = n_bad
+    if not out:   # caught here, before any model work, not as an empty tensor at the first step
+        raise DataError(path, None, f"no data rows ({n_bad} skipped as bad)" if n_bad else "no data rows")
     return out
 
 

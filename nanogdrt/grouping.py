@@ -161,8 +161,16 @@ def group_values(values, n_groups: int, method: str = "kmeans", backend: str = "
 
 def token_groups(token_values: Sequence[torch.Tensor], n_groups: int, **kwargs) -> list[torch.Tensor]:
     """Group the target tokens of all training examples together (every occurrence counts) and
-    return one LongTensor of group ids per example, aligned with its target tokens."""
+    return one LongTensor of group ids per example, aligned with its target tokens.
+    G greater than the number of distinct values raises ValueError giving both numbers."""
     lengths = [len(t) for t in token_values]
     flat = np.concatenate([t.float().numpy() for t in token_values]) if token_values else np.zeros(0)
+    distinct = np.unique(flat).size
+    if flat.size and distinct < n_groups:
+        # More groups than distinct values would leave groups empty: their L(g) undefined and their
+        # logged mean relevance NaN. Refused rather than silently reduced, so G is what was asked.
+        raise ValueError(f"--groups {n_groups}: the training targets have only {distinct} distinct token "
+                         f"relevance values, so at most {distinct} groups can be non-empty; choose "
+                         f"--groups <= {distinct}")
     groups = torch.from_numpy(group_values(flat, n_groups, **kwargs))
     return list(torch.split(groups, lengths))

@@ -394,7 +394,11 @@ def load_safetensors_folder(path: Path) -> dict:
     state = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
+            tensors = load_file(str(f))
         except (SafetensorError, FileNotFoundError, OSError) as e:
             raise ValueError(f"{f}: cannot read safetensors file ({e})") from None
+        bad = next((n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:   # else it would only show up as NaN logits much later
+            raise ValueError(f"{f}: tensor {bad!r} contains NaN or infinity")
+        state.update(tensors)
     return state

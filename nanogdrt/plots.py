@@ -7,11 +7,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from nanogdrt.files import atomic_path  # noqa: E402
+
 
 def _save(fig, path):
+    """Through files.atomic_path: a kill mid-save leaves the previous PNG (or none), never a 0-byte one."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")         # the temporary name has no .png suffix
+    finally:
+        plt.close(fig)
 
 
 def group_distribution(bars: dict[str, list[float]], path, title="Top-1 recommendations by item group"):

@@ -9,7 +9,9 @@ The raw files (`reviews_<Category>_5.json.gz`, `meta_<Category>.json.gz`) are do
 SNAP mirror unless `--raw-dir` already holds them. The windows are cut by nanogdrt.data's
 make_windows / split_by_time, the same code that cuts the embedded synthetic dataset; the output is
 the folder that nanogdrt.data.load_dataset reads (`train.csv`, `valid.csv`, `test.csv`,
-`id2name.json`). Titles are kept exactly as the source has them, HTML entities included.
+`id2name.json`, and `train_1000.csv`, a seeded sample that `train.py --dataset toy` reads by
+default). Every failure is one line naming the file, what was expected and how to get it; a
+result with an empty split is an error, and nothing is written then. Titles are kept exactly as the source has them, HTML entities included.
 
     python -m nanogdrt.prepare toy [--raw-dir DIR] [--out DIR] [--seed N]
 """
@@ -18,14 +20,17 @@ import argparse
 import ast
 import csv
 import gzip
+import io
 import json
 import os
 import random
 import urllib.error
 import urllib.request
+import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from nanogdrt import files, validate
 from nanogdrt.data import CATEGORIES, DataError, make_windows, split_by_time
 
 RAW_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
@@ -62,39 +67,71 @@ def download(url, dest):
     return dest
 
 
-def _raw_file(raw_dir, file):
-    path = Path(raw_dir) / file
-    if not path.is_file():
-        Path(raw_dir).mkdir(parents=True, exist_ok=True)
-        print(f"{path} not found: downloading {RAW_URL + file}")
-        download(RAW_URL + file, path)
+class PrepareError(ValueError):
+    """One line: the file, what was expected, and how to get it."""
+
+
+def _raw_file(raw_dir, file, given: bool):
+    """The raw file in `raw_dir`, downloaded there when absent. A `--raw-dir` that was given must
+    exist (it is not created: a typo would otherwise start a multi-GB download into a new folder)."""
+    raw_dir = Path(raw_dir)
+    path, url = raw_dir / file, RAW_URL + file
+    if path.is_file():
+        return path
+    if given and not raw_dir.is_dir():
+        raise PrepareError(f"--raw-dir {raw_dir}: no such folder (expected it to hold {file})")
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{path} not found: downloading {url}")
+    try:
+        download(url, path)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise PrepareError(f"{path}: not found, and downloading {url} failed ({reason}). Download it by hand "
+                           f"into {raw_dir} (or pass --raw-dir DIR, the folder that holds it)") from None
     return path
+
+
+def _lines(path):
+    """The text lines of a .json.gz file; a file that is empty, not gzip or cut short is one error."""
+    if path.stat().st_size == 0:
+        raise PrepareError(f"{path}: empty file (0 bytes): delete it and download {RAW_URL + path.name} again")
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            yield from enumerate(f, 1)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        # BadGzipFile (an OSError): not gzip; EOFError: truncated (an interrupted download)
+        raise PrepareError(f"{path}: not a complete gzip file of JSON lines ({type(e).__name__}: {e}); delete "
+                           f"it and download {RAW_URL + path.name} again") from None
 
 
 def read_raw(reviews_path, meta_path):
     """Titles by asin (meta lines are Python literals) and (user, asin, time) reviews (strict JSON)."""
     titles = {}
-    with gzip.open(meta_path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                meta = ast.literal_eval(line)
-            except (ValueError, SyntaxError) as e:
-                raise DataError(meta_path, line_no, f"not a Python literal ({e})") from None
+    for line_no, line in _lines(meta_path):
+        if not line.strip():
+            continue
+        try:
+            meta = ast.literal_eval(line)
             title = meta.get("title")
             if isinstance(title, str) and title.strip():  # items need a title
                 titles[meta["asin"]] = title
+        except (ValueError, SyntaxError, AttributeError, KeyError) as e:
+            raise DataError(meta_path, line_no, f"not a Python dict literal with an 'asin' ({e!r})") from None
     reviews = []
-    with gzip.open(reviews_path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                reviews.append((r["reviewerID"], r["asin"], int(r["unixReviewTime"])))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise DataError(reviews_path, line_no, f"bad review line ({e!r})") from None
+    for line_no, line in _lines(reviews_path):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            reviews.append((r["reviewerID"], r["asin"], int(r["unixReviewTime"])))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(reviews_path, line_no, f"bad review line ({e!r})") from None
+    if not titles:
+        raise PrepareError(f"{meta_path}: no item with a title (expected one Python dict per line with "
+                           f"'asin' and 'title')")
+    if not reviews:
+        raise PrepareError(f"{reviews_path}: no reviews (expected one JSON object per line with "
+                           f"'reviewerID', 'asin', 'unixReviewTime')")
     return titles, reviews
 
 
@@ -134,31 +171,47 @@ def preprocess(titles, reviews, book_items=None, seed=0):
     return id2name, {"train": train, "valid": valid, "test": test}
 
 
-def write_dataset(out, id2name, splits):
-    """The released BIGRec/MSL layout: one CSV per split (item_ids = history then target) + id2name.json."""
+TRAIN_SAMPLE = 1000  # train_1000.csv: what train.py --dataset toy reads by default, as in the released folder
+
+
+def _csv_text(windows, id2name) -> str:
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(["user_id", "item_ids", "item_titles", "timestamp"])
+    for user, history, target, time in windows:
+        items = history + [target]
+        writer.writerow([user, str(items), str([id2name[i] for i in items]), time])
+    return buffer.getvalue()
+
+
+def write_dataset(out, id2name, splits, seed=0):
+    """The released BIGRec/MSL layout: one CSV per split (item_ids = history then target) +
+    id2name.json, each written atomically; plus train_1000.csv, a seeded sample of 1,000 training
+    windows in time order (the file train.py's defaults read, like the released Toy folder)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    empty = [split for split, windows in splits.items() if not windows]
+    if empty:
+        raise PrepareError(f"{out}: not written: split(s) {empty} would have no windows after the {CORE}-core "
+                           f"filter ({len(id2name)} items left); the raw files are too small or incomplete")
     for split, windows in splits.items():
-        with open(out / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["user_id", "item_ids", "item_titles", "timestamp"])
-            for user, history, target, time in windows:
-                items = history + [target]
-                writer.writerow([user, str(items), str([id2name[i] for i in items]), time])
-    (out / "id2name.json").write_text(json.dumps({str(k): v for k, v in id2name.items()}, indent=4),
-                                      encoding="utf-8")
+        files.write_text(out / f"{split}.csv", _csv_text(windows, id2name))
+    train = splits["train"]
+    keep = sorted(random.Random(f"{seed}:train_{TRAIN_SAMPLE}").sample(range(len(train)), min(TRAIN_SAMPLE, len(train))))
+    files.write_text(out / f"train_{TRAIN_SAMPLE}.csv", _csv_text([train[i] for i in keep], id2name))
+    files.write_text(out / "id2name.json", json.dumps({str(k): v for k, v in id2name.items()}, indent=4))
 
 
 def prepare(name, raw_dir=None, out=None, seed=0):
     """Build data/<name> (or `out`) from the raw 2014 files in `raw_dir` (downloaded if absent)."""
     category = CATEGORIES[name]
-    raw_dir = Path(raw_dir) if raw_dir is not None else Path("data") / "raw"
-    reviews_path = _raw_file(raw_dir, f"reviews_{category}_5.json.gz")
-    meta_path = _raw_file(raw_dir, f"meta_{category}.json.gz")
+    given = raw_dir is not None
+    raw_dir = Path(raw_dir) if given else Path("data") / "raw"
+    reviews_path = _raw_file(raw_dir, f"reviews_{category}_5.json.gz", given)
+    meta_path = _raw_file(raw_dir, f"meta_{category}.json.gz", given)
     titles, reviews = read_raw(reviews_path, meta_path)
     id2name, splits = preprocess(titles, reviews, BOOK_ITEMS if name == "book" else None, seed)
     out = Path(out) if out is not None else Path("data") / name
-    write_dataset(out, id2name, splits)
+    write_dataset(out, id2name, splits, seed)
     counts = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
     print(f"wrote {out}: {len(id2name)} items, windows: {counts}")
     return out
@@ -169,9 +222,14 @@ def main(argv=None):
     p.add_argument("name", choices=sorted(CATEGORIES))
     p.add_argument("--raw-dir", help="folder with (or for) the raw .json.gz files (default data/raw)")
     p.add_argument("--out", help="output folder (default data/<name>)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the Books item sample")
+    p.add_argument("--seed", type=validate.number(int, min=0), default=0,
+                   help="seed of the Books item sample and of train_1000.csv")
     args = p.parse_args(argv)
-    prepare(args.name, args.raw_dir, args.out, args.seed)
+    try:
+        files.check_writable(args.out or Path("data") / args.name, "folder")
+        prepare(args.name, args.raw_dir, args.out, args.seed)
+    except ValueError as e:   # PrepareError, DataError, OutputError: one line naming the file
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

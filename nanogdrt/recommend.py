@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from nanogdrt import files, grouping, metrics, relevance
+from nanogdrt import files, grouping, metrics, relevance, validate
 from nanogdrt.beam import beam_search
 from nanogdrt.trie import Trie
 
@@ -54,11 +54,17 @@ def score(records, interactions, titles, item_group=None) -> dict:
                             [x.history for x in interactions], item_group=item_group, titles=titles)
 
 
-def parse_rows(spec: str, n: int) -> slice:
+def parse_rows(spec: str) -> slice:
+    """--rows START:END (either may be left out): 0 <= START <= END. An argparse type, so a bad
+    value is refused at start-up with the flag's name."""
     try:
         start, end = (int(s) if s else None for s in spec.split(":"))
     except ValueError:
-        raise SystemExit(f"--rows {spec!r}: expected START:END, e.g. 0:100") from None
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected START:END, e.g. 0:100") from None
+    if (start is not None and start < 0) or (end is not None and end < 0):
+        raise argparse.ArgumentTypeError(f"{spec!r}: START and END must be >= 0")
+    if start is not None and end is not None and start >= end:
+        raise argparse.ArgumentTypeError(f"{spec!r}: START must be < END (no rows otherwise)")
     return slice(start, end)
 
 
@@ -77,18 +83,22 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None, help="dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--users", type=int, default=None, help="evaluate a seeded sample of N users")
-    g.add_argument("--rows", default=None, help="evaluate rows START:END of the split")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --users sample")
-    p.add_argument("--beams", type=int, default=10, help="beam width (the paper: 10)")
-    p.add_argument("--batch-size", type=int, default=32, help="users decoded at once (slots refilled as users finish)")
-    p.add_argument("--length-penalty", type=float, default=1.0,
+    g.add_argument("--users", type=validate.number(int, min=1), default=None, help="evaluate a seeded sample of N users")
+    g.add_argument("--rows", type=parse_rows, default=None, help="evaluate rows START:END of the split")
+    p.add_argument("--seed", type=validate.number(int, min=0), default=0, help="seed of the --users sample")
+    p.add_argument("--beams", type=validate.number(int, min=1), default=10, help="beam width (the paper: 10)")
+    p.add_argument("--batch-size", type=validate.number(int, min=1), default=32, help="users decoded at once (slots refilled as users finish)")
+    p.add_argument("--length-penalty", type=validate.number(float), default=1.0,
                    help="score = sum log p / len^lp (1.0: the paper lineage; 0: plain sum)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
     p.add_argument("--no-fairness", action="store_true", help="skip item groups (MGU/DGU)")
     p.add_argument("--out", required=True, help="JSON-lines file to write")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)                     # every range checked here, before any work
+    try:
+        files.check_writable(args.out, "file")
+    except files.OutputError as e:
+        p.error(str(e))
     from nanogdrt import distributed
     dist = distributed.init(args.device)          # under torchrun: this rank's share of the users
     args.device = distributed.rank_device(args.device, dist)
@@ -97,7 +107,10 @@ def main(argv=None):
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed, **kwargs)
     interactions = getattr(dataset, args.split)
     if args.rows:
-        interactions = interactions[parse_rows(args.rows, len(interactions))]
+        interactions = interactions[args.rows]
+        if not interactions:
+            raise SystemExit(f"error: --rows selects no row ({args.split} has "
+                             f"{len(getattr(dataset, args.split))} rows)")
     model_dir = args.model or ensure_embedded_checkpoint()
     model = Llama.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     builder = PromptBuilder(Tokenizer(model_dir), args.dataset)

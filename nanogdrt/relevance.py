@@ -195,9 +195,12 @@ def load_or_compute(model, builder, dataset: str, titles: Sequence[str], folder,
         return logprobs
     flat = torch.cat(logprobs) if logprobs else torch.zeros(0)
     offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
-    with atomic_path(path) as tmp:
-        save_file({"logprobs": flat.float().contiguous(), "offsets": offsets}, tmp,
-                  metadata={"key": key, "format": CACHE_FORMAT, "dataset": dataset, "n_items": str(len(titles))})
+    try:
+        with atomic_path(path) as tmp:
+            save_file({"logprobs": flat.float().contiguous(), "offsets": offsets}, tmp,
+                      metadata={"key": key, "format": CACHE_FORMAT, "dataset": dataset, "n_items": str(len(titles))})
+    except OSError as e:   # a read-only or full cache costs the next run a re-scoring, not this run its work
+        print(f"warning: relevance cache not written ({path}: {e.strerror or e}); the run goes on")
     return logprobs
 
 

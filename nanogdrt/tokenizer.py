@@ -14,6 +14,10 @@ We read the post-processor's additions once, into `special_prefix` / `special_su
 before / after the text), then drop it from the backend: a ByteLevel post-processor with
 `trim_offsets` would move token offsets off their leading spaces, and prompt.py derives spans
 from the offsets.
+
+One deliberate difference from transformers' default: special-token text inside a text (a title
+holding "<|im_end|>") is encoded as its plain characters, not as the special token: titles are
+data, and must not end a turn or a generation (tests/test_reliability.py).
 """
 
 import json
@@ -49,6 +53,10 @@ class Tokenizer:
         self.special_prefix = probe.ids[:n_pre]
         self.special_suffix = probe.ids[len(probe.ids) - n_suf:]
         self.backend.post_processor = None  # raw offsets; the specials are added by hand (above)
+        # Text is data: "<|im_end|>" inside a title is encoded as its characters, never as the
+        # special token (tokenizers' default would end the turn mid-title). Our templates hold no
+        # special-token text; BOS/EOS ids are added by hand.
+        self.backend.encode_special_tokens = True
         # Whether a BOS starts every transformers-tokenized text (Llama 3: yes; SmolLM2: no).
         self.add_bos = self.bos_id is not None and self.special_prefix == [self.bos_id]
 

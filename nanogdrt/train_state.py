@@ -7,6 +7,11 @@ One folder, written whole or not at all:
     state/rng.safetensors                                   torch CPU (and CUDA) generator states
     state/trainer_state.json                                epoch, batch, step, logs, best, config
 
+`claim_run_folder` runs at start-up, before any work: the folder is writable, locked for this
+run (files.RunLock: a second run on the same folder is refused with the holder's pid), holds a
+checkpoint when resuming and none otherwise; stale `state.tmp` / `state.old` of a crashed save
+are removed on resume.
+
 Only safetensors and JSON: nothing is unpickled. The folder is written as `state.tmp`, then
 swapped in by renames, so a crash mid-write leaves the previous checkpoint intact (`state.old`
 is picked up if the crash fell between the two renames). Batch order is a pure function of
@@ -21,7 +26,38 @@ from pathlib import Path
 
 import torch
 
+from nanogdrt.files import RunLock, check_writable
 from nanogdrt.lora import load_adapter, save_adapter
+
+
+def _has_state(folder: Path) -> bool:
+    return (folder / "trainer_state.json").is_file()
+
+
+def claim_run_folder(out, resume: bool) -> RunLock:
+    """Check and lock the run folder `out` before any work; returns the held RunLock.
+
+    Raises SystemExit (one line) when the folder cannot be written, another run holds it,
+    --resume finds no checkpoint, or a fresh run would overwrite one."""
+    out = Path(out)
+    state, tmp, old = out / "state", out / "state.tmp", out / "state.old"
+    try:
+        check_writable(out, "folder")
+        if resume and not (_has_state(state) or _has_state(old)):
+            raise SystemExit(f"--resume: no checkpoint in {state} (nothing to resume)")
+        lock = RunLock(out).acquire()                       # before the checks below: no race between runs
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not resume and state.exists():                       # never overwrite a run by accident
+        lock.release()
+        raise SystemExit(f"{state} exists: pass --resume to continue that run, or choose another --out")
+    if resume:
+        # A save interrupted while writing leaves state.tmp (incomplete: never read); one interrupted
+        # between its two renames leaves state.old beside no state (load_state reads it then).
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _has_state(state):
+            shutil.rmtree(old, ignore_errors=True)
+    return lock
 
 
 def _optimizer_tensors(optimizer):
