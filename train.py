@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 import nanogdrt
-from nanogdrt import distributed, files, grouping, metrics, plots, relevance, synthetic
+from nanogdrt import d3, distributed, files, grouping, metrics, plots, relevance, sasrec, synthetic
 from nanogdrt.batches import collate, epoch_batches, make_examples
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.data import load_dataset
@@ -81,6 +81,10 @@ class RunConfig:
     lora_targets: list[str] = option(["q_proj", "v_proj"], "module names that get LoRA", nargs="+")
     beams: int = option(10, "beam width of constrained beam search (paper: 10)")
     eval_batch_size: int = option(32, "users decoded at once (slots refilled as users finish)")
+    decoding: str = option("cbs", "decoding of the test (validation: cbs): constrained beam search or D3 "
+                                  "(Bao et al. 2024, nanogdrt/d3.py)", choices=d3.DECODINGS)
+    assistant: str | None = option(None, "d3: SASRec folder (python -m nanogdrt.sasrec), weighted by --alpha")
+    alpha: float = option(0.0, "d3: step score (1 - alpha) log p_LM + alpha log p_assistant (D3's code: 0)")
     seed: int = option(0, "seed of sampling, batching, LoRA init and dropout")
     device: str = option("cpu", "cpu | cuda | mps")
     dtype: str = option("float32", "model dtype", choices=["float32", "bfloat16", "float16"])
@@ -192,11 +196,12 @@ def train_step(net, micro_batches, examples, token_groups, pad_id, method, n_gro
 
 
 def evaluate(model, builder, trie, interactions, titles, item_group, beams, batch_size, desc,
-             dist=distributed.Dist()):
-    """Top-K for every user (split across data-parallel ranks, gathered in order on all) + metrics."""
+             dist=distributed.Dist(), decoding="cbs", assistant=None, alpha=0.0):
+    """Top-K for every user (split across data-parallel ranks, gathered in order on all) + metrics.
+    `decoding`, `assistant` (a SASRec) and `alpha`: see nanogdrt.recommend.recommend."""
     model.eval()                                           # no LoRA dropout while decoding
     records = recommend(model, builder, trie, interactions, titles, beams=beams, batch_size=batch_size,
-                        progress=dist.main, dist=dist)
+                        progress=dist.main, dist=dist, decoding=decoding, assistant=assistant, alpha=alpha)
     model.train()
     result = score(records, interactions, titles, item_group)
     top1 = [r["topk_item_ids"][0] for r in records if r["topk_item_ids"]]
@@ -352,6 +357,8 @@ def main(argv=None):
     times["grouping_s"] = time.perf_counter() - t
     examples = make_examples(builder, dataset.train, dataset.titles)
     trie = build_trie(builder, dataset.titles)
+    assistant = sasrec.load(cfg.assistant, device=cfg.device) if cfg.assistant else None
+    d3.scoring(cfg.decoding, cfg.alpha, assistant, [], list(dataset.titles))   # bad D3 options fail before training
 
     # Step 4: LoRA on the frozen model; only its parameters are trained.
     lora = LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -429,7 +436,7 @@ def main(argv=None):
     dist.barrier()                                          # rank 0 has written best_adapter/
     load_adapter(model, out / "best_adapter")
     test, records = evaluate(model, builder, trie, dataset.test, dataset.titles, item_group, cfg.beams,
-                             cfg.eval_batch_size, "test", dist)
+                             cfg.eval_batch_size, "test", dist, cfg.decoding, assistant, cfg.alpha)
     times["test_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0 + trained_before   # + earlier processes of a resumed run
     if dist.main:
