@@ -349,6 +349,8 @@ def main(argv=None):
 
     # Step 1: the data, the base model and the prompt template.
     dataset, model_dir, model, tokenizer, builder = load_data_and_model(cfg, say)
+    assistant = sasrec.load(cfg.assistant, device=cfg.device) if cfg.assistant else None
+    d3.scoring(cfg.decoding, cfg.alpha, assistant, [], list(dataset.titles))   # bad D3 options fail before training
 
     # Steps 2-3: relevance under the model at the start of fine-tuning (no adapter), then groups.
     t = time.perf_counter()
@@ -357,8 +359,6 @@ def main(argv=None):
     times["grouping_s"] = time.perf_counter() - t
     examples = make_examples(builder, dataset.train, dataset.titles)
     trie = build_trie(builder, dataset.titles)
-    assistant = sasrec.load(cfg.assistant, device=cfg.device) if cfg.assistant else None
-    d3.scoring(cfg.decoding, cfg.alpha, assistant, [], list(dataset.titles))   # bad D3 options fail before training
 
     # Step 4: LoRA on the frozen model; only its parameters are trained.
     lora = LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
