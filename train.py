@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 import nanogdrt
-from nanogdrt import distributed, files, grouping, methods, metrics, plots, relevance, synthetic
+from nanogdrt import d3, distributed, files, grouping, methods, metrics, plots, relevance, sasrec, synthetic
 from nanogdrt.batches import collate, epoch_batches, make_examples
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.data import load_dataset
@@ -98,6 +98,11 @@ class RunConfig:
     lora_targets: list[str] = option(["q_proj", "v_proj"], "module names that get LoRA", nargs="+")
     beams: int = option(10, "beam width of constrained beam search (paper: 10)", min=1)
     eval_batch_size: int = option(32, "users decoded at once (slots refilled as users finish)", min=1)
+    decoding: str = option("cbs", "decoding of the test (validation: cbs): constrained beam search or D3 "
+                                  "(Bao et al. 2024, nanogdrt/d3.py)", choices=d3.DECODINGS)
+    assistant: str | None = option(None, "d3: SASRec folder (python -m nanogdrt.sasrec), weighted by --alpha")
+    alpha: float = option(0.0, "d3: step score (1 - alpha) log p_LM + alpha log p_assistant (D3's code: 0)",
+                          min=0, max=1)
     seed: int = option(0, "seed of sampling, batching, LoRA init and dropout", min=0)
     device: str = option("cpu", "cpu | cuda | mps", pattern=DEVICE)
     dtype: str = option("float32", "model dtype", choices=["float32", "bfloat16", "float16"])
@@ -270,11 +275,12 @@ def method_setup(cfg, dataset, examples, trie, item_group, say):
 
 
 def evaluate(model, builder, trie, interactions, titles, item_group, beams, batch_size, desc,
-             dist=distributed.Dist()):
-    """Top-K for every user (split across data-parallel ranks, gathered in order on all) + metrics."""
+             dist=distributed.Dist(), decoding="cbs", assistant=None, alpha=0.0):
+    """Top-K for every user (split across data-parallel ranks, gathered in order on all) + metrics.
+    `decoding`, `assistant` (a SASRec) and `alpha`: see nanogdrt.recommend.recommend."""
     model.eval()                                           # no LoRA dropout while decoding
     records = recommend(model, builder, trie, interactions, titles, beams=beams, batch_size=batch_size,
-                        progress=dist.main, dist=dist)
+                        progress=dist.main, dist=dist, decoding=decoding, assistant=assistant, alpha=alpha)
     model.train()
     result = score(records, interactions, titles, item_group)
     top1 = [r["topk_item_ids"][0] for r in records if r["topk_item_ids"]]
@@ -426,6 +432,8 @@ def main(argv=None):
 
     # Step 1: the data, the base model and the prompt template.
     dataset, model_dir, model, tokenizer, builder = load_data_and_model(cfg, say)
+    assistant = sasrec.load(cfg.assistant, device=cfg.device) if cfg.assistant else None
+    d3.scoring(cfg.decoding, cfg.alpha, assistant, [], list(dataset.titles))   # bad D3 options fail before training
 
     # Steps 2-3: relevance under the model at the start of fine-tuning (no adapter), then groups.
     t = time.perf_counter()
@@ -512,7 +520,7 @@ def main(argv=None):
     dist.barrier()                                          # rank 0 has written best_adapter/
     load_adapter(model, out / "best_adapter")
     test, records = evaluate(model, builder, trie, dataset.test, dataset.titles, item_group, cfg.beams,
-                             cfg.eval_batch_size, "test", dist)
+                             cfg.eval_batch_size, "test", dist, cfg.decoding, assistant, cfg.alpha)
     times["test_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0 + trained_before   # + earlier processes of a resumed run
     if dist.main:

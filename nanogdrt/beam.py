@@ -49,12 +49,18 @@ What transformers 5 does (generation/utils.py, `_beam_search`), and what we matc
 Where transformers would fill slots with dead beams (scores near -1e9, only when fewer than
 B titles can be completed) we return fewer hypotheses instead.
 
+D3 (Bao et al. 2024, "Decoding Matters"; nanogdrt/d3.py says what its code does) is an option
+of the same search, `scoring`: ghost tokens (p_LM > a threshold) are counted per hypothesis and
+left out of its length, and an assistant's token log-probabilities enter every step's scores
+with weight alpha. With `Scoring()` (the default) none of this runs: the search is the CBS above.
+
 The loop (`_search`) is a row of small steps over one state object (`Slots`): `_candidates`
 (2. above), `_finalise` (3.), `_continue` (4.), `_stop_finished` (5.), `_shrink`, `_feed` (run
 the model on the chosen tokens), `_refill`. Scores are normalised in one function, `_score`.
 The search talks to its cache only through the cache's methods; the cache knows no scores.
 """
 
+import math
 from collections import deque
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -62,6 +68,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
+from nanogdrt.d3 import Scoring, assistant_log_probs
 from nanogdrt.kv_cache import KVCache
 from nanogdrt.tree_cache import BeamTreeCache
 from nanogdrt.trie import Trie
@@ -79,16 +86,17 @@ class Recommendation:
     scores: list[float]                  # sequence scores (see the module docstring)
     token_ids: list[list[int]]           # the generated ids of each title (quoted title + EOS)
     all_item_ids: list[tuple[int, ...]]  # every id carrying that title (more than one for 57 Toy titles)
+    ghost_tokens: list[int] | None = None  # D3: tokens of each title with p_LM > the ghost threshold
 
 
 @torch.no_grad()
 def beam_search(model, prompts: list[list[int]], trie: Trie, beams: int = 10, top_k: int = 10,
-                length_penalty: float = 1.0, batch_size: int = 32, progress: bool = False
-                ) -> list[Recommendation]:
+                length_penalty: float = 1.0, batch_size: int = 32, progress: bool = False,
+                scoring: Scoring = Scoring()) -> list[Recommendation]:
     """Top-`top_k` catalogue titles for each prompt (token ids, e.g. `PromptBuilder.build().ids`).
 
     `batch_size` users are searched at once. Moves `trie` to the model's device. The results
-    come back in the order of `prompts`.
+    come back in the order of `prompts`. `scoring`: CBS (default) or D3 (see the module docstring).
     """
     if not 1 <= top_k <= beams:
         raise ValueError(f"top_k ({top_k}) must be between 1 and the number of beams ({beams})")
@@ -100,20 +108,20 @@ def beam_search(model, prompts: list[list[int]], trie: Trie, beams: int = 10, to
     results: list[Recommendation | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc="beam search", unit="user", disable=not progress)
 
-    def done(user: int, scores: list[float], nodes: list[int]):
-        results[user] = _recommendation(trie, scores[:top_k], nodes[:top_k])
+    def done(user: int, scores: list[float], nodes: list[int], ghosts: list[int] | None):
+        results[user] = _recommendation(trie, scores[:top_k], nodes[:top_k], ghosts and ghosts[:top_k])
         bar.update(1)
 
     # Users of similar prompt length share the batch at the same time: less attention padding.
     queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    _search(model, prompts, queue, trie, beams, length_penalty, min(batch_size, len(prompts)), done)
+    _search(model, prompts, queue, trie, beams, length_penalty, min(batch_size, len(prompts)), done, scoring)
     bar.close()
     return results
 
 
-def _recommendation(trie: Trie, scores: list[float], nodes: list[int]) -> Recommendation:
+def _recommendation(trie: Trie, scores: list[float], nodes: list[int], ghosts=None) -> Recommendation:
     items = [trie.leaf_items[n] for n in nodes]
-    return Recommendation([i[0] for i in items], scores, [trie.tokens_of(n) for n in nodes], items)
+    return Recommendation([i[0] for i in items], scores, [trie.tokens_of(n) for n in nodes], items, ghosts)
 
 
 def _prefill_common_prefix(model, prompts: list[list[int]]) -> KVCache | None:
@@ -164,9 +172,10 @@ def _allowed_log_probs(model, hidden, allowed, alive):
 
 
 def _search(model, prompts, queue: list[int], trie: Trie, B: int, length_penalty: float,
-            n_slots: int, done):
-    """Beam search of every user in `queue`, `n_slots` at a time; calls done(user, scores, nodes)
-    with each user's finished hypotheses (normalised scores and leaf nodes), best first."""
+            n_slots: int, done, scoring: Scoring = Scoring()):
+    """Beam search of every user in `queue`, `n_slots` at a time; calls done(user, scores, nodes,
+    ghosts) with each user's finished hypotheses (normalised scores, leaf nodes, ghost-token counts
+    or None), best first."""
     device, config = model.lm_head.weight.device, model.config
     dtype = model.lm_head.weight.dtype
     head = _prefill_common_prefix(model, [prompts[u] for u in queue])
@@ -174,17 +183,18 @@ def _search(model, prompts, queue: list[int], trie: Trie, B: int, length_penalty
     cache = BeamTreeCache(config.num_hidden_layers, n_slots, B, config.num_key_value_heads,
                           max(len(p) for p in prompts) + B * FIRST_CACHE_STEPS, config.head_dim,
                           dtype=dtype, device=device)
-    state = Slots.empty(n_slots, B, config.hidden_size, dtype, device)
-    _refill(model, prompts, queue, head, cache, state)
+    state = Slots.empty(n_slots, B, config.hidden_size, dtype, device,
+                        trie.n_nodes if scoring.uses_assistant else 0)
+    _refill(model, prompts, queue, head, cache, state, trie, scoring)
     while True:
-        cand = _candidates(model, trie, state)
+        cand = _candidates(model, trie, state, scoring)
         _finalise(state, cand, length_penalty)
         _continue(state, cand)
-        _stop_finished(state, cache, trie.depth, length_penalty, done)
+        _stop_finished(state, cache, trie.depth, length_penalty, done, scoring.ghost_threshold is not None)
         if not queue and not _shrink(state, cache):
             return
         _feed(model, cache, state)
-        _refill(model, prompts, queue, head, cache, state)
+        _refill(model, prompts, queue, head, cache, state, trie, scoring)
         if cache.dead_columns() > COMPACT_WHEN_DEAD:
             cache.compact()
 
@@ -208,14 +218,18 @@ class Slots:
     hidden: torch.Tensor      # (S, B, C) hidden state of the token each beam was last fed
     parent: torch.Tensor      # (S, B) the beam each beam extends
     token: torch.Tensor       # (S, B) the token it is fed next
+    ghosts: torch.Tensor      # (S, B) D3: ghost tokens of each running beam (else unused zeros)
+    fin_ghosts: torch.Tensor  # (S, B) D3: ghost tokens of each finished hypothesis
+    mass: torch.Tensor        # (S, N) D3: the assistant's probability mass below each trie node; N = 0 without
 
     @classmethod
-    def empty(cls, S: int, B: int, C: int, dtype, device) -> "Slots":
+    def empty(cls, S: int, B: int, C: int, dtype, device, n_nodes: int = 0) -> "Slots":
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(*shape, dtype=dtype, device=device)
         return cls([None] * S, zeros(S, dtype=torch.bool), zeros(S), zeros(S, B),
                    torch.full((S, B), NEG_INF, device=device), torch.full((S, B), NEG_INF, device=device),
-                   zeros(S, B), zeros(S, B, C, dtype=dtype), zeros(S, B), zeros(S, B))
+                   zeros(S, B), zeros(S, B, C, dtype=dtype), zeros(S, B), zeros(S, B), zeros(S, B), zeros(S, B),
+                   zeros(S, n_nodes, dtype=torch.float32))
 
     def keep(self, idx: torch.Tensor):
         """Keep only slots `idx` (indices), in that order."""
@@ -232,6 +246,7 @@ class Candidates(NamedTuple):
     node: torch.Tensor    # (S, 2B) the trie node it leads to
     parent: torch.Tensor  # (S, 2B) the beam it extends
     ends: torch.Tensor    # (S, 2B) the token is EOS: the title is complete
+    ghosts: torch.Tensor | None = None  # (S, 2B) D3: ghost tokens of the extended hypothesis
 
 
 def _score(logp: torch.Tensor, length: torch.Tensor, length_penalty: float) -> torch.Tensor:
@@ -241,8 +256,10 @@ def _score(logp: torch.Tensor, length: torch.Tensor, length_penalty: float) -> t
     return logp / length.float() ** length_penalty
 
 
-def _refill(model, prompts, queue: deque, head: KVCache | None, cache: BeamTreeCache, s: Slots):
-    """Start the next users in the empty slots: prefill their prompts, one live beam each."""
+def _refill(model, prompts, queue: deque, head: KVCache | None, cache: BeamTreeCache, s: Slots,
+            trie: Trie, scoring: Scoring):
+    """Start the next users in the empty slots: prefill their prompts, one live beam each (D3:
+    and map the assistant's item probabilities onto the trie, once per user)."""
     free = [i for i, u in enumerate(s.user) if u is None]
     take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
     if not take:
@@ -258,25 +275,35 @@ def _refill(model, prompts, queue: deque, head: KVCache | None, cache: BeamTreeC
     s.nodes[slots], s.scores[slots], s.fin_scores[slots] = 0, NEG_INF, NEG_INF
     s.scores[slots, 0] = 0.0
     s.live[slots], s.length[slots] = True, 1
+    s.ghosts[slots] = 0
+    if scoring.uses_assistant:
+        s.mass[slots] = trie.subtree_sums(scoring.assistant(take).to(s.mass.device, torch.float32))
     for slot, u in zip(free, take):
         s.user[slot] = u
 
 
-def _candidates(model, trie: Trie, s: Slots) -> Candidates:
+def _candidates(model, trie: Trie, s: Slots, scoring: Scoring = Scoring()) -> Candidates:
     """Score every allowed next token of every running beam; keep the 2B best per slot."""
     S, B = s.scores.shape
     alive = s.scores > NEG_INF                                                   # (S, B)
     allowed = trie.allowed(s.nodes.flatten(), active=alive.flatten())            # (S*B, K)
     K = allowed.tokens.shape[1]
     logp = _allowed_log_probs(model, s.hidden.view(S * B, -1), allowed, alive.flatten())
-    cand = (s.scores[:, :, None] + logp.view(S, B, K)).view(S, B * K)
+    step = logp
+    if scoring.uses_assistant:   # D3's (1 - alpha) log p_LM + alpha log p_assistant
+        step = (1 - scoring.alpha) * logp + scoring.alpha * assistant_log_probs(s.mass, allowed)
+    cand = (s.scores[:, :, None] + step.view(S, B, K)).view(S, B * K)
     if B * K < 2 * B:  # fewer candidates than transformers keeps: pad with impossible ones
         cand = torch.cat([cand, cand.new_full((S, 2 * B - B * K), NEG_INF)], dim=1)
     top, idx = cand.topk(2 * B)                                                  # (S, 2B), sorted
     idx = idx.clamp(max=B * K - 1)
     token = allowed.tokens.view(S, B * K).gather(1, idx)
     node = allowed.nodes.view(S, B * K).gather(1, idx)
-    return Candidates(top, token, node, idx // K, (token == trie.eos_id) & (top > NEG_INF))
+    ghosts = None
+    if scoring.ghost_threshold is not None:   # D3: p_LM > threshold, on the LM's own probability
+        ghost = (logp > math.log(scoring.ghost_threshold)).view(S, B, K)
+        ghosts = (s.ghosts[:, :, None] + ghost).view(S, B * K).gather(1, idx)
+    return Candidates(top, token, node, idx // K, (token == trie.eos_id) & (top > NEG_INF), ghosts)
 
 
 def _finalise(s: Slots, c: Candidates, length_penalty: float):
@@ -285,33 +312,46 @@ def _finalise(s: Slots, c: Candidates, length_penalty: float):
     B = s.scores.shape[1]
     finishing = c.ends.clone()
     finishing[:, B:] = False
-    normalised = _score(c.logp, s.length[:, None], length_penalty)
+    length = s.length[:, None] if c.ghosts is None else _without_ghosts(s.length[:, None], c.ghosts)
+    normalised = _score(c.logp, length, length_penalty)
     merged = torch.cat([s.fin_scores, normalised.masked_fill(~finishing, NEG_INF)], dim=1)
     s.fin_scores, pick = merged.topk(B)
     s.fin_nodes = torch.cat([s.fin_nodes, c.node], dim=1).gather(1, pick)
+    if c.ghosts is not None:
+        s.fin_ghosts = torch.cat([s.fin_ghosts, c.ghosts], dim=1).gather(1, pick)
+
+
+def _without_ghosts(length: torch.Tensor, ghosts: torch.Tensor) -> torch.Tensor:
+    """D3's length: the tokens that are not ghost tokens, at least 1 (a title of ghosts only)."""
+    return (length - ghosts).clamp(min=1)
 
 
 def _continue(s: Slots, c: Candidates):
     """The B best candidates that did not end become the running beams."""
     s.scores, pick = c.logp.masked_fill(c.ends, NEG_INF).topk(s.scores.shape[1])
     s.nodes, s.parent, s.token = c.node.gather(1, pick), c.parent.gather(1, pick), c.token.gather(1, pick)
+    if c.ghosts is not None:
+        s.ghosts = c.ghosts.gather(1, pick)
 
 
-def _stop_finished(s: Slots, cache: BeamTreeCache, depth: int, length_penalty: float, done):
+def _stop_finished(s: Slots, cache: BeamTreeCache, depth: int, length_penalty: float, done, ghosts=False):
     """Hand over the users that stop now and free their slots.
 
     transformers' early-stop heuristic (early_stopping=False): a user stops for good once its B
     finished slots are full and its best running beam, normalised by the current length, is no
     better than its worst finished hypothesis; also when no beam runs or no title is longer."""
     full = (s.fin_scores > NEG_INF).all(-1)
-    best_possible = _score(s.scores[:, 0], s.length, length_penalty)
+    length = _without_ghosts(s.length, s.ghosts[:, 0]) if ghosts else s.length
+    best_possible = _score(s.scores[:, 0], length, length_penalty)
     is_open = ((~full | (best_possible > s.fin_scores[:, -1])) & (s.scores[:, 0] > NEG_INF)
                & (s.length < depth))
     stopped = (s.live & ~is_open).nonzero().flatten()
     if len(stopped):  # one sync per step
-        for slot, fs, fn in zip(stopped.tolist(), s.fin_scores[stopped].tolist(), s.fin_nodes[stopped].tolist()):
+        fin_ghosts = s.fin_ghosts[stopped].tolist() if ghosts else [None] * len(stopped)
+        for slot, fs, fn, fg in zip(stopped.tolist(), s.fin_scores[stopped].tolist(),
+                                    s.fin_nodes[stopped].tolist(), fin_ghosts):
             kept = [i for i, x in enumerate(fs) if x > NEG_INF]
-            done(s.user[slot], [fs[i] for i in kept], [fn[i] for i in kept])
+            done(s.user[slot], [fs[i] for i in kept], [fn[i] for i in kept], fg and [fg[i] for i in kept])
             s.user[slot] = None
         s.live[stopped] = False
         s.scores[stopped] = NEG_INF

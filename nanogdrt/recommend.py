@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from nanogdrt import files, grouping, metrics, relevance, validate
+from nanogdrt import d3, files, grouping, metrics, relevance, validate
 from nanogdrt.beam import beam_search
 from nanogdrt.trie import Trie
 
@@ -29,29 +29,47 @@ def build_trie(builder, titles: dict[int, str]) -> Trie:
 
 
 def recommend(model, builder, trie, interactions, titles, beams=10, top_k=10, batch_size=32,
-              length_penalty=1.0, progress=False, dist=None) -> list[dict]:
+              length_penalty=None, progress=False, dist=None, decoding="cbs", assistant=None,
+              alpha=0.0, ghost_threshold=d3.GHOST_THRESHOLD) -> list[dict]:
     """One record per interaction: prompt ids, target, ranked top-K item ids with scores.
 
+    `decoding`: "cbs" (constrained beam search) or "d3" (nanogdrt/d3.py; `assistant` a SASRec
+    weighted by `alpha`; records also get each title's ghost and total token counts).
+    `length_penalty`: None takes the decoding's (cbs 1.0, d3 0.0).
     `dist` (a `nanogdrt.distributed.Dist`): each data-parallel rank decodes its share of the
     users and every rank gets all records back, in the order of `interactions`."""
     if dist is not None and dist.enabled:
         mine = dist.shard(interactions)
         records = recommend(model, builder, trie, mine, titles, beams, top_k, batch_size, length_penalty,
-                            progress and dist.main) if mine else []
+                            progress and dist.main, None, decoding, assistant, alpha,
+                            ghost_threshold) if mine else []
         return dist.gather(records, len(interactions))
     prompts = [builder.for_interaction(x, titles, with_target=False).ids for x in interactions]
+    scoring = d3.scoring(decoding, alpha, assistant, [x.history for x in interactions],
+                         [i for its in trie.leaf_items.values() for i in its], ghost_threshold)
+    if length_penalty is None:
+        length_penalty = d3.LENGTH_PENALTY[decoding]
     results = beam_search(model, prompts, trie, beams=beams, top_k=min(top_k, beams),
                           batch_size=batch_size,
-                          length_penalty=length_penalty, progress=progress)
-    return [{"row": x.row, "prompt_ids": p, "target_item_id": x.target,
-             "topk_item_ids": r.item_ids, "scores": r.scores}
-            for x, p, r in zip(interactions, prompts, results)]
+                          length_penalty=length_penalty, progress=progress, scoring=scoring)
+    records = [{"row": x.row, "prompt_ids": p, "target_item_id": x.target,
+                "topk_item_ids": r.item_ids, "scores": r.scores}
+               for x, p, r in zip(interactions, prompts, results)]
+    for rec, r in zip(records, results):
+        if r.ghost_tokens is not None:
+            rec["ghost_tokens"], rec["title_tokens"] = r.ghost_tokens, [len(t) for t in r.token_ids]
+    return records
 
 
 def score(records, interactions, titles, item_group=None) -> dict:
-    """Metrics dict (NDCG/HR@5,10, and MGU/DGU@5,10 when item groups are given)."""
-    return metrics.evaluate([r["topk_item_ids"] for r in records], [x.target for x in interactions],
-                            [x.history for x in interactions], item_group=item_group, titles=titles)
+    """Metrics dict (NDCG/HR@5,10, and MGU/DGU@5,10 when item groups are given; D3: ghost_share,
+    the share of ghost tokens among the recommended titles' tokens)."""
+    result = metrics.evaluate([r["topk_item_ids"] for r in records], [x.target for x in interactions],
+                              [x.history for x in interactions], item_group=item_group, titles=titles)
+    share = d3.ghost_share(records)
+    if share is not None:
+        result["ghost_share"] = share
+    return result
 
 
 def parse_rows(spec: str) -> slice:
@@ -88,8 +106,15 @@ def main(argv=None):
     p.add_argument("--seed", type=validate.number(int, min=0), default=0, help="seed of the --users sample")
     p.add_argument("--beams", type=validate.number(int, min=1), default=10, help="beam width (the paper: 10)")
     p.add_argument("--batch-size", type=validate.number(int, min=1), default=32, help="users decoded at once (slots refilled as users finish)")
-    p.add_argument("--length-penalty", type=validate.number(float), default=1.0,
-                   help="score = sum log p / len^lp (1.0: the paper lineage; 0: plain sum)")
+    p.add_argument("--length-penalty", type=validate.number(float), default=None,
+                   help="score = sum log p / len^lp (default: cbs 1.0, the paper lineage; d3 0.0, a plain sum)")
+    p.add_argument("--decoding", default="cbs", choices=d3.DECODINGS,
+                   help="cbs: constrained beam search; d3: Bao et al. 2024 (nanogdrt/d3.py)")
+    p.add_argument("--assistant", default=None, help="d3: SASRec folder (python -m nanogdrt.sasrec) for alpha > 0")
+    p.add_argument("--alpha", type=validate.number(float, min=0, max=1), default=0.0,
+                   help="d3: step score (1 - alpha) log p_LM + alpha log p_assistant (D3's code: 0)")
+    p.add_argument("--ghost-threshold", type=validate.number(float, above=0), default=d3.GHOST_THRESHOLD,
+                   help="d3: tokens with p_LM above this are ghost tokens (counted; out of the length)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
     p.add_argument("--no-fairness", action="store_true", help="skip item groups (MGU/DGU)")
@@ -121,10 +146,15 @@ def main(argv=None):
     if args.adapter:
         load_adapter(model, args.adapter)
         model.eval()
+    assistant = None
+    if args.assistant:
+        from nanogdrt import sasrec
+        assistant = sasrec.load(args.assistant, device=args.device)
     start = time.perf_counter()
     records = recommend(model, builder, build_trie(builder, dataset.titles), interactions, dataset.titles,
                         beams=args.beams, batch_size=args.batch_size, length_penalty=args.length_penalty,
-                        progress=True, dist=dist)
+                        progress=True, dist=dist, decoding=args.decoding, assistant=assistant,
+                        alpha=args.alpha, ghost_threshold=args.ghost_threshold)
     seconds = time.perf_counter() - start
     if not dist.main:
         return

@@ -47,6 +47,7 @@ class Trie:
             if p >= 0:
                 self._children[p][t] = n
         self.depth = self._depth()      # longest path = most tokens any title needs (EOS included)
+        self._item_paths = None         # built on first use by item_paths()
 
     @classmethod
     def from_token_ids(cls, item_tokens: dict[int, list[int]], eos_id: int) -> "Trie":
@@ -118,6 +119,36 @@ class Trie:
         edge = torch.where(mask, start[:, None] + slot[None], 0)        # (M, K); pad -> edge 0
         return Allowed(self.child_token[edge].masked_fill(~mask, 0),
                        self.child_node[edge].masked_fill(~mask, 0), mask)
+
+    def item_paths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(node, item) pairs, one for every node on every item's path below the root: the items
+        below each node (a title's leaf lists its items; an inner node holds no item of its own).
+
+        Two (P,) int64 tensors on the trie's device, P = sum of the items' token counts; built once.
+        """
+        if self._item_paths is None or self._item_paths[0].device != self.parent.device:
+            nodes, items = [], []
+            for leaf, its in self.leaf_items.items():
+                path, n = [], leaf
+                while n > 0:
+                    path.append(n)
+                    n = self._parent[n]
+                for item in its:
+                    nodes += path
+                    items += [item] * len(path)
+            device = self.parent.device
+            self._item_paths = (torch.tensor(nodes, dtype=torch.long, device=device),
+                                torch.tensor(items, dtype=torch.long, device=device))
+        return self._item_paths
+
+    def subtree_sums(self, item_values: torch.Tensor) -> torch.Tensor:
+        """(U, I) values indexed by item id (I > every item id) -> (U, n_nodes): at each node the
+        sum of the values of the items below it (root included: the sum over the whole catalogue)."""
+        nodes, items = self.item_paths()
+        out = item_values.new_zeros(item_values.shape[0], self.n_nodes)
+        out.index_add_(1, nodes, item_values[:, items])            # (U, P) -> summed into (U, n_nodes)
+        out[:, 0] = item_values[:, torch.unique(items)].sum(-1)
+        return out
 
     def tokens_of(self, node: int) -> list[int]:
         """The token path from the root to `node` (for a leaf: a title's target ids)."""

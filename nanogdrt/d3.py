@@ -1,0 +1,124 @@
+"""D3 decoding (Bao et al. 2024, "Decoding Matters: Addressing Amplification Bias and Homogeneity
+Issue for Recommendations using LLMs"): options of the constrained beam search in nanogdrt/beam.py.
+
+The paper names two problems of beam search over item titles and one fix for each:
+- amplification bias: some tokens of a title are all but certain once its first tokens are
+  given ("ghost tokens", p_LM close to 1); they add ~0 to the summed log-probability but count in
+  the length, so length normalisation favours titles with many of them. Fix: leave ghost tokens
+  out of the length normalisation;
+- homogeneity: the LLM's top titles look alike. Fix: a text-free assistant (a sequential model
+  over item ids, e.g. SASRec) adds its own scores at every decoding step, with weight alpha.
+
+What D3's code does (github.com/SAI990323/DecodingMatters, code/LogitProcesser.py
+`CFEnhancedLogitsProcessor`, code/evaluate.py, evaluate2.sh), which we follow:
+1. No ghost-token detection and no threshold anywhere: its D3 runs (evaluate2.sh) pass
+   `--length_penalty 0.0` to transformers' beam search, i.e. drop length normalisation
+   altogether: a title's score is its summed per-token score. `--decoding d3` does the same
+   (length_penalty 0). The paper's variant, a length that counts only the tokens with p_LM above
+   a threshold, is here too (`Scoring.ghost_threshold`, used with a length_penalty > 0); under
+   D3's length_penalty 0 the threshold only counts the ghost tokens, for the share we log.
+   The threshold (GHOST_THRESHOLD) is ours: neither the paper's code nor its scripts set one.
+2. The assistant: the SASRec logits of each test user over the whole catalogue, softmax over the
+   catalogue (`torch.tensor(logits).softmax(dim=-1)`). At every step, for each beam and each
+   allowed token t, the items whose titles start with the beam's tokens + t (its `sasrec_dict`:
+   the items below the child node) give `sum(p_items) + 1e-20` (the "sum" of its "max or sum"
+   comment; an earlier commit took the max); these are divided by their sum over the beam's
+   allowed tokens and logged: log p_TF(t | prefix).
+3. The step's token score is `gs * (log p_LM - log p_TF) + log p_TF`, with log p_LM transformers'
+   full-vocabulary log-softmax (temperature 1): with alpha = 1 - gs, (1 - alpha) log p_LM +
+   alpha log p_TF. It is the processed score that transformers accumulates, so it drives which
+   beams survive as well as the final ranking. It applies at every step, EOS included (a node
+   with one allowed token gets log p_TF = 0). gs = 1 (alpha 0) skips the assistant; it is the
+   default of evaluate.py, and evaluate2.sh sets none, so D3's code has no nonzero default alpha.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+GHOST_THRESHOLD = 0.99   # p_LM above which a decoded token counts as a ghost token (our choice)
+ASSISTANT_EPS = 1e-20    # added to each child's assistant mass before renormalising (D3's code)
+DECODINGS = ("cbs", "d3")
+LENGTH_PENALTY = {"cbs": 1.0, "d3": 0.0}   # default of each: transformers' (the lineage's) / D3's code
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What a candidate's score holds besides the LM's log-probabilities; the default is CBS.
+
+    `assistant(users)`: (U, I) probabilities over the catalogue indexed by item id (I > every id)
+    for the given prompt indices; called once per user, when the user enters the search.
+    """
+    ghost_threshold: float | None = None  # count tokens with p_LM > this; left out of the length
+    alpha: float = 0.0                     # (1 - alpha) log p_LM + alpha log p_assistant
+    assistant: Callable[[list[int]], torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
+        if self.alpha > 0 and self.assistant is None:
+            raise ValueError("alpha > 0 needs an assistant (e.g. a SASRec folder)")
+        if self.ghost_threshold is not None and self.ghost_threshold <= 0:
+            raise ValueError(f"ghost_threshold must be positive, got {self.ghost_threshold}")
+
+    @property
+    def uses_assistant(self) -> bool:
+        return self.alpha > 0
+
+
+def assistant_log_probs(mass: torch.Tensor, allowed) -> torch.Tensor:
+    """log p_TF of every allowed token (step 2 above).
+
+    mass (S, N): each slot's assistant probability below every trie node (`Trie.subtree_sums`);
+    allowed: `Trie.allowed` of the S*B beams (tokens, nodes, mask of shape (S*B, K)).
+    Returns (S*B, K): log of (mass(child) + eps) / sum over the beam's allowed children; -inf on padding.
+    """
+    S = mass.shape[0]
+    child = mass.gather(1, allowed.nodes.view(S, -1)).view(allowed.nodes.shape) + ASSISTANT_EPS  # (S*B, K)
+    child = child.masked_fill(~allowed.mask, 0.0)
+    logp = (child / child.sum(-1, keepdim=True)).log()
+    return torch.where(allowed.mask, logp, float("-inf"))   # rows with no allowed token: 0/0 left out
+
+
+def sasrec_assistant(model, histories: list[list[int]], item_ids) -> Callable[[list[int]], torch.Tensor]:
+    """The text-free assistant of D3 from a SASRec (`nanogdrt.sasrec.load`): users -> (U, I)
+    softmax of its scores over its whole catalogue, placed at the item ids (I = max id + 1).
+
+    `item_ids`: the catalogue being decoded (the trie's items); SASRec must score every one.
+    """
+    missing = set(item_ids) - set(model.item_ids.tolist())
+    if missing:
+        raise ValueError(f"the assistant does not score {len(missing)} catalogue items, e.g. {sorted(missing)[:5]}")
+    columns = model.item_ids                                           # (n,) item id of each column
+    width = max(max(item_ids), int(columns.max())) + 1
+
+    def probabilities(users: list[int]) -> torch.Tensor:
+        p = model.score_items([histories[u] for u in users]).float().softmax(-1)   # (U, n)
+        out = p.new_zeros(len(users), width)
+        out[:, columns] = p
+        return out
+    return probabilities
+
+
+def scoring(decoding: str, alpha: float = 0.0, assistant=None, histories=None, item_ids=None,
+            ghost_threshold: float = GHOST_THRESHOLD) -> Scoring:
+    """`--decoding cbs|d3` -> the search's Scoring. d3: ghost tokens counted, and with alpha > 0
+    the SASRec `assistant` (it needs the users' `histories` and the catalogue's `item_ids`)."""
+    if decoding not in DECODINGS:
+        raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
+    if decoding == "cbs":
+        if alpha:
+            raise ValueError("alpha (the assistant's weight) is an option of --decoding d3")
+        return Scoring()
+    if alpha > 0 and assistant is None:
+        raise ValueError("--decoding d3 with alpha > 0 needs an assistant (a SASRec folder)")
+    fn = sasrec_assistant(assistant, histories, item_ids) if alpha > 0 else None
+    return Scoring(ghost_threshold, alpha, fn)
+
+
+def ghost_share(records: list[dict]) -> float | None:
+    """Share of ghost tokens among the tokens of all recommended titles (D3 records), else None."""
+    ghosts = sum(sum(r.get("ghost_tokens") or []) for r in records)
+    tokens = sum(sum(r.get("title_tokens") or []) for r in records)
+    return ghosts / tokens if tokens and any("ghost_tokens" in r for r in records) else None
