@@ -203,17 +203,19 @@ def prepare(name, raw_dir=None, out=None, seed=0):
 
 def summary_text(s):
     """The drop counts of `prepare`'s summary in a few lines."""
-    lines = [f"dropped items: {s['items_dropped_untitled']} without a usable title "
+    book = "items_dropped_book_sample" in s        # only Books has the random item sample
+    items = (f"dropped items: {s['items_dropped_untitled']} without a usable title "
              f"({s['meta_lines_no_title']} metadata lines with no title, {s['meta_lines_empty_title']} "
              f"with an empty one, {s['meta_lines_repeated_asin']} repeating an asin), "
-             f"{s['items_dropped_k_core']} by the {CORE}-core filter"
-             + (f", {s['items_dropped_book_sample']} by the Books sample" if "items_dropped_book_sample" in s else ""),
-             f"dropped reviews: {s['reviews_dropped_untitled']} of untitled items, "
-             f"{s['reviews_dropped_k_core']} by the {CORE}-core filter"
-             + (f", {s['reviews_dropped_book_sample']} by the Books sample" if "reviews_dropped_book_sample" in s else ""),
-             f"kept: {s['items']} items ({s['items_sharing_a_title']} share their title with another), "
-             f"{s['reviews_kept']} of {s['reviews']} reviews"]
-    return "\n".join(lines)
+             f"{s['items_dropped_k_core']} by the {CORE}-core filter")
+    reviews = (f"dropped reviews: {s['reviews_dropped_untitled']} of untitled items, "
+               f"{s['reviews_dropped_k_core']} by the {CORE}-core filter")
+    if book:
+        items += f", {s['items_dropped_book_sample']} by the Books sample"
+        reviews += f", {s['reviews_dropped_book_sample']} by the Books sample"
+    kept = (f"kept: {s['items']} items ({s['items_sharing_a_title']} share their title with another), "
+            f"{s['reviews_kept']} of {s['reviews']} reviews")
+    return "\n".join([items, reviews, kept])
 
 
 def main(argv=None):
