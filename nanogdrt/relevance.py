@@ -145,6 +145,8 @@ def title_token_mask(builder, title: str) -> torch.Tensor:
     Token k of '"title"' spans the characters from its start to the next token's start (at least
     one character: byte-level pieces of one character share its start). It is a title token when
     that span meets the title's characters [1, 1 + len(title)); the appended EOS never is."""
+    if not title:
+        raise ValueError("an empty title has no title tokens (Eq. 2 is undefined for it)")
     text = f'"{title}"'
     ids, starts = builder.tokenizer.encode_with_offsets(text)
     if ids + [builder.tokenizer.eos_id] != builder.target_ids(title):

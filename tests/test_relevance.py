@@ -106,6 +106,8 @@ def test_title_token_mask_by_hand(tokenizer):
     # A title that starts with a quote: '""' fuses the opening quote with the title's own '"'.
     assert title_token_mask(builder, '"Quoted" Toy').tolist() == [True, True, True, True, True, False, False]
     assert title_token_mask(builder, "é").tolist() == [False, True, False, False]
+    with pytest.raises(ValueError, match="empty title"):
+        title_token_mask(builder, "")
 
 
 class _FusedTokenizer:
