@@ -68,13 +68,17 @@ class RunConfig:
     method: str = option("gdrt", "SFT (Eq. 1), GDRT (Eq. 5), MSL's masked softmax, MSL with GDRT's group "
                                  "weights, or IFairLRS's reweighting (nanogdrt/methods.py)", choices=list(METHODS))
     model: str | None = option(None, "Hugging Face Llama folder (default: embedded SmolLM2-135M-Instruct)")
-    train_samples: int | None = option(None, "seeded sample of training windows (paper: 10,000)", min=1)
+    train_samples: int | None = option(None, "seeded sample of training windows (MSL's recipe: 10,000; the GDRT "
+                                               "paper gives none)", min=1)
     valid_users: int | None = option(None, "seeded sample of validation users per epoch", min=1)
-    test_users: int | None = option(None, "seeded sample of test users (default per dataset)", min=1)
+    test_users: int | None = option(None, "seeded sample of test users (default per dataset; MSL tests "
+                                            "its whole test file, 4,794 Toy users)", min=1)
     epochs: int | None = option(None, "training epochs (paper: 5)", min=1)
-    batch_size: int = option(8, "examples per micro-batch", min=1)
+    batch_size: int = option(8, "examples per micro-batch (MSL's recipe: 128 per optimizer step = "
+                                  "batch-size x grad-accum x ranks; the GDRT paper gives none)", min=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
-    lr: float = option(5e-4, "AdamW learning rate of the LoRA parameters", above=0)
+    lr: float = option(5e-4, "AdamW learning rate of the LoRA parameters (MSL's recipe: 1e-4, "
+                                 "after a 20-step warm-up, which train.py omits; the GDRT paper gives none)", above=0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0)
     clip: float = option(1.0, "gradient-norm clip", above=0)
     groups: int = option(5, "G token groups (paper grid: 2, 5, 10)", min=1)
@@ -91,12 +95,13 @@ class RunConfig:
                                         "not IFairLRS's): 1 = IFairLRS, 0 = uniform = SFT. Item groups: Eq. 2's",
                                    min=0)
     grouping: str = option("kmeans", "how tokens are split by relevance", choices=["kmeans", "quantile"])
-    regroup_every_epoch: bool = option(False, "re-score relevance with the current model each epoch")
-    lora_r: int = option(8, "LoRA rank", min=1)
-    lora_alpha: float = option(16, "LoRA alpha (scale alpha/r)", above=0)
-    lora_dropout: float = option(0.05, "dropout on the LoRA path", min=0, below=1)
-    lora_targets: list[str] = option(["q_proj", "v_proj"], "module names that get LoRA", nargs="+")
-    beams: int = option(10, "beam width of constrained beam search (paper: 10)", min=1)
+    regroup_every_epoch: bool = option(False, "re-score Eq. 3 with the current model at each later epoch "
+                                             "(default: the base model scores Eq. 2/3 once)")
+    lora_r: int = option(8, "LoRA rank (MSL's recipe; the GDRT paper gives no LoRA settings)", min=1)
+    lora_alpha: float = option(16, "LoRA alpha (scale alpha/r; MSL's recipe)", above=0)
+    lora_dropout: float = option(0.05, "dropout on the LoRA path (MSL's recipe)", min=0, below=1)
+    lora_targets: list[str] = option(["q_proj", "v_proj"], "module names that get LoRA (MSL's recipe)", nargs="+")
+    beams: int = option(10, "beam width of constrained beam search (paper and MSL: 10)", min=1)
     eval_batch_size: int = option(32, "users decoded at once (slots refilled as users finish)", min=1)
     decoding: str = option("cbs", "decoding of the test (validation: cbs): constrained beam search or D3 "
                                   "(Bao et al. 2024, nanogdrt/d3.py)", choices=d3.DECODINGS)

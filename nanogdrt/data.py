@@ -217,8 +217,9 @@ def read_split(path, titles, skip_bad=False, skipped=None):
                 break
             except (csv.Error, ValueError) as e:
                 error = DataError(path, reader.line_num, str(e))  # line_num: where the record ends
-                if not skip_bad:
-                    raise error from None
+                if not skip_bad:  # the remedy on the error's first line: a run stops here otherwise
+                    raise DataError(path, reader.line_num,
+                                    f"{e} (--skip-bad / skip_bad=True skips such rows and counts them)") from None
                 n_bad += 1  # counted, and a few messages kept, so a run reports what it dropped
                 if skipped is not None and len(skipped.setdefault("messages", [])) < MAX_MESSAGES:
                     skipped["messages"].append(str(error))

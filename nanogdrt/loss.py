@@ -1,4 +1,4 @@
-"""Losses on per-token NLL: SFT (Eq. 1) and GDRT's group-DRO objective (Eq. 4-6, Lemma 1).
+"""Losses on per-token NLL: SFT (Eq. 1) and GDRT's group-DRO objective (Eq. 4; Lemma 1 = Eq. 5).
 
 The data path is three visible steps, each a pure function of tensors (no models here):
 
@@ -120,7 +120,7 @@ def gdrt_from_sums(sums: torch.Tensor, counts: torch.Tensor, tau: float) -> GDRT
 
         max_Q  sum_g Q(g) L(g)   s.t.  KL(Q || U) <= eta.
 
-    Lemma 1 (Eq. 6; proof in Eq. 11-13) solves the inner max in closed form. Its dual, for the
+    Lemma 1 (Eq. 5; its proof is Eq. 6-13) solves the inner max in closed form. Its dual, for the
     multiplier tau, is (up to terms free of the model parameters theta)
 
         F(theta) = tau * log sum_g exp(L(g) / tau)          (a smooth max over groups)

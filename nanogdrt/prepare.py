@@ -13,6 +13,11 @@ the folder that nanogdrt.data.load_dataset reads (`train.csv`, `valid.csv`, `tes
 default). Every failure is one line naming the file, what was expected and how to get it; a
 result with an empty split is an error, and nothing is written then. Titles are kept exactly as the source has them, HTML entities included.
 
+What is dropped is reported, not fatal: items whose metadata has no title or an empty (blank)
+title, their reviews, repeated metadata lines (the last title wins), the Books sample and the
+5-core filter. The counts are printed and written to `prepare_summary.json` beside the dataset;
+titles shared by several kept items are counted too (they are kept: each item keeps its id).
+
     python -m nanogdrt.prepare toy [--raw-dir DIR] [--out DIR] [--seed N]
 """
 
@@ -36,6 +41,7 @@ from nanogdrt.data import CATEGORIES, DataError, make_windows, split_by_time
 RAW_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
 CORE = 5             # 5-core filter
 BOOK_ITEMS = 100_000 # §4.1.1: Books is cut to 100k random items before the 5-core filter
+SUMMARY_FILE = "prepare_summary.json"  # what was dropped, beside the dataset
 
 
 def download(url, dest):
@@ -104,19 +110,28 @@ def _lines(path):
                            f"it and download {RAW_URL + path.name} again") from None
 
 
-def read_raw(reviews_path, meta_path):
-    """Titles by asin (meta lines are Python literals) and (user, asin, time) reviews (strict JSON)."""
-    titles = {}
+def read_raw(reviews_path, meta_path, summary=None):
+    """Titles by asin (meta lines are Python literals) and (user, asin, time) reviews (strict JSON).
+
+    `summary` (a dict), when given, receives the counts of metadata lines without a usable title."""
+    titles, seen = {}, set()
+    missing = empty = repeated = 0
     for line_no, line in _lines(meta_path):
         if not line.strip():
             continue
         try:
             meta = ast.literal_eval(line)
-            title = meta.get("title")
-            if isinstance(title, str) and title.strip():  # items need a title
-                titles[meta["asin"]] = title
+            asin, title = meta["asin"], meta.get("title")
         except (ValueError, SyntaxError, AttributeError, KeyError) as e:
             raise DataError(meta_path, line_no, f"not a Python dict literal with an 'asin' ({e!r})") from None
+        repeated += asin in seen
+        seen.add(asin)
+        if not isinstance(title, str):                     # items need a title
+            missing += 1
+        elif not title.strip():                            # "" or blanks: nothing to generate
+            empty += 1
+        else:
+            titles[asin] = title
     reviews = []
     for line_no, line in _lines(reviews_path):
         if not line.strip():
@@ -132,6 +147,9 @@ def read_raw(reviews_path, meta_path):
     if not reviews:
         raise PrepareError(f"{reviews_path}: no reviews (expected one JSON object per line with "
                            f"'reviewerID', 'asin', 'unixReviewTime')")
+    if summary is not None:
+        summary.update(meta_lines_no_title=missing, meta_lines_empty_title=empty,
+                       meta_lines_repeated_asin=repeated, reviews=len(reviews))
     return titles, reviews
 
 
@@ -147,17 +165,31 @@ def k_core(reviews, k=CORE):
         reviews = kept
 
 
-def preprocess(titles, reviews, book_items=None, seed=0):
-    """§4.1.1 on raw records -> (id2name with new ids 1..N, {split: windows of new ids})."""
+def preprocess(titles, reviews, book_items=None, seed=0, summary=None):
+    """§4.1.1 on raw records -> (id2name with new ids 1..N, {split: windows of new ids}).
+
+    `summary` (a dict), when given, receives how many reviews and items each step dropped."""
+    summary = summary if summary is not None else {}
+    n_reviews = len(reviews)
+    untitled = {r[1] for r in reviews if r[1] not in titles}
     reviews = [r for r in reviews if r[1] in titles]  # an item without a title cannot be generated
+    summary.update(items_dropped_untitled=len(untitled), reviews_dropped_untitled=n_reviews - len(reviews))
     if book_items is not None:
         items = sorted({i for _, i, _ in reviews})
         if len(items) > book_items:
             # sampled from the sorted asins, so the same seed keeps the same items on any machine
             keep = set(random.Random(seed).sample(items, book_items))
+            n = len(reviews)
             reviews = [r for r in reviews if r[1] in keep]
+            summary.update(items_dropped_book_sample=len(items) - book_items,
+                           reviews_dropped_book_sample=n - len(reviews))
+    n, n_items = len(reviews), len({i for _, i, _ in reviews})
     reviews = k_core(reviews)
     asins = sorted({i for _, i, _ in reviews})
+    shared = Counter(titles[a] for a in asins)
+    summary.update(items_dropped_k_core=n_items - len(asins), reviews_dropped_k_core=n - len(reviews),
+                   items_sharing_a_title=sum(c for c in shared.values() if c > 1), items=len(asins),
+                   reviews_kept=len(reviews))
     new_id = {asin: n for n, asin in enumerate(asins, 1)}  # consecutive ids from 1, in asin order
     user_id = {}
     sequences = defaultdict(list)
@@ -208,13 +240,34 @@ def prepare(name, raw_dir=None, out=None, seed=0):
     raw_dir = Path(raw_dir) if given else Path("data") / "raw"
     reviews_path = _raw_file(raw_dir, f"reviews_{category}_5.json.gz", given)
     meta_path = _raw_file(raw_dir, f"meta_{category}.json.gz", given)
-    titles, reviews = read_raw(reviews_path, meta_path)
-    id2name, splits = preprocess(titles, reviews, BOOK_ITEMS if name == "book" else None, seed)
+    summary = {"dataset": name}
+    titles, reviews = read_raw(reviews_path, meta_path, summary)
+    id2name, splits = preprocess(titles, reviews, BOOK_ITEMS if name == "book" else None, seed, summary)
+    summary["windows"] = {k: len(v) for k, v in splits.items()}
     out = Path(out) if out is not None else Path("data") / name
     write_dataset(out, id2name, splits, seed)
+    files.write_json(out / SUMMARY_FILE, summary)
     counts = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
     print(f"wrote {out}: {len(id2name)} items, windows: {counts}")
+    print(summary_text(summary) + f" (in {out / SUMMARY_FILE})")
     return out
+
+
+def summary_text(s):
+    """The drop counts of `prepare`'s summary in a few lines."""
+    book = "items_dropped_book_sample" in s        # only Books has the random item sample
+    items = (f"dropped items: {s['items_dropped_untitled']} without a usable title "
+             f"({s['meta_lines_no_title']} metadata lines with no title, {s['meta_lines_empty_title']} "
+             f"with an empty one, {s['meta_lines_repeated_asin']} repeating an asin), "
+             f"{s['items_dropped_k_core']} by the {CORE}-core filter")
+    reviews = (f"dropped reviews: {s['reviews_dropped_untitled']} of untitled items, "
+               f"{s['reviews_dropped_k_core']} by the {CORE}-core filter")
+    if book:
+        items += f", {s['items_dropped_book_sample']} by the Books sample"
+        reviews += f", {s['reviews_dropped_book_sample']} by the Books sample"
+    kept = (f"kept: {s['items']} items ({s['items_sharing_a_title']} share their title with another), "
+            f"{s['reviews_kept']} of {s['reviews']} reviews")
+    return "\n".join([items, reviews, kept])
 
 
 def main(argv=None):

@@ -8,6 +8,23 @@ and Eq. 2 scores an item by the mean of r over its title tokens. High r = the mo
 produce the token without looking at the user: the context bias GDRT counteracts. The split of
 these scores into groups is `nanogdrt.grouping`'s job; this module only scores.
 
+Which tokens, and which model (the paper leaves both open):
+- Eq. 3 is scored for every target token: the quotes around the title and EOS are trained like
+  the title's words, so GDRT's token grouping needs their relevance too.
+- Eq. 2 averages over the title's own tokens only. The opening quote scores the same for every
+  item (about -6 nats under the embedded SmolLM2), so averaging it in would shift short titles
+  more than long ones: with quotes and EOS in the mean, 16% of the synthetic catalogue's items
+  land in another group (scripts/eq2_title_tokens.py counts them).
+  "The title's own tokens" under the joint tokenization: a token is a title token when it holds
+  any character of the title, by the character offsets of '"title"'. A token that fuses a quote
+  with title characters (Llama 3's '"The', the '!"' after a title ending in "!") counts as a
+  title token; a token of quote characters only, and EOS, does not. Every non-empty title has at
+  least one title token. `title_token_mask` computes the mask from the builder (the disk cache
+  keeps the per-token scores of every target token, so it needs no mask).
+- Both are scored by the base model, once, before fine-tuning (train.py's default; the item
+  groups of MGU/DGU always come from it). `--regroup-every-epoch` re-scores Eq. 3 under the
+  model being trained at the start of each later epoch and regroups the tokens.
+
 Speed. With the history masked the prompt is the same for every example of a dataset, so r
 depends on the target item only: we score each distinct title once, not each training row.
 The masked prompt is prefilled once into a KV cache; the titles are then run as "beams" of that
@@ -122,19 +139,70 @@ def item_token_logprobs(model, builder, titles: Sequence[str], batch_size: int =
     return [scored[where[t]] for t in targets]
 
 
-def item_relevance(token_logprobs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Eq. 2: an item's relevance is the mean of its title tokens' Eq. 3 scores -> (n_items,)."""
-    return torch.stack([lp.float().mean() for lp in token_logprobs]) if token_logprobs else torch.zeros(0)
+def title_token_mask(builder, title: str) -> torch.Tensor:
+    """Which of `builder.target_ids(title)` are the title's own tokens (Eq. 2) -> bool (n_tokens,).
+
+    Token k of '"title"' spans the characters from its start to the next token's start (at least
+    one character: byte-level pieces of one character share its start). It is a title token when
+    that span meets the title's characters [1, 1 + len(title)); the appended EOS never is."""
+    if not title:
+        raise ValueError("an empty title has no title tokens (Eq. 2 is undefined for it)")
+    text = f'"{title}"'
+    ids, starts = builder.tokenizer.encode_with_offsets(text)
+    if ids + [builder.tokenizer.eos_id] != builder.target_ids(title):
+        raise ValueError(f"title {title!r}: its tokens with offsets differ from target_ids")
+    ends = starts[1:] + [len(text)]
+    first, stop = 1, 1 + len(title)                     # the title's characters, quotes excluded
+    mask = [s < stop and max(e, s + 1) > first for s, e in zip(starts, ends)]
+    return torch.tensor(mask + [False])                 # EOS: a format token
+
+
+def title_token_masks(builder, titles: Sequence[str]) -> list[torch.Tensor]:
+    """`title_token_mask` of each title, in the order given."""
+    return [title_token_mask(builder, t) for t in titles]
+
+
+def item_relevance(token_logprobs: Sequence[torch.Tensor], title_masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Eq. 2: an item's relevance is the mean of its title tokens' Eq. 3 scores -> (n_items,).
+
+    `title_masks[i]` marks the title's own tokens among item i's target tokens (quotes and EOS
+    excluded, see `title_token_mask`)."""
+    if len(token_logprobs) != len(title_masks):
+        raise ValueError(f"{len(token_logprobs)} items' log-probs but {len(title_masks)} title masks")
+    means = []
+    for lp, mask in zip(token_logprobs, title_masks):
+        if mask.shape != lp.shape or not mask.any():
+            raise ValueError(f"title mask {mask.tolist()} does not fit log-probs of shape {tuple(lp.shape)}")
+        means.append(lp.float()[mask].mean())
+    return torch.stack(means) if means else torch.zeros(0)
 
 
 def token_relevance(item_logprobs: Sequence[torch.Tensor], target_items: Sequence[int]) -> list[torch.Tensor]:
     """Per training example, the Eq. 3 scores of its target tokens: those of its target item
-    (an index into item_logprobs). The prompt is history-free, so nothing else matters."""
+    (an index into item_logprobs). The prompt is history-free, so nothing else matters.
+    All target tokens, quotes and EOS included: they are trained, so they need a group."""
     return [item_logprobs[i] for i in target_items]
 
-def item_scores(logprobs: dict) -> dict:
-    """Eq. 2 of every item of {item id: its title's Eq. 3 token scores} -> {item id: relevance}."""
-    return dict(zip(logprobs, item_relevance(list(logprobs.values())).tolist()))
+
+class CatalogueLogprobs(dict):
+    """{item id: Eq. 3 log-probs of its target tokens, (n_tokens,)}, as `catalogue_logprobs`
+    returns it, with `title_mask`: {item id: which of those are title tokens}, for Eq. 2."""
+
+    def __init__(self, logprobs: dict, title_mask: dict):
+        super().__init__(logprobs)
+        self.title_mask = title_mask
+
+
+def item_scores(logprobs: dict, title_mask: dict | None = None) -> dict:
+    """Eq. 2 of every item of {item id: its Eq. 3 token scores} -> {item id: relevance}.
+
+    The title masks come from `title_mask` ({item id: bool mask}), else from `logprobs` itself
+    when it is a `CatalogueLogprobs`."""
+    masks = title_mask if title_mask is not None else getattr(logprobs, "title_mask", None)
+    if masks is None:
+        raise TypeError("item_scores needs each item's title-token mask (Eq. 2 averages over the title's "
+                        "own tokens): pass title_mask, or the CatalogueLogprobs of catalogue_logprobs")
+    return dict(zip(logprobs, item_relevance(list(logprobs.values()), [masks[i] for i in logprobs]).tolist()))
 
 
 # ----------------------------------------------------------------------------- disk cache
@@ -205,7 +273,8 @@ def load_or_compute(model, builder, dataset: str, titles: Sequence[str], folder,
 
 
 def catalogue_logprobs(model, builder, dataset, cached: bool = True, shard=None, progress: bool = True) -> dict:
-    """Eq. 3 token log-probs of every catalogue title under `model` -> {item id: (n_tokens,)}.
+    """Eq. 3 token log-probs of every catalogue title under `model` -> {item id: (n_tokens,)}, a
+    `CatalogueLogprobs` that also holds each title's Eq. 2 token mask (`item_scores` reads it).
 
     `cached`: read from / written to `cache_dir()` (keyed by model, dataset and titles); off when
     the model changes during training (--regroup-every-epoch), as no later run could reuse it.
@@ -215,4 +284,4 @@ def catalogue_logprobs(model, builder, dataset, cached: bool = True, shard=None,
     progress = progress and (shard is None or shard.main)
     logprobs = (load_or_compute(model, builder, dataset.name, titles, cache_dir(), shard=shard, progress=progress)
                 if cached else item_token_logprobs(model, builder, titles, shard=shard, progress=progress))
-    return dict(zip(items, logprobs))
+    return CatalogueLogprobs(dict(zip(items, logprobs)), dict(zip(items, title_token_masks(builder, titles))))

@@ -203,13 +203,14 @@ class Run:
 
         from nanogdrt.llama import Llama
         from nanogdrt.prompt import PromptBuilder
-        from nanogdrt.recommend import catalogue_logprobs, item_groups
+        from nanogdrt import grouping, relevance
         from nanogdrt.tokenizer import Tokenizer
         start = time.time()
         model = Llama.from_pretrained(self.model, dtype=getattr(torch, self.dtype), device=self.device)
         builder = PromptBuilder(Tokenizer(self.model), self.plan["dataset"])
-        logprobs = catalogue_logprobs(model, builder, self.dataset, self.state / "relevance-cache", progress=False)
-        write_json(path, {str(k): v for k, v in item_groups(logprobs, 5).items()})
+        os.environ["NANOGDRT_CACHE"] = str(self.state / "relevance-cache")   # the cache train.py then reads
+        logprobs = relevance.catalogue_logprobs(model, builder, self.dataset, progress=False)
+        write_json(path, {str(k): v for k, v in grouping.item_groups(relevance.item_scores(logprobs)).items()})
         del model
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -104,9 +104,23 @@ def test_bad_row_names_file_and_line(tmp_path, line, message):
         load_dataset("toy", data_dir=folder)
     assert e.value.file.endswith("valid.csv") and e.value.line == 3  # header = line 1
     assert "valid.csv, line 3" in str(e.value)
+    assert "--skip-bad" in str(e.value).splitlines()[0]                  # the error names the remedy
     ds = load_dataset("toy", data_dir=folder, skip_bad=True)
     assert ds.valid == [Interaction([1], 2, 0)]
     assert ds.skipped["valid.csv"] == 1 and "valid.csv, line 3" in ds.skipped["messages"][0]
+
+
+def test_empty_title_item_names_skip_bad(tmp_path):
+    """MSL's Books id2name has an item whose title is "": the first row using it stops the load
+    with an error whose first line names --skip-bad; with it, that row is skipped and counted."""
+    folder = write_folder(tmp_path / "toy", {**GOOD, "train.csv": GOOD["train.csv"] + ['5,"[1, 7]",20']},
+                          {**TITLES, 7: ""})
+    with pytest.raises(DataError, match="item 7 has no title") as e:
+        load_dataset("toy", data_dir=folder)
+    first = str(e.value).splitlines()[0]
+    assert "train.csv" in first and "--skip-bad" in first
+    ds = load_dataset("toy", data_dir=folder, skip_bad=True)
+    assert ds.skipped["train.csv"] == 1 and all(x.target != 7 for x in ds.train)
 
 
 def test_skip_bad_counts_and_keeps_row_indices(tmp_path):

@@ -20,11 +20,13 @@ from nanogdrt.prepare import prepare, preprocess
 # ----------------------------------------------------------------------------- prepare
 
 def write_raw(raw_dir, category="Toys_and_Games"):
-    """6 users x 12 items that survive; an untitled item, and a user/item pair that needs 2 rounds."""
+    """6 users x 12 items that survive; an item with no title and one with an empty title (as in
+    MSL's Books files), a repeated metadata line, and a user/item pair that needs 2 rounds."""
     raw_dir.mkdir(parents=True, exist_ok=True)
     asins = [f"B{j:02d}" for j in range(12)]
     reviews = [(f"U{u}", asins[j], 1000 * j + 10 * u) for u in range(6) for j in range(12)]
     reviews += [(f"U{u}", "NOTITLE", 5 + u) for u in range(6)]               # dropped: no title
+    reviews += [(f"U{u}", "EMPTY", 6 + u) for u in range(6)]                 # dropped: empty title
     reviews += [("WEAK", a, 7) for a in asins[:3]] + [("WEAK", "EXTRA", 7)]  # 4 reviews: dropped
     reviews += [(f"U{u}", "EXTRA", 50_000) for u in range(4)]               # 5, then 4 after WEAK goes
     random.Random(0).shuffle(reviews)  # the file is not in time order
@@ -33,6 +35,7 @@ def write_raw(raw_dir, category="Toys_and_Games"):
             f.write(json.dumps({"reviewerID": user, "asin": asin, "overall": 5.0, "unixReviewTime": time}) + "\n")
     metas = [{"asin": a, "title": f"Toy {a} &amp; Co", "price": 9.99} for a in asins + ["EXTRA"]]
     metas.append({"asin": "NOTITLE", "categories": [["Toys & Games"]]})
+    metas += [{"asin": "EMPTY", "title": ""}, metas[0]]                     # empty title; a repeated line
     with gzip.open(raw_dir / f"meta_{category}.json.gz", "wt") as f:
         f.write("".join(repr(m) + "\n" for m in metas))  # Python literals (single quotes), as the source
     return asins
@@ -51,13 +54,23 @@ def test_prepare_from_raw_files(tmp_path, capsys):
     assert [len(x.history) for x in ds.train[:6]] == [4] * 6  # targets at time 4000 + 10u come first
     assert all(x.history == list(range(2, 12)) and x.target == 12 for x in ds.test)  # at most 10 history
     assert all(x.history == list(range(1, 11)) and x.target == 11 for x in ds.valid)
-    assert "12 items" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "12 items" in printed and "dropped items: 2 without a usable title" in printed
+    summary = json.loads((out / prep.SUMMARY_FILE).read_text())
+    assert summary == {
+        "dataset": "toy", "meta_lines_no_title": 1, "meta_lines_empty_title": 1, "meta_lines_repeated_asin": 1,
+        "reviews": 92, "items_dropped_untitled": 2, "reviews_dropped_untitled": 12,   # NOTITLE, EMPTY
+        "items_dropped_k_core": 1, "reviews_dropped_k_core": 8,                       # EXTRA, WEAK's 4
+        "items_sharing_a_title": 0, "items": 12, "reviews_kept": 72,
+        "windows": {"train": 38, "valid": 4, "test": 6}}
 
 
 def test_preprocess_book_sampling_and_k_core():
     titles = {f"I{i}": f"Book {i}" for i in range(30)}
     reviews = [(f"U{u}", f"I{i}", u + i) for u in range(12) for i in range(30)]
-    id2name, splits = preprocess(titles, reviews, book_items=20, seed=0)
+    summary = {}
+    id2name, splits = preprocess(titles, reviews, book_items=20, seed=0, summary=summary)
+    assert summary["items_dropped_book_sample"] == 10 and summary["reviews_dropped_book_sample"] == 120
     assert len(id2name) == 20  # 20 random items kept, all then pass the 5-core filter
     assert id2name != preprocess(titles, reviews, book_items=20, seed=1)[0]
     assert id2name == preprocess(titles, reviews, book_items=20, seed=0)[0]

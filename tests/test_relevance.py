@@ -1,15 +1,18 @@
 """relevance.py against references: full forward passes (Eq. 3), the disk cache's keys and staleness."""
 
 import os
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 from nanogdrt import relevance
 from nanogdrt.grouping import token_groups
 from nanogdrt.llama import Llama, LlamaConfig
 from nanogdrt.prompt import PromptBuilder
-from nanogdrt.relevance import (cache_dir, item_relevance, item_scores, item_token_logprobs, load_or_compute,
-                                masked_prompt_ids, model_fingerprint, score_targets, token_relevance)
+from nanogdrt.relevance import (CatalogueLogprobs, cache_dir, catalogue_logprobs, item_relevance, item_scores,
+                                item_token_logprobs, load_or_compute, masked_prompt_ids, model_fingerprint,
+                                score_targets, title_token_mask, title_token_masks, token_relevance)
 
 TITLES = ["LEGO City Fire Station", "Melissa & Doug Wooden Abacus", "Uno Card Game",
           "Ravensburger 500 Piece Puzzle - Lighthouse", "Uno Card Game", "Play-Doh"]
@@ -71,12 +74,77 @@ def test_item_logprobs_equal_masked_prompt_forward_smollm(smollm, tokenizer):
 
 def test_item_and_token_relevance():
     lps = [torch.tensor([-1.0, -3.0]), torch.tensor([-0.5]), torch.tensor([-2.0, -2.0, -5.0])]
-    torch.testing.assert_close(item_relevance(lps), torch.tensor([-2.0, -0.5, -3.0]))   # Eq. 2
-    assert item_scores({7: lps[0], 3: lps[1]}) == {7: -2.0, 3: -0.5}
+    every = [torch.ones(len(lp), dtype=torch.bool) for lp in lps]
+    torch.testing.assert_close(item_relevance(lps, every), torch.tensor([-2.0, -0.5, -3.0]))   # Eq. 2
+    some = [torch.tensor([False, True]), torch.tensor([True]), torch.tensor([True, True, False])]
+    torch.testing.assert_close(item_relevance(lps, some), torch.tensor([-3.0, -0.5, -2.0]))
+    assert item_scores({7: lps[0], 3: lps[1]}, {7: some[0], 3: some[1]}) == {7: -3.0, 3: -0.5}
+    assert item_scores(CatalogueLogprobs({7: lps[0]}, {7: some[0]})) == {7: -3.0}
+    with pytest.raises(TypeError, match="title-token mask"):
+        item_scores({7: lps[0]})                                   # no silent mean over every token
+    with pytest.raises(ValueError, match="does not fit"):
+        item_relevance(lps[:1], [torch.tensor([False, False])])    # no title token
     rel = token_relevance(lps, [2, 0, 2])
     assert [r.tolist() for r in rel] == [[-2.0, -2.0, -5.0], [-1.0, -3.0], [-2.0, -2.0, -5.0]]
     groups = token_groups(rel, 2, backend="dp")
     assert [g.tolist() for g in groups] == [[1, 1, 2], [1, 1], [1, 1, 2]]   # {-5, -5} vs the rest
+
+
+# ----------------------------------------------------------------------------- Eq. 2's title tokens
+
+def test_title_token_mask_by_hand(tokenizer):
+    """SmolLM2 splits '"Go Fish!"' + EOS as '"', 'Go', ' Fish', '!"', EOS: the closing quote is fused
+    with "!", so that token holds a title character and counts; the lone opening quote and EOS do
+    not. Eq. 2 by hand: mean(-1, -2, -3) = -2 (the old mean over all five tokens: -2.5)."""
+    builder = PromptBuilder(tokenizer, "toy")
+    pieces = [tokenizer.decode([i], skip_special_tokens=False) for i in builder.target_ids("Go Fish!")]
+    assert pieces[:4] == ['"', "Go", " Fish", '!"'] and len(pieces) == 5
+    mask = title_token_mask(builder, "Go Fish!")
+    assert mask.tolist() == [False, True, True, True, False]
+    lp = torch.tensor([-6.0, -1.0, -2.0, -3.0, -0.5])
+    assert item_relevance([lp], [mask]).item() == -2.0
+    # A title that starts with a quote: '""' fuses the opening quote with the title's own '"'.
+    assert title_token_mask(builder, '"Quoted" Toy').tolist() == [True, True, True, True, True, False, False]
+    assert title_token_mask(builder, "é").tolist() == [False, True, False, False]
+    with pytest.raises(ValueError, match="empty title"):
+        title_token_mask(builder, "")
+
+
+class _FusedTokenizer:
+    """Llama 3 style: the opening quote and the first word are one token ('"The')."""
+    eos_id = 9
+
+    def encode_with_offsets(self, text):
+        assert text == '"The Toy"'
+        return [5, 6, 7], [0, 4, 8]                                   # '"The', ' Toy', '"'
+
+
+class _FusedBuilder:
+    tokenizer = _FusedTokenizer()
+
+    def target_ids(self, title):
+        return [5, 6, 7, 9]
+
+
+def test_title_token_mask_fused_opening_quote():
+    assert title_token_mask(_FusedBuilder(), "The Toy").tolist() == [True, True, False, False]
+
+
+def test_catalogue_logprobs_carry_title_masks(tokenizer):
+    model = tiny_model(tokenizer.vocab_size)
+    builder = PromptBuilder(tokenizer, "toy")
+    dataset = SimpleNamespace(name="toy", titles={4: TITLES[0], 2: TITLES[3], 9: "Go Fish!"})
+    logprobs = catalogue_logprobs(model, builder, dataset, cached=False, progress=False)
+    assert list(logprobs) == [2, 4, 9]
+    masks = title_token_masks(builder, [TITLES[3], TITLES[0], "Go Fish!"])
+    for (item, lp), mask in zip(logprobs.items(), masks):
+        assert torch.equal(logprobs.title_mask[item], mask) and mask.shape == lp.shape
+        assert not mask[0] and not mask[-1]                           # SmolLM2: lone '"' first, EOS last
+    expected = {i: lp[logprobs.title_mask[i]].mean().item() for i, lp in logprobs.items()}
+    got = item_scores(logprobs)
+    assert got.keys() == expected.keys()
+    for i in got:
+        assert abs(got[i] - expected[i]) < 1e-6
 
 
 # ----------------------------------------------------------------------------- disk cache
