@@ -19,9 +19,9 @@ import gpu_plan  # noqa: E402
 import gpu_protocol  # noqa: E402
 import gpu_transfer  # noqa: E402
 
-import train  # noqa: E402
 from nanogdrt import recommend  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 PLAN = ["--train-file", "train_small.csv", "--train-samples", "24", "--epochs", "2", "--batch-size", "4",
         "--lr", "3e-3", "--grid", "2:0.5,3:1.0", "--valid-users", "4", "--agree-users", "4", "--dtype", "float32",
         "--test-chunk", "4", "--beams", "4", "--eval-batch-size", "4", "--save-every", "2"]
@@ -46,16 +46,16 @@ def toy_like(tmp_path_factory):
 class InProcess:
     """gpu_protocol.invoke without a new Python per chunk (each would spend seconds importing torch)."""
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, train_py, mp):
+        self.calls, self.train_py, self.mp = [], train_py, mp
 
     def __call__(self, argv, env, stop_at):
         self.calls.append(argv[1:])
         start, out = time.time(), io.StringIO()
-        train.RELEVANCE_CACHE = Path(env["NANOGDRT_CACHE"])
+        self.mp.setenv("NANOGDRT_CACHE", env["NANOGDRT_CACHE"])   # read by nanogdrt.relevance at each call
         with contextlib.redirect_stdout(out):
             if argv[1] == "train.py":
-                train.main(argv[2:])
+                self.train_py(*argv[2:])
             else:
                 assert argv[1:3] == ["-m", "nanogdrt.recommend"]
                 recommend.main(argv[3:])
@@ -63,9 +63,8 @@ class InProcess:
 
 
 @pytest.fixture()
-def fake_invoke(monkeypatch):
-    monkeypatch.setattr(train, "RELEVANCE_CACHE", train.RELEVANCE_CACHE)   # restored afterwards
-    fake = InProcess()
+def fake_invoke(monkeypatch, train_py):
+    fake = InProcess(train_py, monkeypatch)               # $NANOGDRT_CACHE restored afterwards
     monkeypatch.setattr(gpu_protocol, "invoke", fake)
     return fake
 
@@ -81,12 +80,11 @@ def init(state, *extra):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, tiny_model_dir, toy_like):
+def straight(tmp_path_factory, tiny_model_dir, toy_like, train_py):
     """One uninterrupted protocol."""
     state = tmp_path_factory.mktemp("straight") / "state"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "RELEVANCE_CACHE", train.RELEVANCE_CACHE)
-        fake = InProcess()
+        fake = InProcess(train_py, mp)
         mp.setattr(gpu_protocol, "invoke", fake)
         init(state)
         run(state, toy_like, tiny_model_dir)
