@@ -21,7 +21,6 @@ import gpu_transfer  # noqa: E402
 
 from nanogdrt import recommend  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 PLAN = ["--train-file", "train_small.csv", "--train-samples", "24", "--epochs", "2", "--batch-size", "4",
         "--lr", "3e-3", "--grid", "2:0.5,3:1.0", "--valid-users", "4", "--agree-users", "4", "--dtype", "float32",
         "--test-chunk", "4", "--beams", "4", "--eval-batch-size", "4", "--save-every", "2"]
