@@ -17,15 +17,11 @@ Everything lands in <out>/: results.json, best_adapter/ (PEFT format), PNG figur
 (the last checkpoint: `--resume` continues an interrupted run and ends where it would have).
 """
 
-import argparse
-import contextlib
 import dataclasses
 import platform
 import sys
 import time
-import typing
-from typing import NamedTuple
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,220 +29,21 @@ from tqdm import tqdm
 
 import nanogdrt
 from nanogdrt import d3, distributed, files, grouping, methods, metrics, plots, relevance, sasrec, synthetic
-from nanogdrt.batches import collate, epoch_batches, make_examples
+from nanogdrt.batches import epoch_batches, make_examples
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
+from nanogdrt.config import parse_args
 from nanogdrt.data import load_dataset
 from nanogdrt.llama import Llama
 from nanogdrt.lora import LoRAConfig, inject_lora, load_adapter, lora_parameters, save_adapter
-from nanogdrt.methods import METHODS, TargetLoss, Totals, group_weights, method_loss, totals
+from nanogdrt.methods import METHODS, TargetLoss
 from nanogdrt.prompt import PromptBuilder
 from nanogdrt.recommend import build_trie, recommend, score
+from nanogdrt.step import StepData, train_step
 from nanogdrt.tokenizer import Tokenizer
 from nanogdrt.train_state import claim_run_folder, load_state, save_state
-from nanogdrt.validate import DEVICE, RANGE_KEYS, check_config, describe
 
 
-# ----------------------------------------------------------------------------- config
-
-def option(default, help, **argparse_kwargs):
-    """A RunConfig field and its command-line option (--field-name), declared once; `min`, `max`,
-    `above`, `below` declare its allowed range (checked by nanogdrt.validate at start-up)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **argparse_kwargs})
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
-
-
-@dataclass
-class RunConfig:
-    """Every setting of a run, saved in results.json. A None count is filled per dataset below."""
-    dataset: str = option("synthetic", "toy | clothing | book | synthetic (embedded, offline)",
-                          pattern="toy|clothing|book|synthetic")
-    data_dir: str | None = option(None, "dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
-    train_file: str | None = option(None, "which train*.csv of the folder (toy: train_1000.csv)")
-    synthetic_size: str = option("full", "synthetic only: full (2,000 items) or small (120 items, for "
-                                         "tutorials and smoke tests)", choices=["full", "small"])
-    method: str = option("gdrt", "SFT (Eq. 1), GDRT (Eq. 5), MSL's masked softmax, MSL with GDRT's group "
-                                 "weights, or IFairLRS's reweighting (nanogdrt/methods.py)", choices=list(METHODS))
-    model: str | None = option(None, "Hugging Face Llama folder (default: embedded SmolLM2-135M-Instruct)")
-    train_samples: int | None = option(None, "seeded sample of training windows (MSL's recipe: 10,000; the GDRT "
-                                               "paper gives none)", min=1)
-    valid_users: int | None = option(None, "seeded sample of validation users per epoch", min=1)
-    test_users: int | None = option(None, "seeded sample of test users (default per dataset; MSL tests "
-                                            "its whole test file, 4,794 Toy users)", min=1)
-    epochs: int | None = option(None, "training epochs (paper: 5)", min=1)
-    batch_size: int = option(8, "examples per micro-batch (MSL's recipe: 128 per optimizer step = "
-                                  "batch-size x grad-accum x ranks; the GDRT paper gives none)", min=1)
-    grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
-    lr: float = option(5e-4, "AdamW learning rate of the LoRA parameters (MSL's recipe: 1e-4, "
-                                 "after a 20-step warm-up, which train.py omits; the GDRT paper gives none)", above=0)
-    weight_decay: float = option(0.0, "AdamW weight decay", min=0)
-    clip: float = option(1.0, "gradient-norm clip", above=0)
-    groups: int = option(5, "G token groups (paper grid: 2, 5, 10)", min=1)
-    tau: float = option(0.5, "Group-DRO temperature (paper grid: 0.1 .. 1.0)", above=0)
-    loss_scope: str = option("step", "the batch a loss is computed over (its token mean; GDRT's L(g) and Q(g)). "
-                                     "step: the optimizer step's whole batch, every micro-batch of every rank "
-                                     "(exact: batch 4 x accum 32 and 4 x 4 x 8 ranks give the same Q and update; "
-                                     "GDRT with --grad-accum > 1 runs one extra no-grad forward per step for Q). "
-                                     "micro: each micro-batch across the ranks, averaged over the accumulation. "
-                                     "rank-micro: each rank's own micro-batch, as HF-Trainer implementations "
-                                     "compute it", choices=["step", "micro", "rank-micro"])
-    tau_msl: float = option(4.5, "MSL's softmax temperature (MSL's recipe for Toy: 4.5)", above=0)
-    reweight_power: float = option(1.0, "Reweight: IFairLRS's group weights raised to this power (our knob, "
-                                        "not IFairLRS's): 1 = IFairLRS, 0 = uniform = SFT. Item groups: Eq. 2's",
-                                   min=0)
-    grouping: str = option("kmeans", "how tokens are split by relevance", choices=["kmeans", "quantile"])
-    regroup_every_epoch: bool = option(False, "re-score Eq. 3 with the current model at each later epoch "
-                                             "(default: the base model scores Eq. 2/3 once)")
-    lora_r: int = option(8, "LoRA rank (MSL's recipe; the GDRT paper gives no LoRA settings)", min=1)
-    lora_alpha: float = option(16, "LoRA alpha (scale alpha/r; MSL's recipe)", above=0)
-    lora_dropout: float = option(0.05, "dropout on the LoRA path (MSL's recipe)", min=0, below=1)
-    lora_targets: list[str] = option(["q_proj", "v_proj"], "module names that get LoRA (MSL's recipe)", nargs="+")
-    beams: int = option(10, "beam width of constrained beam search (paper and MSL: 10)", min=1)
-    eval_batch_size: int = option(32, "users decoded at once (slots refilled as users finish)", min=1)
-    decoding: str = option("cbs", "decoding of the test (validation: cbs): constrained beam search or D3 "
-                                  "(Bao et al. 2024, nanogdrt/d3.py)", choices=d3.DECODINGS)
-    assistant: str | None = option(None, "d3: SASRec folder (python -m nanogdrt.sasrec), weighted by --alpha")
-    alpha: float = option(0.0, "d3: step score (1 - alpha) log p_LM + alpha log p_assistant (D3's code: 0)",
-                          min=0, max=1)
-    seed: int = option(0, "seed of sampling, batching, LoRA init and dropout", min=0)
-    device: str = option("cpu", "cpu | cuda | mps", pattern=DEVICE)
-    dtype: str = option("float32", "model dtype", choices=["float32", "bfloat16", "float16"])
-    out: str | None = option(None, "run folder (default: runs/<dataset>-<method>)")
-    resume: bool = option(False, "continue from <out>/state")
-    save_every: int = option(50, "checkpoint every N optimizer steps", min=1)
-    max_steps: int | None = option(None, "stop after N optimizer steps in all (then --resume)", min=1)
-    skip_bad: bool = option(False, "skip malformed data rows (counted in results.json)")
-    group_by_length: bool = option(True, "batch examples in plain random order (default: random pools of "
-                                         "batches, each of similar-length examples, so less of a step is padding)")
-    no_test: bool = option(False, "stop after training and validation (e.g. while choosing G and tau); the "
-                                  "same command with --resume then runs the test")
-
-
-# Paper-like defaults scaled to 2 CPU cores, per dataset (a flag on the command line wins).
-DATASET_DEFAULTS = {
-    "synthetic": dict(train_samples=128, valid_users=32, test_users=128, epochs=2),
-    "toy": dict(train_file="train_1000.csv", train_samples=1000, valid_users=100, test_users=500, epochs=2),
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """One option per RunConfig field. A bool field is a switch: --name turns a False default
-    on, --no-name turns a True default off."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(RunConfig):
-        kwargs = {k: v for k, v in f.metadata.items() if k not in RANGE_KEYS}
-        bounds = {k: f.metadata[k] for k in RANGE_KEYS if k in f.metadata and k != "pattern"}
-        if bounds:
-            kwargs["help"] += f" [{describe(**bounds)}]"
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        name = f.name.replace("_", "-")
-        if f.type is bool:
-            flag = f"--no-{name}" if default else f"--{name}"
-            p.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", **kwargs)
-        else:   # the type of one value: `int | None` -> int, `list[str]` -> str
-            value_type = next((t for t in typing.get_args(f.type) if t is not type(None)), f.type)
-            p.add_argument(f"--{name}", type=value_type, default=default, **kwargs)
-    return p
-
-
-def parse_args(argv=None) -> RunConfig:
-    args = vars(build_parser().parse_args(argv))
-    for key, value in DATASET_DEFAULTS.get(args["dataset"], {}).items():
-        if args.get(key) is None:
-            args[key] = value
-    if args["epochs"] is None:                             # datasets without defaults (clothing, book)
-        args["epochs"] = 2
-    args["out"] = args["out"] or f"runs/{args['dataset']}-{args['method']}"
-    return check_config(RunConfig(**args))        # every range, before any work
-
-
-# ----------------------------------------------------------------------------- steps
-
-class StepData(NamedTuple):
-    """What a training step reads per example, besides the token groups (which --regroup changes)."""
-    examples: list                      # PromptIds of every training window
-    nodes: list | None                  # MSL: trie node before each target token, per example
-    example_weight: torch.Tensor | None  # Reweight: (n,) IFairLRS weight of each example
-    pad_id: int
-
-
-def micro_batch(data, token_groups, global_indices, device, dist):
-    """This rank's slice of a global micro-batch: ids, target mask, token groups, trie nodes and
-    example weights. A rank left without rows (a last batch shorter than the world) still runs a
-    forward and backward with no target tokens: DDP and the all-reduces need every rank."""
-    indices = dist.split_batch(global_indices)
-    rows = indices or global_indices[:1]
-    ids, mask, groups = collate(data.examples, token_groups, rows, data.pad_id, device)
-    nodes = collate(data.examples, data.nodes, rows, data.pad_id, device)[2] if data.nodes else None
-    if not indices:
-        mask[:] = False
-    weight = data.example_weight[rows] if data.example_weight is not None else None
-    return ids, mask, groups, nodes, weight
-
-
-def train_step(net, micro_batches, data, token_groups, cfg, dist=distributed.Dist()):
-    """One optimizer step's worth of forward/backward over the micro-batches (grad accumulation).
-
-    `net` is a TargetLoss, DDP-wrapped under data parallelism. Each micro-batch holds indices of
-    the *global* batch; this rank takes its slice of it. The method's loss (nanogdrt.methods)
-    weights each token by constants from the totals of its --loss-scope:
-      step        totals over every micro-batch of every rank: the loss (and GDRT's Q) of the
-                  whole step's batch. GDRT needs L(g) before any backward, so with more than one
-                  micro-batch a no-grad pass sums them first (LoRA dropout draws its own masks
-                  there: equal to one big batch only with dropout 0); one micro-batch uses the
-                  detached sums of its own forward. Token counts need no forward.
-      micro       totals over the micro-batch on all ranks; the step averages the micro-batches.
-      rank-micro  totals over this rank's micro-batch only (HF-Trainer-style); DDP averages ranks.
-    Returns what is logged, the same on every rank: the loss, L(g) over all the step's tokens (0
-    for a group without tokens), Q(g) (step: the step's; otherwise the mean over micro-batches
-    and ranks; 0 for methods without group weights)."""
-    ddp = net if isinstance(net, torch.nn.parallel.DistributedDataParallel) else None
-    module = ddp.module if ddp is not None else net
-    method, G, K, W = METHODS[cfg.method], cfg.groups, len(micro_batches), dist.world
-    reduce_fn = dist.all_reduce_sum if dist.enabled else None
-    parts = [micro_batch(data, token_groups, b, cfg.device, dist) for b in micro_batches]
-    step_totals = None                                      # scope "step" with one micro-batch: from its forward
-    if cfg.loss_scope == "step" and K > 1:
-        zero = torch.zeros(G, device=cfg.device)
-        if method.weighting == "groups":
-            with torch.no_grad():                           # the pass for L(g): sums and counts of the step
-                step_totals = sum((totals(module(ids, mask, nodes).nll, groups[mask], G)
-                                   for ids, mask, groups, nodes, _ in parts), Totals(zero, zero))
-        else:                                               # a token mean needs the counts only
-            step_totals = sum((totals(torch.zeros(int(mask.sum()), device=cfg.device), groups[mask], G)
-                               for _, mask, groups, _, _ in parts), Totals(zero, zero))
-        step_totals = step_totals.reduce(reduce_fn)
-    # The backward value of each rank: DDP averages the ranks' gradients, so a loss that is a sum
-    # over ranks (scopes step and micro) is scaled by W; micro-batches are averaged except in step.
-    scale = {"step": W, "micro": W / K, "rank-micro": 1 / K}[cfg.loss_scope]
-    loss_sum, q_sum = torch.zeros((), device=cfg.device), torch.zeros(G, device=cfg.device)
-    pooled = Totals(torch.zeros(G, device=cfg.device), torch.zeros(G, device=cfg.device))
-    for k, (ids, mask, groups, nodes, weight) in enumerate(parts):
-        # Gradients are all-reduced once per optimizer step, at the last micro-batch.
-        with (ddp.no_sync() if ddp is not None and k < K - 1 else contextlib.nullcontext()):
-            out = net(ids, mask, nodes)                                 # (N,) this rank's target tokens
-            token_group = groups[mask]                                  # (N,) 1..G
-            mine = totals(out.nll, token_group, G)
-            if step_totals is not None:
-                scope = step_totals
-            else:
-                scope = mine if cfg.loss_scope == "rank-micro" else mine.reduce(reduce_fn)
-            loss = method_loss(method.weighting, out.nll, token_group, out.rows, weight, scope, cfg.tau)
-            if not torch.isfinite(loss):   # stop before a NaN reaches the LoRA weights
-                raise FloatingPointError(f"loss is {loss.item()}")
-            (loss * scale).backward()
-        loss_sum += loss.detach() * scale
-        if method.weighting == "groups":
-            q_sum += group_weights(scope, cfg.tau) / K
-        pooled = pooled + mine                  # per-group losses are logged for every method (Fig. 6)
-    pooled = pooled.reduce(reduce_fn)
-    loss_sum = loss_sum if reduce_fn is None else reduce_fn(loss_sum)
-    if cfg.loss_scope == "rank-micro" and reduce_fn is not None:
-        q_sum = reduce_fn(q_sum) / W                        # each rank had its own Q: log their mean
-    return {"loss": loss_sum.item() / W, "q": q_sum.cpu(),
-            "group_loss": (pooled.sums / pooled.counts.clamp(min=1)).cpu()}
-
+# ----------------------------------------------------------------------------- method, evaluation
 
 def method_postfix(cfg, log, method_log) -> dict:
     """What the progress bar shows of the method: Q(g) each step, or the run's constants."""
@@ -340,6 +137,7 @@ def regroup_or_restore(model, builder, dataset, cfg, state, token_groups, token_
 # ----------------------------------------------------------------------------- set-up and results
 
 def load_data_and_model(cfg, say):
+    """The dataset, the base model, its tokenizer, the prompt template and D3's assistant (if any)."""
     dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_file=cfg.train_file,
                            train_samples=cfg.train_samples, valid_samples=cfg.valid_users,
                            test_samples=cfg.test_users, seed=cfg.seed, skip_bad=cfg.skip_bad,
@@ -351,7 +149,10 @@ def load_data_and_model(cfg, say):
     builder = PromptBuilder(tokenizer, cfg.dataset if cfg.dataset in ("toy", "book", "clothing") else "synthetic")
     say(f"{cfg.dataset}: {len(dataset.titles)} items, {len(dataset.train)} train / {len(dataset.valid)} "
         f"valid / {len(dataset.test)} test windows; model {model_dir}; method {cfg.method}")
-    return dataset, model_dir, model, tokenizer, builder
+    # D3's text-free assistant (a SASRec) for the test; bad D3 options fail here, before training.
+    assistant = sasrec.load(cfg.assistant, device=cfg.device) if cfg.assistant else None
+    d3.scoring(cfg.decoding, cfg.alpha, assistant, [], list(dataset.titles))
+    return dataset, model_dir, model, tokenizer, builder, assistant
 
 
 def data_parallel(net, cfg, dist, say):
@@ -367,6 +168,37 @@ def data_parallel(net, cfg, dist, say):
         f"{cfg.grad_accum} accumulation x {dist.world} ranks = "
         f"{cfg.batch_size * cfg.grad_accum * dist.world} examples per optimizer step")
     return ddp
+
+
+def setup_training(cfg, model, dataset, examples, trie, item_group, pad_id, dist, say):
+    """LoRA on the frozen model, what the method needs (method_setup), the module whose forward
+    gives the per-token losses (DDP-wrapped under torchrun) and AdamW over the LoRA parameters."""
+    lora = LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                      target_modules=tuple(cfg.lora_targets))
+    inject_lora(model, lora)
+    model.to(cfg.device)
+    nodes, example_weight, method_log = method_setup(cfg, dataset, examples, trie, item_group, say)
+    data = StepData(examples, nodes, example_weight, pad_id)
+    net = data_parallel(TargetLoss(model, METHODS[cfg.method].per_token, trie, cfg.tau_msl), cfg, dist, say)
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return lora, data, net, optimizer, method_log
+
+
+def epoch_steps(examples, cfg, epoch, world) -> list[list[list[int]]]:
+    """The optimizer steps of an epoch, each a list of global micro-batches of example indices.
+    The same (seed, epoch) gives the same batches, so a resumed epoch skips exactly the steps
+    already taken. Batches are global: each rank takes its slice in train_step."""
+    lengths = [len(ex.ids) for ex in examples] if cfg.group_by_length else None
+    batches = epoch_batches(len(examples), cfg.batch_size * world, cfg.seed, epoch, lengths)
+    return [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
+
+
+def test_best(model, out, builder, trie, dataset, item_group, cfg, assistant, dist):
+    """The test split's metrics and per-user records under the best epoch's adapter."""
+    dist.barrier()                                          # rank 0 has written best_adapter/
+    load_adapter(model, out / "best_adapter")
+    return evaluate(model, builder, trie, dataset.test, dataset.titles, item_group, cfg.beams,
+                    cfg.eval_batch_size, "test", dist, cfg.decoding, assistant, cfg.alpha)
 
 
 def start_or_resume(out, cfg, model, optimizer, dist, say) -> dict:
@@ -412,6 +244,14 @@ def write_results(out, cfg, dataset, model_dir, world, token_groups, token_rel, 
     print_table(cfg, test, times)
 
 
+def pause_message(state, stopped: bool) -> str:
+    """What a run that ends before its test says: --max-steps reached, or --no-test."""
+    if stopped:
+        return f"stopped after {state['step']} steps (--max-steps); continue with --resume"
+    return (f"trained; best valid NDCG@5 {state['best']['NDCG@5']:.4f} at epoch {state['best']['epoch']}. "
+            f"Test later: the same command with --resume instead of --no-test")
+
+
 def print_table(cfg, test, times):
     keys = ["NDCG@5", "NDCG@10", "HR@5", "HR@10", "MGU@5", "DGU@5"]
     print("\n| method | " + " | ".join(keys) + " |")
@@ -425,7 +265,7 @@ def print_table(cfg, test, times):
 # ----------------------------------------------------------------------------- the run
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg = parse_args(argv, __doc__.split("\n\n")[0])   # every option: nanogdrt/config.py
     dist = distributed.init(cfg.device)                    # torchrun: one rank of N; else rank 0 of 1
     cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, dist))   # cuda -> cuda:<local rank>
     say = print if dist.main else (lambda *args, **kwargs: None)
@@ -436,9 +276,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)                            # LoRA init and dropout follow from --seed
 
     # Step 1: the data, the base model and the prompt template.
-    dataset, model_dir, model, tokenizer, builder = load_data_and_model(cfg, say)
-    assistant = sasrec.load(cfg.assistant, device=cfg.device) if cfg.assistant else None
-    d3.scoring(cfg.decoding, cfg.alpha, assistant, [], list(dataset.titles))   # bad D3 options fail before training
+    dataset, model_dir, model, tokenizer, builder, assistant = load_data_and_model(cfg, say)
 
     # Steps 2-3: relevance under the model at the start of fine-tuning (no adapter), then groups.
     t = time.perf_counter()
@@ -448,15 +286,9 @@ def main(argv=None):
     examples = make_examples(builder, dataset.train, dataset.titles)
     trie = build_trie(builder, dataset.titles)
 
-    # Step 4: LoRA on the frozen model; only its parameters are trained.
-    lora = LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                      target_modules=tuple(cfg.lora_targets))
-    inject_lora(model, lora)
-    model.to(cfg.device)
-    nodes, example_weight, method_log = method_setup(cfg, dataset, examples, trie, item_group, say)
-    data = StepData(examples, nodes, example_weight, tokenizer.pad_id)
-    net = data_parallel(TargetLoss(model, METHODS[cfg.method].per_token, trie, cfg.tau_msl), cfg, dist, say)
-    optimizer = torch.optim.AdamW(lora_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Step 4: LoRA on the frozen model; only its parameters are trained, by the method's loss.
+    lora, data, net, optimizer, method_log = setup_training(cfg, model, dataset, examples, trie, item_group,
+                                                            tokenizer.pad_id, dist, say)
     state = start_or_resume(out, cfg, model, optimizer, dist, say)
     state["method"] = method_log                           # recomputed by a resumed run: the same numbers
     out.mkdir(parents=True, exist_ok=True)                 # only now: an existing run was refused above
@@ -476,17 +308,14 @@ def main(argv=None):
         if cfg.regroup_every_epoch and epoch > 0:
             token_groups, token_rel = regroup_or_restore(model, builder, dataset, cfg, state, token_groups,
                                                          token_rel, dist)
-        # The same (seed, epoch) gives the same batches, so a resumed epoch skips exactly the
-        # steps already taken. Batches are global: each rank takes its slice in train_step.
-        lengths = [len(ex.ids) for ex in examples] if cfg.group_by_length else None
-        batches = epoch_batches(len(examples), cfg.batch_size * dist.world, cfg.seed, epoch, lengths)
-        steps = [batches[i:i + cfg.grad_accum] for i in range(0, len(batches), cfg.grad_accum)]
+        steps = epoch_steps(examples, cfg, epoch, dist.world)
         # A run resumed mid-epoch starts at the step after the checkpoint's.
         bar = tqdm(range(state["batch"], len(steps)), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    initial=state["batch"], total=len(steps), disable=not dist.main)
         for b in bar:
             try:
-                log = train_step(net, steps[b], data, token_groups, cfg, dist)
+                log = train_step(net, steps[b], data, token_groups, cfg.method, cfg.groups, cfg.tau,
+                                 cfg.loss_scope, cfg.device, dist)
             except FloatingPointError as e:
                 raise SystemExit(f"{e} at epoch {epoch + 1}, step {state['step'] + 1}: stopping. The last "
                                  f"good checkpoint is {out / 'state'} (--resume); try a lower --lr.") from None
@@ -502,6 +331,7 @@ def main(argv=None):
                 checkpoint()
             stopped = cfg.max_steps is not None and state["step"] >= cfg.max_steps
             if stopped:
+                checkpoint()
                 break
         if stopped:
             break
@@ -511,21 +341,12 @@ def main(argv=None):
         state["epoch"], state["batch"] = epoch + 1, 0
         checkpoint()
     times["train_and_valid_s"] = state.get("train_and_valid_s", time.perf_counter() - t)
-    if stopped:
-        checkpoint()
-        say(f"stopped after {state['step']} steps (--max-steps); continue with --resume")
-        return
-    if cfg.no_test:
-        say(f"trained; best valid NDCG@5 {state['best']['NDCG@5']:.4f} at epoch {state['best']['epoch']}. "
-            f"Test later: the same command with --resume instead of --no-test")
-        return
+    if stopped or cfg.no_test:                               # the same command with --resume goes on
+        return say(pause_message(state, stopped))
 
-    # Step 6: test the best adapter (chosen on validation above).
+    # Step 6: test the best adapter (chosen on validation above), with --decoding.
     t = time.perf_counter()
-    dist.barrier()                                          # rank 0 has written best_adapter/
-    load_adapter(model, out / "best_adapter")
-    test, records = evaluate(model, builder, trie, dataset.test, dataset.titles, item_group, cfg.beams,
-                             cfg.eval_batch_size, "test", dist, cfg.decoding, assistant, cfg.alpha)
+    test, records = test_best(model, out, builder, trie, dataset, item_group, cfg, assistant, dist)
     times["test_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - t0 + trained_before   # + earlier processes of a resumed run
     if dist.main:

@@ -1,7 +1,6 @@
-"""methods.py and train.py's step: each method's loss against loss.py / baseline_losses.py, and
+"""methods.py and step.py: each method's loss against loss.py / baseline_losses.py, and
 --loss-scope step: gradient accumulation gives the Q(g), loss and update of one big batch."""
 
-import runpy
 
 import pytest
 import torch
@@ -15,9 +14,9 @@ from nanogdrt.lora import LoRAConfig, inject_lora, lora_parameters
 from nanogdrt.loss import gdrt_loss, sft_loss
 from nanogdrt.prompt import PromptBuilder
 from nanogdrt.recommend import build_trie
+from nanogdrt.step import StepData, train_step
 from nanogdrt.tokenizer import Tokenizer
 
-from conftest import ROOT
 
 G = 4
 
@@ -69,11 +68,10 @@ def test_parts_with_the_whole_scope_sum_to_the_whole_loss(weighting):
     torch.testing.assert_close(parts, whole)
 
 
-# ----------------------------------------------------------------------------- train.py's step
+# ----------------------------------------------------------------------------- one optimizer step (step.py)
 
 @pytest.fixture(scope="module")
 def step_setup(tiny_model_dir):
-    train = runpy.run_path(str(ROOT / "train.py"))            # the script's functions, main() not run
     tokenizer = Tokenizer(tiny_model_dir)
     builder = PromptBuilder(tokenizer, "synthetic")
     ds = load_dataset("synthetic", train_samples=8, synthetic=synthetic.SMALL)
@@ -82,11 +80,11 @@ def step_setup(tiny_model_dir):
     g = torch.Generator().manual_seed(0)
     token_groups = [torch.randint(1, G + 1, (e.target[1] - e.target[0],), generator=g) for e in examples]
     nodes = methods.target_nodes_of(trie, examples)
-    return train, tokenizer, examples, trie, token_groups, nodes
+    return tokenizer, examples, trie, token_groups, nodes
 
 
 def step_gradients(step_setup, tiny_model_dir, method, scope, micro_batches):
-    train, tokenizer, examples, trie, token_groups, nodes = step_setup
+    tokenizer, examples, trie, token_groups, nodes = step_setup
     torch.manual_seed(0)
     model = Llama.from_pretrained(tiny_model_dir)
     inject_lora(model, LoRAConfig(r=4, dropout=0.0))
@@ -94,11 +92,10 @@ def step_gradients(step_setup, tiny_model_dir, method, scope, micro_batches):
     with torch.no_grad():                                    # B != 0, so A gets a gradient too
         for p in params:
             p.normal_(0, 0.05)
-    cfg = train["RunConfig"](method=method, groups=G, tau=0.5, loss_scope=scope, tau_msl=4.5)
     per_token = methods.METHODS[method].per_token
-    data = train["StepData"](examples, nodes if per_token == "msl" else None, None, tokenizer.pad_id)
-    net = methods.TargetLoss(model, per_token, trie, cfg.tau_msl)
-    log = train["train_step"](net, micro_batches, data, token_groups, cfg)
+    data = StepData(examples, nodes if per_token == "msl" else None, None, tokenizer.pad_id)
+    net = methods.TargetLoss(model, per_token, trie, 4.5)
+    log = train_step(net, micro_batches, data, token_groups, method, G, 0.5, loss_scope=scope)
     return log, [p.grad.clone() for p in params]
 
 
@@ -125,7 +122,7 @@ def test_step_scope_accumulation_equals_one_big_batch(step_setup, tiny_model_dir
 
 def test_msl_forward_on_a_rank_without_rows(step_setup, tiny_model_dir):
     """Under DDP a rank may get no rows of a last micro-batch: an empty loss that still backprops."""
-    train, tokenizer, examples, trie, token_groups, nodes = step_setup
+    tokenizer, examples, trie, token_groups, nodes = step_setup
     model = Llama.from_pretrained(tiny_model_dir)
     inject_lora(model, LoRAConfig(r=4, dropout=0.0))
     ids = torch.tensor([examples[0].ids])
