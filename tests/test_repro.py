@@ -154,3 +154,49 @@ def test_figures(staged):
     for png in ("fig3_rows_top1_groups.png", "fig10_sensitivity_G_valid.png", "fig11_sensitivity_tau_test.png",
                 "q_effective_groups.png", "analyze/fig2_attribution_ratios.png", "analyze/heatmap/heatmap.html"):
         assert (figs / png).stat().st_size > 500, png
+
+
+# ----------------------------------------------------------------------------- shipped adapters
+
+SHIPPED = sorted(p.parent.parent.name for p in (ROOT / "docs" / "repro").glob("*/adapter/adapter_model.safetensors"))
+CHECK_USERS = 20
+
+
+@pytest.mark.parametrize("row", SHIPPED or [pytest.param(None, marks=pytest.mark.skip("no committed adapters"))])
+def test_shipped_adapter_checksum_peft_and_metrics(row, smollm_dir, toy_dir):
+    """A committed adapter: its sha256 is the manifest's, PEFT loads it (same logits as ours, 1e-4),
+    and its metrics on the first 20 recorded test users equal the ones recorded with it."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from nanogdrt.data import load_dataset
+    from nanogdrt.prompt import PromptBuilder
+    from nanogdrt.recommend import build_trie, recommend
+    from repro_data import load_model
+
+    docs = ROOT / "docs" / "repro"
+    manifest = json.loads((docs / "manifest.json").read_text())["train:" + row]["sha256"]
+    for f in sorted((docs / row / "adapter").iterdir()):
+        assert manifest[f"{row}/adapter/{f.name}"] == repro.sha256(f), f
+
+    _, model, tok, _ = load_model(smollm_dir, docs / row / "adapter")
+    ds = load_dataset("toy", data_dir=toy_dir)
+    builder = PromptBuilder(tok, "toy")
+    hf = transformers.LlamaForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32)
+    ref = peft.PeftModel.from_pretrained(hf, docs / row / "adapter").eval()
+    ids = torch.tensor(builder.for_interaction(ds.test[0], ds.titles, with_target=True).ids)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(model.hidden_states(ids)), ref(input_ids=ids).logits,
+                                   atol=1e-4, rtol=0)
+
+    pred = docs / row / "test_predictions.jsonl"
+    if not pred.exists():
+        return
+    recorded = [json.loads(x) for x in pred.read_text().splitlines()[:CHECK_USERS]]
+    by_row = {x.row: x for x in ds.test}
+    users = [by_row[r["row"]] for r in recorded]
+    again = recommend(model, builder, build_trie(builder, ds.titles), users, ds.titles)
+
+    def scores(recs):
+        return metrics.evaluate([r["topk_item_ids"] for r in recs], [x.target for x in users],
+                                [x.history for x in users], titles=ds.titles)
+    assert scores(again) == scores(recorded)
