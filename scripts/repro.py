@@ -63,6 +63,23 @@ def parse_grid(spec: str) -> list[tuple[int, float]]:
         raise SystemExit(f"--grid {spec!r}: expected G:TAU[,G:TAU...], e.g. 5:0.5,2:0.5") from None
 
 
+TABLE_KEYS = ["NDCG@5", "NDCG@10", "HR@5", "HR@10", "MGU@5", "DGU@5"]
+
+
+def user_table(records, dataset):
+    """(records, {row: interaction}) of one model: an entry of `bootstrap`'s `models`."""
+    return records, {x.row: x for x in dataset.test}
+
+
+def bootstrap(models: dict, titles, item_group, n_boot=1000, seed=0) -> dict:
+    """{name: (records, by_row)} -> point estimates and 95% intervals over users, and the paired
+    GDRT - SFT (scripts/gpu_report.py's table; repro_report.py holds the arithmetic)."""
+    from repro_report import Users, bootstrap as resample
+    users = {name: Users(records, by_row, titles, item_group) for name, (records, by_row) in models.items()}
+    table = resample(users, "SFT", n_boot, seed)
+    return {k: v for k, v in table.items() if " - " not in k or k == "GDRT - SFT"}
+
+
 def gdrt_row(g, tau, seed=0) -> str:
     return f"gdrt-G{g}-tau{tau:g}-s{seed}"
 

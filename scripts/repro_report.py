@@ -33,10 +33,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from nanogdrt import files, metrics  # noqa: E402
-from repro import best_valid, gdrt_row, parse_grid, SELECT_KEYS  # noqa: E402
+from repro import SELECT_KEYS, TABLE_KEYS, best_valid, gdrt_row, parse_grid  # noqa: E402
 from repro_data import dataset_of  # noqa: E402
 
-TABLE_KEYS = ["NDCG@5", "NDCG@10", "HR@5", "HR@10", "MGU@5", "DGU@5"]
 LOWER_IS_BETTER = {"MGU@5", "DGU@5"}
 # The paper's Toy numbers (Table 2) that docs/results.md quoted before; None: to be filled in.
 PAPER_TOY = {"SFT": {"NDCG@10": 0.0158, "DGU@5": 0.612}, "GDRT": {"NDCG@10": 0.0203, "DGU@5": 0.403}}

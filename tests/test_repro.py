@@ -54,6 +54,14 @@ def test_bootstrap_point_is_the_metric_and_paired_difference_resolves_a_real_gap
     assert repro_report.verdict((0.0, -0.1, 0.1), "NDCG@5") == "not resolved at this scale"
 
 
+def test_old_bootstrap_api_of_gpu_report():
+    """scripts/gpu_report.py's call: {name: (records, by_row)} -> the rows and GDRT - SFT only."""
+    models = {"base model": _users(30, 0.1, 3), "SFT": _users(30, 0.3, 0), "GDRT": _users(30, 0.6, 1)}
+    table = repro.bootstrap(models, TITLES, GROUPS, n_boot=20, seed=0)
+    assert list(table) == ["base model", "SFT", "GDRT", "GDRT - SFT"]
+    assert set(table["SFT"]) == set(repro.TABLE_KEYS) and len(table["SFT"]["NDCG@5"]) == 3
+
+
 def test_resample_weights_equal_metrics_of_the_resampled_users():
     rec, by_row = _users(40, 0.5, 2)
     u = repro_report.Users(rec, by_row, TITLES, GROUPS)
