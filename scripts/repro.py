@@ -257,6 +257,7 @@ class Manifest:
             for f in found:
                 if f.is_file():
                     checksums[os.path.relpath(f, self.path.parent)] = sha256(f)
+        argv = ["python" if a == sys.executable else a for a in argv]   # the same on any machine
         self.stages[name] = {"command": shlex.join(argv), "seconds": round(seconds, 1),
                              "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                              "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",

@@ -194,7 +194,8 @@ def report(a):
         paper = PAPER_TOY.get(name) if " - " not in name else None
         paper_txt = ", ".join(f"{k} {v}" for k, v in paper.items()) + " (others: to fill)" if paper else (
             "" if " - " in name else "to fill")
-        L.append(f"| {name} ({labels.get(name, '')}) | {n} | " + " | ".join(fmt(cells[k]) for k in TABLE_KEYS)
+        shown = f"{name} ({labels[name]})" if name in labels else name
+        L.append(f"| {shown} | {n} | " + " | ".join(fmt(cells[k]) for k in TABLE_KEYS)
                  + f" | {paper_txt} |")
     L += ["", "## Verdicts", "", "Rule: the paired 95% interval of A - B wholly on the claimed side of 0: reproduced; "
           "wholly on the other side: not reproduced; containing 0 or a row missing: not resolved at this scale.", "",
