@@ -25,10 +25,13 @@ test: setup
 train: setup
 	$(PY) train.py
 
-# SFT vs GDRT on the real Toy split at CPU scale (docs/results.md); resumable: rerun to continue.
+# Reproduction v2 on the real Toy split (docs/results.md, generated): stages of <= ~1 h whose outputs
+# are committed in docs/repro/<row>/; finished stages are skipped, so any machine continues the run.
+# A subset or a time budget: make repro REPRO_ARGS="--only 'train:sft-s0,test:sft-s0' --max-minutes 170"
 TOY ?= ../shared/data/toy
+REPRO_ARGS ?=
 repro: setup
-	$(PY) scripts/repro.py --data-dir $(TOY)
+	$(PY) scripts/repro.py --data-dir $(TOY) $(REPRO_ARGS)
 
 # The paper's protocol on a lent GPU (docs/gpu_protocol.md): the carried folders .devpayload/1..n
 # (model, gguf wheel, Toy files) and the device calls to make, in order; then what is done.

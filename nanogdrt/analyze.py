@@ -21,6 +21,8 @@ writes to --out (default figures/):
                                     (most relevant to auxiliary tokens), per epoch on validation
     fig5_cooccurrence.png           Fig. 5: co-occurrence rates of token pairs in the training set
     fig6_group_loss.png             Fig. 6: training loss by token group (results.json steps)
+    heatmap/                        with --heatmap N: Fig. 1-style token heat maps of N seeded users
+                                    under the base model and every run (nanogdrt/heatmap.py)
     analysis.json                   every number drawn, written atomically
 
 Fig. 5, the definition. The paper's point: target tokens co-occur with auxiliary tokens far more
@@ -201,12 +203,14 @@ def load_model(model_dir, adapter, device, dtype):
 # ----------------------------------------------------------------------------- everything
 
 def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20, split="test",
-            seed=0, min_count=5, device="cpu", dtype="float32", attribution_defs="both", beams=10) -> dict:
+            seed=0, min_count=5, device="cpu", dtype="float32", attribution_defs="both", beams=10,
+            heatmap_users=0) -> dict:
     """Draw every figure into `out` and return (and write) the numbers behind them.
 
     Attribution examples are a seeded sample of the full `split` (not the runs' own test sample).
     attribution_defs: "segment" | "per-token" | "both" (nanogdrt/attribution.py's two definitions);
-    beams: beam width of the search whose top-1 title the segment definition attributes."""
+    beams: beam width of the search whose top-1 title the segment definition attributes;
+    heatmap_users: Fig. 1-style token heat maps of this many seeded users (nanogdrt/heatmap.py)."""
     if attribution_defs not in ("segment", "per-token", "both"):
         raise ValueError(f"attribution definition {attribution_defs!r}: expected segment, per-token or both")
     defs = list(DEFINITIONS) if attribution_defs == "both" else [attribution_defs]
@@ -272,6 +276,15 @@ def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20,
             panels.append(panel)
         plots.attribution_ratios(panels, out / FIGURES["attribution"], len(rows), split)
         figures["attribution"] = FIGURES["attribution"]
+
+    if heatmap_users > 0:   # the same users under the base model and every run's adapter
+        from nanogdrt import heatmap
+        pool = getattr(ds, split)
+        picked = random.Random(f"{seed}:heatmap:{split}").sample(range(len(pool)), min(heatmap_users, len(pool)))
+        models = {"base (no fine-tuning)": load_model(model_dir, None, device, getattr(torch, dtype))}
+        models |= {r.label: load_model(model_dir, r.path / "best_adapter", device, getattr(torch, dtype)) for r in runs}
+        heatmap.draw(heatmap.heatmaps(models, builder, [pool[i] for i in picked], ds.titles), out / "heatmap")
+        figures["heatmap"] = "heatmap/heatmap.png"
 
     if runs:
         target_dists = {r.label: r.results["test_target_group_distribution"] for r in runs}
@@ -347,6 +360,8 @@ def main(argv=None):
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="split of those examples")
     p.add_argument("--seed", type=validate.number(int, min=0), default=0, help="seed of the example sample")
     p.add_argument("--min-count", type=validate.number(int, min=1), default=5, help="Fig. 5: only target tokens seen this often")
+    p.add_argument("--heatmap", type=validate.number(int, min=0), default=0, help="Fig. 1-style token heat maps of N seeded users "
+                                                          "(heatmap/: PNG, HTML, JSON; nanogdrt/heatmap.py)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="figures", help="folder for the PNG files and analysis.json")
@@ -357,7 +372,7 @@ def main(argv=None):
         p.error(str(e))
     try:
         analyze(a.runs, a.out, a.model, a.dataset, a.data_dir, a.examples, a.split, a.seed, a.min_count,
-                a.device, a.dtype, a.attribution, a.beams)
+                a.device, a.dtype, a.attribution, a.beams, a.heatmap)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"figures and analysis.json in {a.out}/")

@@ -167,3 +167,53 @@ def group_loss_panels(panels: dict[str, tuple[list, list]], path, window: int = 
     axes[0, -1].legend(title="token group\n(1 = most predictable\nfrom auxiliary tokens)", fontsize=7,
                        title_fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- the reproduction's figures
+
+def token_heatmap(users: list[dict], path, title):
+    """Fig. 1 style. users: [{"row", "items": [[start, end]...], "attribution": {model: (T,)}}]; one
+    panel per user, one strip per model; a shared colour scale per user; history items marked."""
+    fig, axes = plt.subplots(len(users), 1, figsize=(12, 1.0 + 0.45 * sum(len(u["attribution"]) for u in users)),
+                             squeeze=False)
+    for ax, u in zip(axes[:, 0], users):
+        rows = np.vstack(list(u["attribution"].values()))                # (models, T)
+        scale = np.abs(rows).max() or 1.0
+        im = ax.imshow(rows, aspect="auto", cmap="bwr", vmin=-scale, vmax=scale, interpolation="nearest")
+        ax.set_yticks(np.arange(len(rows)), list(u["attribution"]))
+        for s, e in u["items"]:
+            ax.axvline(s - 0.5, color="gray", linewidth=0.5)
+        ax.set_title(f"test row {u['row']} (gray lines: history items start)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01)
+    axes[-1, 0].set_xlabel("prompt token position")
+    fig.suptitle(title + "\nA(i) = drop in log P(target title) when token i -> padding", fontsize=10)
+    _save(fig, path)
+
+
+def sensitivity(curves: dict[str, tuple[list, list]], sft: float | None, path, xlabel, ylabel, title, log_x=False):
+    """Fig. 10 / 11. curves: label -> (x values, metric); sft: the SFT level, drawn dashed."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for label, (x, y) in curves.items():
+        ax.plot(x, y, marker="o", label=label)
+    if sft is not None:
+        ax.axhline(sft, color="gray", linestyle="--", linewidth=1, label="SFT")
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def effective_groups(curves: dict[str, tuple[list, list]], n_groups: int, path):
+    """exp(H(Q)) per optimizer step, one curve per run; 1 = all weight on one group, G = uniform."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for label, (x, y) in curves.items():
+        ax.plot(x, y, label=label, linewidth=1)
+    ax.set_ylim(0.9, n_groups + 0.1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("effective groups exp(H(Q))")
+    ax.set_title("What GDRT trains on: the effective number of token groups", fontsize=10)
+    ax.legend(fontsize=7)
+    _save(fig, path)

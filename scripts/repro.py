@@ -1,44 +1,58 @@
-"""Reproduce Table 2 at CPU scale: the base model, SFT and GDRT on the real Amazon Toys split.
+"""Reproduction v2 on real Toy, in stages of at most about an hour that any machine can continue.
 
-    python scripts/repro.py --data-dir ../shared/data/toy            # or: make repro
-    python scripts/repro.py --data-dir ../shared/data/toy --report-only
+    python scripts/repro.py --data-dir ../shared/data/toy --list            # the plan: done / to do
+    python scripts/repro.py --data-dir ../shared/data/toy --only 'train:sft-s0,test:sft-s0' --max-minutes 170
+    python scripts/repro.py --data-dir ../shared/data/toy --stages robust   # one phase
+    make repro                                                              # everything still to do
 
-The plan, each stage a plain command (printed, and logged with its wall time in <out>/repro.json):
+Rows: the base model; SFT and GDRT (x --seeds training seeds); the GDRT grid (G x tau, seed 0),
+chosen on validation NDCG@5; MSL (each --msl-taus), MSL+GDRT, Reweight; SFT decoded with D3;
+SASRec and SASRec++. Every LLM row has the same training budget (file, windows, epochs, batch,
+LoRA) and is decoded on the same seeded test users (scripts/repro_data.py) with the same item groups.
 
-    1. SFT: train.py --method sft, validation each epoch, no test yet
-    2. GDRT for every (G, tau) of --grid, same seed, sample and budget; no test yet
-    3. the GDRT run with the best validation NDCG@5 is chosen (the paper's protocol)
-    4. SFT and the chosen GDRT are tested: the same command with --resume runs the test
-    5. the base model (no fine-tuning) is tested on the same users by nanogdrt.recommend
-    6. nanogdrt.analyze draws Fig. 2/7 (attribution ratios) and Fig. 3/8 (top-1 item groups)
-    7. report: Table-2-style metrics with bootstrap 95% intervals over test users, and the
-       paired difference GDRT - SFT (users resampled together), to <out>/report.md
-
-Every stage whose output already exists is skipped, and an interrupted training run is resumed,
-so the same command finishes an interrupted reproduction where an uninterrupted one would end.
+Each stage is one plain command. Its small outputs go to docs/repro/<row>/ (committed): the adapter
+(adapter/, PEFT format), train_results.json (train.py's results.json: config, steps, epochs, wall
+times), test_predictions.jsonl; docs/repro/manifest.json records every stage's exact command, wall
+time, machine and the sha256 of its outputs. A stage whose outputs exist is skipped, so the same
+command continues on any machine that has the committed folder. Training state (runs/repro/) is
+not committed: an interrupted training resumes (--resume) on the same machine, restarts elsewhere.
+Phases, in order: data, robust (SFT, GDRT x seeds; base), sweep (the grid), baselines, sweeptest,
+figures, report (docs/results.md, built by scripts/repro_report.py).
 """
 
 import argparse
+import fnmatch
+import hashlib
 import json
+import os
+import platform
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
-from nanogdrt import files, grouping, metrics, relevance  # noqa: E402
-from nanogdrt.checkpoint import ensure_embedded_checkpoint  # noqa: E402
-from nanogdrt.data import load_dataset  # noqa: E402
-from nanogdrt.llama import Llama  # noqa: E402
-from nanogdrt.prompt import PromptBuilder  # noqa: E402
-from nanogdrt.tokenizer import Tokenizer  # noqa: E402
+from nanogdrt import files  # noqa: E402
 
-TABLE_KEYS = ["NDCG@5", "NDCG@10", "HR@5", "HR@10", "MGU@5", "DGU@5"]
+PHASES = ["data", "robust", "sweep", "baselines", "sweeptest", "figures", "report"]
+SELECT_KEYS = ("NDCG@5", "NDCG@10", "HR@10")
+
+
+@dataclass
+class Stage:
+    name: str                 # "train:sft-s0", "test:sft-s0", "groups", ...
+    phase: str
+    argv: object              # list[str], or a function of the plan returning one (decided late)
+    outputs: list[Path]       # all present = done
+    minutes: float            # estimate on a 2-core CPU (docs/results.md's rates)
+    collect: object = None    # run after the command: copies outputs into docs/repro/<row>/
 
 
 def parse_grid(spec: str) -> list[tuple[int, float]]:
@@ -49,176 +63,306 @@ def parse_grid(spec: str) -> list[tuple[int, float]]:
         raise SystemExit(f"--grid {spec!r}: expected G:TAU[,G:TAU...], e.g. 5:0.5,2:0.5") from None
 
 
-class Log:
-    """Commands run and their wall times, in <out>/repro.json (rewritten atomically after each)."""
+TABLE_KEYS = ["NDCG@5", "NDCG@10", "HR@5", "HR@10", "MGU@5", "DGU@5"]
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.entries = json.loads(path.read_text()) if path.exists() else []
-
-    def run(self, name, argv):
-        print(f"\n=== {name}: {shlex.join(argv)}", flush=True)
-        start = time.perf_counter()
-        subprocess.run(argv, check=True, cwd=ROOT)
-        self.entries.append({"stage": name, "command": shlex.join(argv),
-                             "seconds": round(time.perf_counter() - start, 1)})
-        files.write_json(self.path, self.entries)
-
-
-def train_argv(a, out: Path, method: str, groups=None, tau=None) -> list[str]:
-    argv = [sys.executable, "train.py", "--dataset", "toy", "--data-dir", a.data_dir,
-            "--train-file", a.train_file, "--train-samples", str(a.train_samples), "--method", method,
-            "--epochs", str(a.epochs), "--valid-users", str(a.valid_users), "--test-users", str(a.test_users),
-            "--seed", str(a.seed), "--out", str(out)]
-    if groups is not None:
-        argv += ["--groups", str(groups), "--tau", str(tau)]
-    return argv
-
-
-def train_then_stop(log, a, name, argv, out: Path):
-    """Training + validation only; resumes an interrupted run; skipped when already trained."""
-    state = out / "state" / "trainer_state.json"
-    if state.exists() and json.loads(state.read_text())["epoch"] >= a.epochs:
-        return
-    log.run(f"train {name}", argv + ["--no-test"] + (["--resume"] if state.exists() else []))
-
-
-SELECT_KEYS = ("NDCG@5", "NDCG@10", "HR@10")
-
-
-def best_valid(out: Path) -> tuple:
-    """Validation metrics of the run's best epoch, in the order runs are compared: NDCG@5 (the
-    paper's criterion), ties broken by NDCG@10, then HR@10 (with few hits per 50 users, ties at
-    0 are common at this scale)."""
-    state = json.loads((out / "state" / "trainer_state.json").read_text())
-    valid = next(e["valid"] for e in state["epochs"] if e["epoch"] == state["best"]["epoch"])
-    return tuple(valid[k] for k in SELECT_KEYS)
-
-
-# ----------------------------------------------------------------------------- report
 
 def user_table(records, dataset):
-    """Per-user lists for the bootstrap: top-K item ids and the interaction (matched by row)."""
-    by_row = {x.row: x for x in dataset.test}
-    interactions = [by_row[r["row"]] for r in records]
-    return [r["topk_item_ids"] for r in records], interactions
-
-
-def table_metrics(ranked, interactions, titles, item_group) -> dict:
-    m = metrics.evaluate(ranked, [x.target for x in interactions], [x.history for x in interactions],
-                         item_group=item_group, titles=titles)
-    return {k: m[k] for k in TABLE_KEYS}
+    """(records, {row: interaction}) of one model: an entry of `bootstrap`'s `models`."""
+    return records, {x.row: x for x in dataset.test}
 
 
 def bootstrap(models: dict, titles, item_group, n_boot=1000, seed=0) -> dict:
-    """Point estimates and 95% percentile intervals over users, plus GDRT - SFT on the same resamples."""
-    rng = np.random.default_rng(seed)
-    n = len(next(iter(models.values()))[0])
-    draws = {name: [] for name in models}
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        for name, (ranked, inter) in models.items():
-            draws[name].append(table_metrics([ranked[i] for i in idx], [inter[i] for i in idx], titles, item_group))
-    out = {}
-    for name, (ranked, inter) in models.items():
-        point = table_metrics(ranked, inter, titles, item_group)
-        out[name] = {k: (point[k], *np.percentile([d[k] for d in draws[name]], [2.5, 97.5])) for k in TABLE_KEYS}
-    if "SFT" in models and "GDRT" in models:
-        diff_point = {k: out["GDRT"][k][0] - out["SFT"][k][0] for k in TABLE_KEYS}
-        diffs = [{k: g[k] - s[k] for k in TABLE_KEYS} for g, s in zip(draws["GDRT"], draws["SFT"])]
-        out["GDRT - SFT"] = {k: (diff_point[k], *np.percentile([d[k] for d in diffs], [2.5, 97.5]))
-                             for k in TABLE_KEYS}
-    return out
+    """{name: (records, by_row)} -> point estimates and 95% intervals over users, and the paired
+    GDRT - SFT (scripts/gpu_report.py's table; repro_report.py holds the arithmetic)."""
+    from repro_report import Users, bootstrap as resample
+    users = {name: Users(records, by_row, titles, item_group) for name, (records, by_row) in models.items()}
+    table = resample(users, "SFT", n_boot, seed)
+    return {k: v for k, v in table.items() if " - " not in k or k == "GDRT - SFT"}
 
 
-def report(a, out: Path, gdrt_dir: Path, grid_scores: dict):
-    dataset = load_dataset("toy", data_dir=a.data_dir, test_samples=a.test_users, seed=a.seed)
-    # Item groups (Eq. 2) under the base model: the cache the runs filled is keyed by the model's
-    # fingerprint, so the model is loaded (not run) to find the entry.
-    model_dir = ensure_embedded_checkpoint()
-    model = Llama.from_pretrained(model_dir)
-    logprobs = relevance.catalogue_logprobs(model, PromptBuilder(Tokenizer(model_dir), "toy"), dataset)
-    item_group = grouping.item_groups(relevance.item_scores(logprobs))
-    files = {"base model": out / "base" / "test_predictions.jsonl", "SFT": out / "sft" / "test_predictions.jsonl",
-             "GDRT": gdrt_dir / "test_predictions.jsonl"}
-    models = {}
-    for name, path in files.items():
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        models[name] = user_table(records, dataset)
-    table = bootstrap(models, dataset.titles, item_group, a.bootstrap, a.seed)
-
-    lines = [f"Test users: {len(models['SFT'][0])} (seeded sample {a.seed} of {a.test_users} from test.csv). "
-             f"Cells: point estimate [bootstrap 95% interval, {a.bootstrap} resamples of users].", "",
-             "| model | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 1) + "|"]
-    for name, row in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.4f} [{lo:.4f}, {hi:.4f}]" for v, lo, hi in row.values())
-                     + " |")
-    lines += ["", f"Validation ({a.valid_users} users) of each trained run; the GDRT run is chosen by NDCG@5, "
-              "ties broken by NDCG@10, then HR@10:", "",
-              "| run | " + " | ".join(f"valid {k}" for k in SELECT_KEYS) + " |", "|---" * (len(SELECT_KEYS) + 1) + "|"]
-    lines += [f"| {k} | " + " | ".join(f"{x:.4f}" for x in v) + " |" for k, v in grid_scores.items()]
-    log = json.loads((out / "repro.json").read_text()) if (out / "repro.json").exists() else []
-    lines += ["", "Commands and wall times (this machine):", "", "| stage | seconds | command |", "|---|---|---|"]
-    lines += [f"| {e['stage']} | {e['seconds']:.0f} | `{e['command']}` |" for e in log]
-    text = "\n".join(lines) + "\n"
-    files.write_text(out / "report.md", text)
-    files.write_json(out / "report.json", {"table": table, "valid": {
-        name: dict(zip(SELECT_KEYS, v)) for name, v in grid_scores.items()}})
-    print("\n" + text)
+def gdrt_row(g, tau, seed=0) -> str:
+    return f"gdrt-G{g}-tau{tau:g}-s{seed}"
 
 
-# ----------------------------------------------------------------------------- plan
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
-def main(argv=None):
+
+def best_valid(train_results: Path) -> tuple:
+    """Validation metrics of a run's best epoch, compared in this order: NDCG@5 (the paper's
+    criterion), ties broken by NDCG@10, then HR@10 (ties at 0 are common at this scale)."""
+    r = json.loads(train_results.read_text())
+    valid = next(e["valid"] for e in r["epochs"] if e["epoch"] == r["best_epoch"])
+    return tuple(valid[k] for k in SELECT_KEYS)
+
+
+class Plan:
+    """Every stage of the reproduction, built from the command line; `chosen()` is decided late."""
+
+    def __init__(self, a):
+        self.a, self.docs, self.runs = a, Path(a.docs), Path(a.runs)
+        self.grid = parse_grid(a.grid)
+        self.robust = parse_grid(a.robust_gdrt)[0]
+        self.stages: list[Stage] = []
+        self.build()
+
+    # -- commands ------------------------------------------------------------------------------
+    def data_args(self):
+        a = self.a
+        args = ["--dataset", a.dataset] + (["--data-dir", a.data_dir] if a.data_dir else [])
+        if a.dataset == "synthetic":
+            args += ["--synthetic-size", a.synthetic_size]
+        return args + (["--model", a.model] if a.model else []) + ["--device", a.device]
+
+    def train_argv(self, row, method, seed, extra=()):
+        a = self.a
+        # The same budget for every LLM row; train.py's own test runs on 1 user only (its test
+        # sample follows --seed): the rows are tested by the decode stages on the shared users.
+        return [sys.executable, "train.py", *self.data_args(), "--method", method, "--seed", str(seed),
+                "--train-samples", str(a.train_samples), "--epochs", str(a.epochs),
+                "--valid-users", str(a.valid_users), "--test-users", "1", "--out", str(self.runs / row),
+                *(["--train-file", a.train_file] if a.train_file else []), *extra, *a.train_extra]
+
+    def decode_argv(self, row, n, adapter=True):
+        return [sys.executable, "scripts/repro_data.py", "decode", *self.data_args(),
+                "--users-file", str(self.docs / "test_users.json"), "--n", str(n),
+                *(["--adapter", str(self.docs / row / "adapter")] if adapter else []),
+                "--out", str(self.docs / row / "test_predictions.jsonl")]
+
+    def chosen(self, prefix="gdrt") -> str:
+        """The grid row (or MSL tau row) with the best validation, once its runs are trained."""
+        rows = ([gdrt_row(g, t) for g, t in self.grid] if prefix == "gdrt"
+                else [f"msl-tau{t:g}-s0" for t in self.a.msl_taus])
+        done = [r for r in rows if (self.docs / r / "train_results.json").exists()]
+        if len(done) < len(rows):
+            raise SystemExit(f"choosing the {prefix} row needs all of {rows} trained; missing "
+                             f"{sorted(set(rows) - set(done))}")
+        return max(done, key=lambda r: best_valid(self.docs / r / "train_results.json"))
+
+    # -- stages --------------------------------------------------------------------------------
+    def add_train(self, phase, row, method, seed, extra=()):
+        a = self.a
+        minutes = a.epochs * (a.train_samples / 1000 * 20 + a.valid_users * 1.2 / 60)
+        self.stages.append(Stage(
+            f"train:{row}", phase, (lambda plan: plan.train_argv(row, method, seed, extra(plan) if callable(extra)
+                                                                  else extra)),
+            [self.docs / row / "train_results.json"], minutes, collect=lambda: self.collect_train(row)))
+
+    def add_test(self, phase, row, n, adapter=True, argv=None):
+        self.stages.append(Stage(f"test:{row}", phase, argv or self.decode_argv(row, n, adapter),
+                                 [self.docs / row / "test_predictions.jsonl"], n * 1.2 / 60))
+
+    def build(self):
+        a, docs = self.a, self.docs
+        self.stages.append(Stage("groups", "data", [sys.executable, "scripts/repro_data.py", "groups",
+                                                    *self.data_args(), "--users", str(a.test_users),
+                                                    "--out", str(docs)],
+                                 [docs / "item_groups.json", docs / "test_users.json"], 20))
+        g, tau = self.robust
+        for seed in range(a.seeds):                           # robustness first: SFT, GDRT x seeds
+            for row, method, extra in ((f"sft-s{seed}", "sft", ()),
+                                       (gdrt_row(g, tau, seed), "gdrt", ("--groups", str(g), "--tau", str(tau)))):
+                self.add_train("robust", row, method, seed, extra)
+                self.add_test("robust", row, a.test_users)
+        self.add_test("robust", "base", a.other_test_users, adapter=False)
+        for g, tau in self.grid:                              # the sweep, chosen on validation
+            if (g, tau) != self.robust:
+                self.add_train("sweep", gdrt_row(g, tau), "gdrt", 0, ("--groups", str(g), "--tau", str(tau)))
+        for t in a.msl_taus:
+            self.add_train("baselines", f"msl-tau{t:g}-s0", "msl", 0, ("--tau-msl", str(t)))
+        self.add_train("baselines", "msl-gdrt-s0", "msl+gdrt", 0, self.msl_gdrt_extra)
+        self.add_train("baselines", "reweight-s0", "reweight", 0, ("--reweight-power", str(a.reweight_power)))
+        for row in ("msl-gdrt-s0", "reweight-s0"):
+            self.add_test("baselines", row, a.other_test_users)
+        self.stages.append(Stage("test:msl", "baselines", lambda plan: plan.decode_argv(
+            plan.chosen("msl"), a.other_test_users), [], a.other_test_users * 1.2 / 60))
+        self.stages.append(Stage("test:gdrt-chosen", "baselines", lambda plan: plan.decode_argv(
+            plan.chosen(), a.test_users), [], a.test_users * 1.2 / 60))
+        for row, loss in (("sasrec", "bce"), ("sasrec-pp", "ce")):
+            self.stages.append(Stage(row, "baselines", [
+                sys.executable, "-m", "nanogdrt.sasrec", "--dataset", a.dataset,
+                *(["--data-dir", a.data_dir] if a.data_dir else []), "--loss", loss,
+                "--test-samples", str(a.other_test_users), "--seed", "0", "--device", a.device,
+                "--item-groups", str(docs / "item_groups.json"), "--out", str(docs / row), *a.sasrec_extra],
+                [docs / row / "results.json"], 15, collect=lambda row=row: self.collect_sasrec(row)))
+        # D3 as its code runs it (DecodingMatters' scripts): no length normalisation, alpha 0, so
+        # no assistant (nanogdrt/d3.py, docs/d3.md). Ghost tokens are counted.
+        self.add_test("baselines", "sft-d3", a.other_test_users, adapter=False, argv=[
+            sys.executable, "-m", "nanogdrt.recommend", *self.data_args(), "--split", "test",
+            "--users", str(a.other_test_users), "--seed", "0", "--adapter", str(docs / "sft-s0" / "adapter"),
+            "--decoding", "d3", "--no-fairness",
+            "--out", str(docs / "sft-d3" / "test_predictions.jsonl")])
+        for g, tau in self.grid:                              # the grid on test, for Fig. 10/11
+            if (g, tau) != self.robust:
+                self.add_test("sweeptest", gdrt_row(g, tau), a.other_test_users)
+        self.stages.append(Stage("figures", "figures", [
+            sys.executable, "scripts/repro_report.py", "figures", *self.report_args(),
+            "--examples", str(a.examples)], [Path(a.figures) / "analysis.json"], 60))
+        self.stages.append(Stage("report", "report", [sys.executable, "scripts/repro_report.py", "report",
+                                                      *self.report_args()], [], 5))
+        for s in self.stages:   # a test of a chosen row decodes into that row's folder
+            if s.name in ("test:msl", "test:gdrt-chosen"):
+                s.outputs = None
+
+    def msl_gdrt_extra(self, plan):
+        """MSL+GDRT: MSL's chosen tau and GDRT's chosen (G, tau), decided after the sweep."""
+        r = json.loads((self.docs / self.chosen() / "train_results.json").read_text())["config"]
+        m = json.loads((self.docs / self.chosen("msl") / "train_results.json").read_text())["config"]
+        return ("--groups", str(r["groups"]), "--tau", str(r["tau"]), "--tau-msl", str(m["tau_msl"]))
+
+    def report_args(self):
+        a = self.a
+        return [*self.data_args(), "--docs", a.docs, "--runs", a.runs, "--figures", a.figures, "--grid", a.grid,
+                "--robust-gdrt", a.robust_gdrt, "--seeds", str(a.seeds), "--bootstrap", str(a.bootstrap),
+                "--results", a.results]
+
+    def outputs(self, s: Stage) -> list[Path]:
+        if s.outputs is not None:
+            return s.outputs
+        try:                                             # decided late: the chosen row's predictions
+            row = self.chosen("msl" if s.name == "test:msl" else "gdrt")
+        except SystemExit:
+            return [Path("/nonexistent")]
+        return [self.docs / row / "test_predictions.jsonl"]
+
+    def done(self, s: Stage) -> bool:
+        return s.name != "report" and all(p.exists() for p in self.outputs(s))
+
+    # -- collection into docs/repro/<row> --------------------------------------------------------
+    def collect_train(self, row):
+        run, dest = self.runs / row, self.docs / row
+        if (dest / "adapter").exists():
+            shutil.rmtree(dest / "adapter")
+        shutil.copytree(run / "best_adapter", dest / "adapter")
+        files.write_text(dest / "train_results.json", (run / "results.json").read_text())   # the done marker, last
+
+    def collect_sasrec(self, row):
+        dest = self.docs / row
+        shutil.copyfile(dest / "test_records.jsonl", dest / "test_predictions.jsonl")
+
+
+# ----------------------------------------------------------------------------- running
+
+class Manifest:
+    """docs/repro/manifest.json: per stage, its exact command, wall time, machine, and the sha256
+    of every file it left in docs/repro (adapters included), rewritten atomically after each."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stages = json.loads(path.read_text()) if path.exists() else {}
+
+    def record(self, name, argv, seconds, outputs: list[Path]):
+        checksums = {}
+        for out in outputs:   # a row's whole folder (adapter included); a shared file by itself
+            found = [out] if out.parent == self.path.parent else sorted(out.parent.rglob("*"))
+            for f in found:
+                if f.is_file():
+                    checksums[os.path.relpath(f, self.path.parent)] = sha256(f)
+        argv = ["python" if a == sys.executable else a for a in argv]   # the same on any machine
+        self.stages[name] = {"command": shlex.join(argv), "seconds": round(seconds, 1),
+                             "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                             "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
+                             "sha256": checksums}
+        files.write_json(self.path, self.stages)
+
+
+def run_stage(plan, s, manifest, deadline) -> bool:
+    """Run one stage; False when it ran past the deadline (killed; training resumes later)."""
+    argv = s.argv(plan) if callable(s.argv) else list(s.argv)
+    if s.name.startswith("train:") and (plan.runs / s.name[6:] / "state").exists():
+        argv.append("--resume")                         # an interrupted run on this machine
+    print(f"\n=== {s.name} (~{s.minutes:.0f} min): {shlex.join(argv)}", flush=True)
+    start = time.time()
+    proc = subprocess.Popen(argv, cwd=ROOT, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=None if deadline is None else max(deadline - time.time(), 1))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)              # the stage's own process group only
+        proc.wait()
+        print(f"=== {s.name}: stopped at --max-minutes; rerun to continue", flush=True)
+        return False
+    if rc:
+        raise SystemExit(f"stage {s.name} failed (exit {rc}): {shlex.join(argv)}")
+    if s.collect:
+        s.collect()
+    manifest.record(s.name, argv, time.time() - start, plan.outputs(s))
+    return True
+
+
+def select(plan, a) -> list[Stage]:
+    phases = a.stages.split(",") if a.stages else PHASES
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        raise SystemExit(f"--stages: unknown {sorted(unknown)}; phases are {','.join(PHASES)}")
+    chosen = [s for s in plan.stages if s.phase in phases]
+    if a.only:
+        patterns = a.only.split(",")
+        chosen = [s for s in chosen if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+    return chosen
+
+
+def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default="../shared/data/toy", help="the Toy dataset folder")
-    p.add_argument("--out", default="runs/repro-toy", help="folder of all runs, figures and the report")
-    p.add_argument("--train-file", default="train_1000.csv", help="train_1000.csv or train_5000.csv")
-    p.add_argument("--train-samples", type=int, default=1000, help="training windows used")
-    p.add_argument("--epochs", type=int, default=1, help="epochs of every run")
-    p.add_argument("--grid", default="5:0.5,5:1.0", help="GDRT (G, tau) pairs tried, chosen on valid NDCG@5")
-    p.add_argument("--valid-users", type=int, default=50, help="validation users (seeded sample)")
-    p.add_argument("--test-users", type=int, default=200, help="test users (seeded sample; same for all models)")
-    p.add_argument("--examples", type=int, default=20, help="attribution examples of Fig. 2/7")
+    p.add_argument("--dataset", default="toy")
+    p.add_argument("--data-dir", default="../shared/data/toy")
+    p.add_argument("--synthetic-size", default="small", choices=["full", "small"], help="synthetic only")
+    p.add_argument("--model", default=None, help="base model folder (default: embedded SmolLM2-135M)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--train-file", default="train_1000.csv")
+    p.add_argument("--train-samples", type=int, default=1000, help="training windows, every LLM row")
+    p.add_argument("--epochs", type=int, default=2, help="epochs, every LLM row")
+    p.add_argument("--valid-users", type=int, default=200, help="validation users (selection: NDCG@5)")
+    p.add_argument("--test-users", type=int, default=1000, help="test users of SFT/GDRT and their seeds")
+    p.add_argument("--other-test-users", type=int, default=1000,
+                   help="test users of the other rows: the first N of the same draw (e.g. 500)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds of SFT and GDRT")
+    p.add_argument("--robust-gdrt", default="5:0.5", help="G:TAU of the GDRT trained on every seed")
+    p.add_argument("--grid", default="2:0.2,2:0.5,2:1,2:2,2:5,5:0.2,5:0.5,5:1,5:2,5:5", help="GDRT G:TAU grid")
+    p.add_argument("--msl-taus", type=float, nargs="+", default=[1.0, 4.5], help="MSL taus (chosen on valid)")
+    p.add_argument("--reweight-power", type=float, default=1.0, help="Reweight strength (IFairLRS: 1)")
+    p.add_argument("--train-extra", type=shlex.split, default=[], help="more train.py flags for every LLM row, "
+                                                                        "one string, e.g. '--batch-size 16'")
+    p.add_argument("--sasrec-extra", type=shlex.split, default=[], help="more nanogdrt.sasrec flags, one string")
+    p.add_argument("--examples", type=int, default=100, help="attribution examples of Fig. 2/7")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of test users")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--report-only", action="store_true", help="only rebuild the report from finished runs")
-    a = p.parse_args(argv)
-    if not Path(a.data_dir).is_dir():
-        raise SystemExit(f"error: --data-dir {a.data_dir}: no such folder (the Toy split, see its README)")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = Log(out / "repro.json")
-    grid = parse_grid(a.grid)
+    p.add_argument("--docs", default="docs/repro", help="committed outputs of every stage")
+    p.add_argument("--runs", default="runs/repro", help="training folders (state; not committed)")
+    p.add_argument("--figures", default="docs/figures/repro", help="figures (PNG + JSON)")
+    p.add_argument("--results", default="docs/results.md", help="the generated report")
+    p.add_argument("--stages", default=None, help=f"comma-separated phases ({','.join(PHASES)})")
+    p.add_argument("--only", default=None, help="comma-separated stage names or patterns, e.g. 'train:sft-*'")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="start no stage past this budget; stop the running one at it")
+    p.add_argument("--list", action="store_true", help="print the plan (done / to do, estimates) and stop")
+    return p
 
-    runs = {"SFT": (out / "sft", train_argv(a, out / "sft", "sft"))}
-    for g, tau in grid:
-        d = out / f"gdrt-G{g}-tau{tau}"
-        runs[f"GDRT G={g} tau={tau}"] = (d, train_argv(a, d, "gdrt", g, tau))
-    if not a.report_only:
-        for name, (d, cmd) in runs.items():                                       # stages 1-2
-            train_then_stop(log, a, name, cmd, d)
-    grid_scores = {name: best_valid(d) for name, (d, _) in runs.items()}
-    gdrt_name = max((n for n in runs if n != "SFT"), key=lambda n: grid_scores[n])   # stage 3
-    gdrt_dir = runs[gdrt_name][0]
-    print(f"chosen on validation: {gdrt_name} (" + ", ".join(f"{k} {v:.4f}" for k, v in
-                                                         zip(SELECT_KEYS, grid_scores[gdrt_name])) + ")")
-    if not a.report_only:
-        for name in ("SFT", gdrt_name):                                           # stage 4
-            d, cmd = runs[name]
-            if not (d / "test_predictions.jsonl").exists():
-                log.run(f"test {name}", cmd + ["--resume"])
-        base = out / "base" / "test_predictions.jsonl"                             # stage 5
-        if not base.exists():
-            log.run("test base model", [sys.executable, "-m", "nanogdrt.recommend", "--dataset", "toy",
-                                        "--data-dir", a.data_dir, "--split", "test", "--users", str(a.test_users),
-                                        "--seed", str(a.seed), "--out", str(base)])
-        figures = out / "figures"                                                 # stage 6
-        if not (figures / "analysis.json").exists():
-            log.run("analyze", [sys.executable, "-m", "nanogdrt.analyze", "--runs", str(out / "sft"),
-                                str(gdrt_dir), "--examples", str(a.examples), "--out", str(figures)])
-    report(a, out, gdrt_dir, grid_scores)                                         # stage 7
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    if a.data_dir and not Path(a.data_dir).is_dir() and a.dataset != "synthetic":
+        raise SystemExit(f"error: --data-dir {a.data_dir}: no such folder (the Toy split)")
+    if a.dataset == "synthetic":
+        a.data_dir = None
+    plan = Plan(a)
+    stages = select(plan, a)
+    if a.list:
+        for s in stages:
+            print(f"{'done' if plan.done(s) else 'todo'}  {s.phase:<10} {s.name:<28} ~{s.minutes:5.0f} min")
+        left = sum(s.minutes for s in stages if not plan.done(s))
+        print(f"to do: ~{left / 60:.1f} h on a 2-core CPU")
+        return
+    manifest = Manifest(Path(a.docs) / "manifest.json")
+    deadline = None if a.max_minutes is None else time.time() + 60 * a.max_minutes
+    for s in stages:
+        if plan.done(s):
+            print(f"=== {s.name}: done, skipped")
+            continue
+        if deadline is not None and time.time() + 60 * s.minutes > deadline:
+            print(f"=== {s.name}: ~{s.minutes:.0f} min does not fit the --max-minutes left; stopping")
+            return
+        if not run_stage(plan, s, manifest, deadline):
+            return
 
 
 if __name__ == "__main__":

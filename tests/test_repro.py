@@ -1,44 +1,208 @@
-"""scripts/repro.py's report arithmetic: bootstrap intervals over users and the paired difference."""
+"""scripts/repro*.py: the report's arithmetic against direct computations, and the staged run end
+to end on a tiny random Llama and the small synthetic data (stages run, outputs land in the row
+folders with checksums, finished stages are skipped, --only/--stages/--max-minutes select)."""
 
+import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
 import repro  # noqa: E402
+import repro_report  # noqa: E402
+
+from nanogdrt import metrics  # noqa: E402
 
 
 def _users(n, hit_rate, seed):
     rng = np.random.default_rng(seed)
-    ranked, inter = [], []
+    records, by_row = [], {}
     for u in range(n):
         items = [int(x) for x in rng.choice(50, 10, replace=False)]
         target = items[int(rng.integers(0, 10))] if rng.random() < hit_rate else 99
-        inter.append(SimpleNamespace(target=target, history=[int(x) for x in rng.choice(50, 4)]))
-        ranked.append(items)
-    return ranked, inter
+        by_row[u] = SimpleNamespace(row=u, target=target, history=[int(x) for x in rng.choice(50, 4)])
+        records.append({"row": u, "topk_item_ids": items})
+    return records, by_row
 
 
-def test_bootstrap_point_estimates_intervals_and_paired_difference():
-    titles = {i: f"item {i}" for i in range(100)}
-    groups = {i: 1 + i % 5 for i in range(100)}
-    sft, gdrt = _users(120, 0.3, 0), _users(120, 0.6, 1)
-    table = repro.bootstrap({"SFT": sft, "GDRT": gdrt}, titles, groups, n_boot=200, seed=0)
-    for name, users in (("SFT", sft), ("GDRT", gdrt)):
-        point = repro.table_metrics(*users, titles, groups)
-        for k in repro.TABLE_KEYS:
+TITLES = {i: f"item {i}" for i in range(100)}
+GROUPS = {i: 1 + i % 5 for i in range(100)}
+
+
+def test_bootstrap_point_is_the_metric_and_paired_difference_resolves_a_real_gap():
+    (sft_rec, by_row), (gdrt_rec, by_row2) = _users(150, 0.3, 0), _users(150, 0.6, 1)
+    sft = repro_report.Users(sft_rec, by_row, TITLES, GROUPS)
+    gdrt = repro_report.Users(gdrt_rec, by_row2, TITLES, GROUPS)
+    table = repro_report.bootstrap({"SFT": sft, "GDRT": gdrt}, "SFT", B=300)
+    for name, (rec, rows) in (("SFT", (sft_rec, by_row)), ("GDRT", (gdrt_rec, by_row2))):
+        direct = metrics.evaluate([r["topk_item_ids"] for r in rec], [rows[r["row"]].target for r in rec],
+                                  [rows[r["row"]].history for r in rec], item_group=GROUPS, titles=TITLES)
+        for k in repro_report.TABLE_KEYS:
             v, lo, hi = table[name][k]
-            assert v == pytest.approx(point[k]) and lo <= v <= hi
-    v, lo, hi = table["GDRT - SFT"]["HR@10"]
-    assert v == pytest.approx(0.6 - 0.3, abs=0.15) and lo > 0          # a real difference is resolved
-    same = repro.bootstrap({"SFT": sft, "GDRT": sft}, titles, groups, n_boot=50, seed=0)
-    assert all(same["GDRT - SFT"][k] == (0.0, 0.0, 0.0) for k in repro.TABLE_KEYS)
+            assert v == pytest.approx(direct[k], abs=1e-12) and lo <= v <= hi
+    d = table["GDRT - SFT"]["HR@10"]
+    assert d[1] > 0 and repro_report.verdict(d, "HR@10") == "reproduced"
+    same = repro_report.paired(sft, sft, 50, 0)
+    assert all(same[k] == (0.0, 0.0, 0.0) for k in repro_report.TABLE_KEYS)
+    assert repro_report.verdict((0.1, -0.2, -0.05), "DGU@5") == "reproduced"       # lower is better
+    assert repro_report.verdict((0.1, 0.05, 0.2), "DGU@5") == "not reproduced"
+    assert repro_report.verdict((0.0, -0.1, 0.1), "NDCG@5") == "not resolved at this scale"
+
+
+def test_old_bootstrap_api_of_gpu_report():
+    """scripts/gpu_report.py's call: {name: (records, by_row)} -> the rows and GDRT - SFT only."""
+    models = {"base model": _users(30, 0.1, 3), "SFT": _users(30, 0.3, 0), "GDRT": _users(30, 0.6, 1)}
+    table = repro.bootstrap(models, TITLES, GROUPS, n_boot=20, seed=0)
+    assert list(table) == ["base model", "SFT", "GDRT", "GDRT - SFT"]
+    assert set(table["SFT"]) == set(repro.TABLE_KEYS) and len(table["SFT"]["NDCG@5"]) == 3
+
+
+def test_resample_weights_equal_metrics_of_the_resampled_users():
+    rec, by_row = _users(40, 0.5, 2)
+    u = repro_report.Users(rec, by_row, TITLES, GROUPS)
+    w = repro_report.weights(40, 3, seed=1)
+    t = u.table(w)
+    for b in range(1, 4):
+        idx = np.repeat(np.arange(40), w[b].astype(int))
+        direct = metrics.evaluate([rec[i]["topk_item_ids"] for i in idx], [by_row[i].target for i in idx],
+                                  [by_row[i].history for i in idx], item_group=GROUPS, titles=TITLES)
+        for k in repro_report.TABLE_KEYS:
+            assert t[k][b] == pytest.approx(direct[k], abs=1e-12)
+
+
+def test_q_entropy_and_group_composition(tiny_model_dir):
+    eff = repro_report.q_entropy([{"q": [0.25] * 4}, {"q": [1.0, 0, 0, 0]}, {"q": [0.5, 0.5, 0, 0]}])
+    assert eff == pytest.approx([4.0, 1.0, 2.0])
+    from nanogdrt.prompt import PromptBuilder
+    from nanogdrt.tokenizer import Tokenizer
+    tok = Tokenizer(tiny_model_dir)
+    b = PromptBuilder(tok, "synthetic")
+    x = SimpleNamespace(history=[1, 2], target=3, row=0)
+    p = b.for_interaction(x, {1: "Red Ball", 2: "Blue Car", 3: "Toy Robot Deluxe"}, with_target=True)
+    n = p.target[1] - p.target[0]
+    comp = repro_report.group_composition([p], [torch.ones(n, dtype=torch.long)], 2, tok)
+    shares = {k: v for k, v in comp[0].items() if k not in ("group", "tokens")}
+    assert comp[0]["tokens"] == n and comp[1]["tokens"] == 0 and sum(shares.values()) == pytest.approx(1)
+    assert shares["EOS"] == pytest.approx(1 / n, abs=1e-4) and shares["first title token"] == pytest.approx(1 / n, abs=1e-4)
 
 
 def test_grid_spec_is_checked():
     assert repro.parse_grid("5:0.5,2:1") == [(5, 0.5), (2, 1.0)]
     with pytest.raises(SystemExit, match="--grid"):
         repro.parse_grid("5-0.5")
+
+
+@pytest.fixture(scope="module")
+def staged(tiny_model_dir, tmp_path_factory):
+    """Arguments of a tiny reproduction: synthetic small, 1 seed, one grid point."""
+    tmp = tmp_path_factory.mktemp("repro")
+    return tmp, ["--dataset", "synthetic", "--synthetic-size", "small", "--model", str(tiny_model_dir),
+                 "--train-file", "", "--train-samples", "16", "--epochs", "1", "--valid-users", "4",
+                 "--test-users", "6", "--other-test-users", "4", "--seeds", "1", "--grid", "5:0.5",
+                 "--robust-gdrt", "5:0.5", "--msl-taus", "4.5", "--examples", "2", "--bootstrap", "50",
+                 "--train-extra", "--batch-size 8 --beams 3",
+                 "--docs", str(tmp / "docs"), "--runs", str(tmp / "runs"), "--figures", str(tmp / "figs"),
+                 "--results", str(tmp / "results.md")]
+
+
+def test_stages_run_collect_checksum_and_skip(staged, capsys):
+    tmp, args = staged
+    repro.main(args + ["--max-minutes", "0.001"])            # nothing fits: nothing runs
+    assert "does not fit" in capsys.readouterr().out and not (tmp / "docs" / "manifest.json").exists()
+    repro.main(args + ["--stages", "data,robust,report"])
+    docs = tmp / "docs"
+    users = json.loads((docs / "test_users.json").read_text())
+    for row, n in (("sft-s0", 6), ("gdrt-G5-tau0.5-s0", 6), ("base", 4)):
+        lines = (docs / row / "test_predictions.jsonl").read_text().splitlines()
+        assert [json.loads(x)["row"] for x in lines] == users["rows"][:n]    # the first n of one draw
+    manifest = json.loads((docs / "manifest.json").read_text())
+    adapter = docs / "sft-s0" / "adapter" / "adapter_model.safetensors"
+    assert manifest["train:sft-s0"]["sha256"]["sft-s0/adapter/adapter_model.safetensors"] == repro.sha256(adapter)
+    assert "--method sft" in manifest["train:sft-s0"]["command"] and manifest["test:base"]["seconds"] > 0
+    train = json.loads((docs / "gdrt-G5-tau0.5-s0" / "train_results.json").read_text())
+    assert train["config"]["groups"] == 5 and train["config"]["train_samples"] == 16
+    report = (tmp / "results.md").read_text()
+    for needle in ("| SFT (sft-s0) | 6 |", "| GDRT (gdrt-G5-tau0.5-s0) | 6 |", "GDRT - SFT", "| GDRT beats SFT |",
+                   "| 5 | 0.5 |", "train:sft-s0"):
+        assert needle in report
+    capsys.readouterr()
+    repro.main(args + ["--stages", "data,robust"])            # everything done: all skipped
+    out = capsys.readouterr().out
+    assert out.count("done, skipped") == 6 and "===" not in out.replace("done, skipped", "").replace("=== ", "", 6)
+    assert json.loads((docs / "manifest.json").read_text()) == manifest
+    repro.main(args + ["--list", "--only", "train:*"])
+    listed = capsys.readouterr().out
+    assert "done  robust     train:sft-s0" in listed and "todo  sweep" not in listed   # the grid is G5 only
+    assert "todo  baselines  train:msl-tau4.5-s0" in listed
+
+
+def test_sasrec_stage(staged):
+    tmp, args = staged
+    repro.main(args + ["--only", "sasrec", "--sasrec-extra", "--epochs 1 --hidden 8"])
+    docs = tmp / "docs"
+    assert (docs / "sasrec" / "results.json").exists() and (docs / "sasrec" / "test_predictions.jsonl").exists()
+
+
+def test_figures(staged):
+    tmp, args = staged
+    repro.main(args + ["--only", "figures"])
+    figs = tmp / "figs"
+    numbers = json.loads((figs / "figures.json").read_text())
+    assert numbers["sensitivity"]["grid"]["5:0.5"]["G"] == 5 and "SFT top-1" in numbers["top1_group_distribution"]
+    comp = numbers["group_composition"]
+    assert len(comp) == 5 and sum(g["tokens"] for g in comp) > 0
+    assert numbers["q_effective_groups"]["gdrt-G5-tau0.5-s0"]["mean"] <= 5 + 1e-9
+    for png in ("fig3_rows_top1_groups.png", "fig10_sensitivity_G_valid.png", "fig11_sensitivity_tau_test.png",
+                "q_effective_groups.png", "analyze/fig2_attribution_ratios.png", "analyze/heatmap/heatmap.html"):
+        assert (figs / png).stat().st_size > 500, png
+
+
+# ----------------------------------------------------------------------------- shipped adapters
+
+SHIPPED = sorted(p.parent.parent.name for p in (ROOT / "docs" / "repro").glob("*/adapter/adapter_model.safetensors"))
+CHECK_USERS = 20
+
+
+@pytest.mark.parametrize("row", SHIPPED or [pytest.param(None, marks=pytest.mark.skip("no committed adapters"))])
+def test_shipped_adapter_checksum_peft_and_metrics(row, smollm_dir, toy_dir):
+    """A committed adapter: its sha256 is the manifest's, PEFT loads it (same logits as ours, 1e-4),
+    and its metrics on the first 20 recorded test users equal the ones recorded with it."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from nanogdrt.data import load_dataset
+    from nanogdrt.prompt import PromptBuilder
+    from nanogdrt.recommend import build_trie, recommend
+    from repro_data import load_model
+
+    docs = ROOT / "docs" / "repro"
+    manifest = json.loads((docs / "manifest.json").read_text())["train:" + row]["sha256"]
+    for f in sorted((docs / row / "adapter").iterdir()):
+        assert manifest[f"{row}/adapter/{f.name}"] == repro.sha256(f), f
+
+    _, model, tok, _ = load_model(smollm_dir, docs / row / "adapter")
+    ds = load_dataset("toy", data_dir=toy_dir)
+    builder = PromptBuilder(tok, "toy")
+    hf = transformers.LlamaForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32)
+    ref = peft.PeftModel.from_pretrained(hf, docs / row / "adapter").eval()
+    ids = torch.tensor(builder.for_interaction(ds.test[0], ds.titles, with_target=True).ids)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(model.hidden_states(ids)), ref(input_ids=ids).logits,
+                                   atol=1e-4, rtol=0)
+
+    pred = docs / row / "test_predictions.jsonl"
+    if not pred.exists():
+        return
+    recorded = [json.loads(x) for x in pred.read_text().splitlines()[:CHECK_USERS]]
+    by_row = {x.row: x for x in ds.test}
+    users = [by_row[r["row"]] for r in recorded]
+    again = recommend(model, builder, build_trie(builder, ds.titles), users, ds.titles)
+
+    def scores(recs):
+        return metrics.evaluate([r["topk_item_ids"] for r in recs], [x.target for x in users],
+                                [x.history for x in users], titles=ds.titles)
+    assert scores(again) == scores(recorded)

@@ -1,0 +1,139 @@
+"""The reproduction's figures, from docs/repro/ (PNG + the same numbers in JSON, into --figures).
+
+    analyze/      nanogdrt.analyze on SFT and the chosen GDRT: Fig. 2/7 under both attribution
+                  definitions, Fig. 3/8, 4/9, 5, 6, and Fig. 1-style token heat maps (3 users)
+    fig3_rows_top1_groups.png   top-1 item groups of every row beside the test targets
+    fig10_sensitivity_G.png / fig11_sensitivity_tau.png   the GDRT grid against the SFT line
+    q_effective_groups.png      exp(H(Q)) per step of every GDRT run
+    figures.json                all of the above numbers, and the token groups' composition
+Definitions: scripts/repro_report.py's docstring.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from nanogdrt import files, grouping, metrics, plots, relevance
+from repro import best_valid, gdrt_row, parse_grid
+from repro_data import dataset_of, load_model, template_of
+from repro_report import bootstrap, group_composition, load_users, q_entropy, row_names
+
+
+def analyze_runs(a, labels, out: Path, users_file: Path, item_group, ds) -> list[Path]:
+    """train.py-shaped run folders for nanogdrt.analyze: the row's train_results.json with its
+    test replaced by the decode on the shared users, and its adapter as best_adapter/."""
+    index = json.loads(users_file.read_text())["index"]
+    folders = []
+    for label in ("SFT", "GDRT"):
+        if label not in labels:
+            continue
+        src, dst = Path(a.docs) / labels[label], out / labels[label]
+        results = json.loads((src / "train_results.json").read_text())
+        records = [json.loads(x) for x in (src / "test_predictions.jsonl").read_text().splitlines()]
+        by_row = {x.row: x for x in ds.test}
+        top1 = [r["topk_item_ids"][0] for r in records if r["topk_item_ids"]]
+        results["test"] = {"users": len(records),
+                           "top1_group_distribution": metrics.group_distribution(top1, item_group).tolist()}
+        results["test_target_group_distribution"] = metrics.group_distribution(
+            [ds.test[i].target for i in index[:len(records)]], item_group).tolist()
+        assert {by_row[r["row"]].row for r in records} <= {ds.test[i].row for i in index}
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src / "adapter", dst / "best_adapter")
+        files.write_json(dst / "results.json", results)
+        folders.append(dst)
+    return folders
+
+
+def sensitivity(a, docs: Path, ds, by_row, item_group, sft_valid, sft_test, figs: Path) -> dict:
+    grid = parse_grid(a.grid)
+    numbers = {}
+    for g, t in grid:
+        f = docs / gdrt_row(g, t)
+        if (f / "train_results.json").exists():
+            test = None
+            if (f / "test_predictions.jsonl").exists():
+                test = bootstrap({"x": load_users(a, f.name, by_row, ds.titles, item_group)}, "x", 1)["x"]["NDCG@5"][0]
+            numbers[f"{g}:{t:g}"] = {"G": g, "tau": t, "valid NDCG@5": best_valid(f / "train_results.json")[0],
+                                     "test NDCG@5": test}
+    for split, sft in (("valid", sft_valid), ("test", sft_test)):
+        key = f"{split} NDCG@5"
+        pts = [v for v in numbers.values() if v[key] is not None]
+        if not pts:
+            continue
+        by_tau = {f"tau={t:g}": ([p["G"] for p in pts if p["tau"] == t], [p[key] for p in pts if p["tau"] == t])
+                  for t in sorted({p["tau"] for p in pts})}
+        by_g = {f"G={g}": ([p["tau"] for p in pts if p["G"] == g], [p[key] for p in pts if p["G"] == g])
+                for g in sorted({p["G"] for p in pts})}
+        plots.sensitivity(by_tau, sft, figs / f"fig10_sensitivity_G_{split}.png", "G (token groups)", key,
+                          f"GDRT sensitivity to G ({split})")
+        plots.sensitivity(by_g, sft, figs / f"fig11_sensitivity_tau_{split}.png", "tau", key,
+                          f"GDRT sensitivity to tau ({split})", log_x=True)
+    return {"grid": numbers, "SFT valid NDCG@5": sft_valid, "SFT test NDCG@5": sft_test}
+
+
+def composition(a, labels, docs, ds_name, data_dir) -> list[dict] | None:
+    """The chosen GDRT run's token groups, rebuilt as train.py built them (Eq. 3 under the base model,
+    cached; the run's training sample, G and seed), by position in the target."""
+    if "GDRT" not in labels:
+        return None
+    from nanogdrt.batches import make_examples
+    from nanogdrt.data import load_dataset
+    cfg = json.loads((docs / labels["GDRT"] / "train_results.json").read_text())["config"]
+    from nanogdrt.synthetic import SMALL
+    ds = load_dataset(ds_name, data_dir=data_dir, train_file=cfg["train_file"], train_samples=cfg["train_samples"],
+                      seed=cfg["seed"], synthetic=SMALL if ds_name == "synthetic" and cfg["synthetic_size"] == "small"
+                      else None)
+    _, model, tokenizer, PromptBuilder = load_model(cfg["model"], device=a.device)
+    builder = PromptBuilder(tokenizer, template_of(ds_name))
+    logprobs = relevance.catalogue_logprobs(model, builder, ds)
+    token_rel = relevance.token_relevance(logprobs, [x.target for x in ds.train])
+    groups = grouping.token_groups(token_rel, cfg["groups"], method=cfg["grouping"], seed=cfg["seed"])
+    return group_composition(make_examples(builder, ds.train, ds.titles), groups, cfg["groups"], tokenizer)
+
+
+def figures(a):
+    from nanogdrt import analyze
+    docs, figs = Path(a.docs), Path(a.figures)
+    figs.mkdir(parents=True, exist_ok=True)
+    ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size)
+    by_row = {x.row: x for x in ds.test}
+    item_group = {int(k): v for k, v in json.loads((docs / "item_groups.json").read_text()).items()}
+    labels = row_names(a)
+    numbers = {"rows": labels}
+
+    # Fig. 3/8 for every row, on each row's own users (the targets of the first N of the draw).
+    index = json.loads((docs / "test_users.json").read_text())["index"]
+    bars = {"test targets": metrics.group_distribution([ds.test[i].target for i in index], item_group).tolist()}
+    for label, folder in labels.items():
+        recs = [json.loads(x) for x in (docs / folder / "test_predictions.jsonl").read_text().splitlines()]
+        bars[f"{label} top-1"] = metrics.group_distribution([r["topk_item_ids"][0] for r in recs
+                                                             if r["topk_item_ids"]], item_group).tolist()
+    plots.group_distribution(bars, figs / "fig3_rows_top1_groups.png")
+    numbers["top1_group_distribution"] = bars
+
+    sft_valid = best_valid(docs / "sft-s0" / "train_results.json")[0] if (docs / "sft-s0" / "train_results.json").exists() else None
+    sft_test = (bootstrap({"x": load_users(a, "sft-s0", by_row, ds.titles, item_group)}, "x", 1)["x"]["NDCG@5"][0]
+                if "SFT" in labels else None)
+    numbers["sensitivity"] = sensitivity(a, docs, ds, by_row, item_group, sft_valid, sft_test, figs)
+
+    curves = {}
+    for f in sorted(docs.glob("gdrt-*")) + sorted(docs.glob("msl-gdrt-*")):
+        if (f / "train_results.json").exists():
+            steps = json.loads((f / "train_results.json").read_text())["steps"]
+            curves[f.name] = ([s["step"] for s in steps], q_entropy(steps))
+    if curves:
+        n_groups = max(len(json.loads((docs / k / "train_results.json").read_text())["steps"][0]["q"]) for k in curves)
+        plots.effective_groups(curves, n_groups, figs / "q_effective_groups.png")
+        numbers["q_effective_groups"] = {k: {"step": x, "exp_H_Q": y, "mean": float(np.nanmean(y))}
+                                         for k, (x, y) in curves.items()}
+    numbers["group_composition"] = composition(a, labels, docs, a.dataset, a.data_dir)
+
+    runs = analyze_runs(a, labels, Path(a.runs) / "analyze", docs / "test_users.json", item_group, ds)
+    if runs:
+        analyze.analyze(runs, figs / "analyze", model=a.model, dataset=a.dataset, data_dir=a.data_dir,
+                        examples=a.examples, device=a.device, heatmap_users=3)
+    files.write_json(figs / "figures.json", numbers)
+    files.write_json(figs / "analysis.json", {"figures": "analyze/analysis.json", "rows": labels})

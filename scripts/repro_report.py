@@ -1,0 +1,279 @@
+"""The reproduction's report (docs/results.md) and figures, from the committed docs/repro/ folder.
+
+    python scripts/repro_report.py report  --dataset toy --data-dir D     # tables, verdicts -> docs/results.md
+    python scripts/repro_report.py figures --dataset toy --data-dir D     # PNG + JSON -> docs/figures/repro
+
+Definitions (the numbers' meanings):
+- Cells: the metric on a row's test users, [bootstrap 95% percentile interval], B resamples of users.
+- "- SFT": the paired difference row - SFT (sft-s0), on the users both rows were decoded on; each
+  resample draws users once and scores both rows on them.
+- Verdict of a claim "A beats B on M" (higher NDCG/HR, lower MGU/DGU): reproduced when the paired
+  95% interval of A - B lies wholly on the claimed side of 0; not reproduced when it lies wholly
+  on the other side; not resolved at this scale when it contains 0 (or a row is missing).
+- Seeds: mean and sample standard deviation over the training seeds of a row's test metric.
+- Q entropy: per optimizer step, H(Q) = -sum_g Q(g) log Q(g) of the logged GDRT weights and the
+  effective number of groups exp(H(Q)) (G when uniform, 1 when one group takes all the weight).
+- Group composition: for each token group, the share of its target-token occurrences at each
+  position of the target '"Title"' + EOS: opening quote (the tokens before the first one with
+  title text), first title token, later title tokens, closing quote (the token before EOS when it
+  is a bare '"'; one merged with title text counts as title text), EOS (the last).
+"""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from nanogdrt import files, metrics  # noqa: E402
+from repro import SELECT_KEYS, TABLE_KEYS, best_valid, gdrt_row, parse_grid  # noqa: E402
+from repro_data import dataset_of  # noqa: E402
+
+LOWER_IS_BETTER = {"MGU@5", "DGU@5"}
+# The paper's Toy numbers (Table 2) that docs/results.md quoted before; None: to be filled in.
+PAPER_TOY = {"SFT": {"NDCG@10": 0.0158, "DGU@5": 0.612}, "GDRT": {"NDCG@10": 0.0203, "DGU@5": 0.403}}
+CLAIMS = [("GDRT", "SFT"), ("GDRT", "MSL"), ("GDRT", "Reweight"), ("MSL+GDRT", "MSL"), ("GDRT", "SFT+D3")]
+
+
+# ----------------------------------------------------------------------------- per-user terms
+
+class Users:
+    """Per-user terms of one row, so that a bootstrap resample is a weighted sum (no re-scoring)."""
+
+    def __init__(self, records, by_row, titles, item_group, k_groups=5):
+        inter = [by_row[r["row"]] for r in records]
+        ranked = [r["topk_item_ids"] for r in records]
+        self.rows = [r["row"] for r in records]
+        self.acc = {}
+        for k in (5, 10):
+            m = metrics.per_user_metrics(ranked, [x.target for x in inter], k, titles)
+            self.acc[f"NDCG@{k}"], self.acc[f"HR@{k}"] = m["ndcg"], m["hit"]
+        G = 5   # MGU/DGU pool group counts over users: keep each user's counts (n, G)
+        self.rec = np.array([np.bincount([item_group[i] - 1 for i in items[:k_groups] if i in item_group],
+                                         minlength=G) for items in ranked], dtype=float).reshape(-1, G)
+        self.hist = np.array([np.bincount([item_group[i] - 1 for i in x.history if i in item_group],
+                                          minlength=G) for x in inter], dtype=float).reshape(-1, G)
+
+    def subset(self, rows):
+        pos = {r: i for i, r in enumerate(self.rows)}
+        idx = [pos[r] for r in rows]
+        out = object.__new__(Users)
+        out.rows, out.acc = list(rows), {k: v[idx] for k, v in self.acc.items()}
+        out.rec, out.hist = self.rec[idx], self.hist[idx]
+        return out
+
+    def table(self, w):
+        """w (B, n) resample weights -> {metric: (B,)}."""
+        out = {k: w @ v / w.sum(1) for k, v in self.acc.items()}
+        gp, gh = w @ self.rec, w @ self.hist
+        gap = gp / np.maximum(gp.sum(1, keepdims=True), 1e-12) - gh / np.maximum(gh.sum(1, keepdims=True), 1e-12)
+        out["MGU@5"], out["DGU@5"] = np.abs(gap).mean(1), gap.max(1) - gap.min(1)
+        return out
+
+
+def weights(n, B, seed):
+    """Row 0: the point estimate (all weights 1); rows 1..B: bootstrap resample counts."""
+    rng = np.random.default_rng(seed)
+    return np.vstack([np.ones(n), rng.multinomial(n, np.full(n, 1 / n), size=B)])
+
+
+def interval(x):
+    return float(x[0]), float(np.percentile(x[1:], 2.5)), float(np.percentile(x[1:], 97.5))
+
+
+def bootstrap(rows: dict, ref="SFT", B=1000, seed=0) -> dict:
+    """{row: {metric: (point, lo, hi)}}, and {f"{row} - {ref}": ...} on common users."""
+    out = {}
+    for name, u in rows.items():
+        t = u.table(weights(len(u.rows), B, seed))
+        out[name] = {k: interval(t[k]) for k in TABLE_KEYS}
+    for name, u in rows.items():
+        if name != ref and ref in rows:
+            out[f"{name} - {ref}"] = paired(u, rows[ref], B, seed)
+    return out
+
+
+def paired(a, b, B, seed):
+    common = [r for r in a.rows if r in set(b.rows)]
+    w = weights(len(common), B, seed)
+    ta, tb = a.subset(common).table(w), b.subset(common).table(w)
+    return {k: interval(ta[k] - tb[k]) for k in TABLE_KEYS}
+
+
+def verdict(point_lo_hi, metric) -> str:
+    _, lo, hi = point_lo_hi
+    better_lo, better_hi = (-hi, -lo) if metric in LOWER_IS_BETTER else (lo, hi)
+    if better_lo > 0:
+        return "reproduced"
+    if better_hi < 0:
+        return "not reproduced"
+    return "not resolved at this scale"
+
+
+def q_entropy(steps) -> list[float]:
+    """exp(H(Q)) per logged step: the effective number of groups GDRT trains on."""
+    out = []
+    for s in steps:
+        q = np.asarray(s["q"], dtype=float)
+        q = q[q > 0]
+        out.append(float(np.exp(-(q * np.log(q)).sum())) if q.size else float("nan"))
+    return out
+
+
+def group_composition(examples, token_groups, n_groups, tokenizer) -> list[dict]:
+    """Per token group, the share of its target tokens at each position of the target."""
+    from nanogdrt.attribution import first_title_token
+    names = ["opening quote", "first title token", "later title tokens", "closing quote", "EOS"]
+    counts = np.zeros((n_groups, len(names)))
+    for p, g in zip(examples, token_groups):
+        ids, first = p.ids[p.target[0]:p.target[1]], first_title_token(p, tokenizer)
+        for t, gid in enumerate(g.tolist()):
+            if t == len(ids) - 1:
+                pos = 4
+            elif t < first:
+                pos = 0
+            elif t == first:
+                pos = 1
+            elif t == len(ids) - 2 and tokenizer.decode([ids[t]]).strip() == '"':
+                pos = 3
+            else:
+                pos = 2   # a closing quote merged with title text counts as title text
+            counts[gid - 1, pos] += 1
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    return [{"group": g + 1, "tokens": int(counts[g].sum()), **dict(zip(names, shares[g].round(4).tolist()))}
+            for g in range(n_groups)]
+
+
+# ----------------------------------------------------------------------------- rows
+
+def row_names(a) -> dict:
+    """Report label -> docs/repro folder, for the rows that exist."""
+    docs = Path(a.docs)
+    grid = parse_grid(a.grid)
+    trained = [gdrt_row(g, t) for g, t in grid if (docs / gdrt_row(g, t) / "train_results.json").exists()]
+    chosen = max(trained, key=lambda r: best_valid(docs / r / "train_results.json")) if trained else None
+    msl = [p.name for p in docs.glob("msl-tau*-s0") if (p / "train_results.json").exists()]
+    msl = max(msl, key=lambda r: best_valid(docs / r / "train_results.json")) if msl else None
+    labels = {"Base model": "base", "SFT": "sft-s0", "GDRT": chosen, "MSL": msl, "MSL+GDRT": "msl-gdrt-s0",
+              "Reweight": "reweight-s0", "SFT+D3": "sft-d3", "SASRec": "sasrec", "SASRec++": "sasrec-pp"}
+    return {k: v for k, v in labels.items() if v and (docs / v / "test_predictions.jsonl").exists()}
+
+
+def load_users(a, folder, by_row, titles, item_group):
+    lines = (Path(a.docs) / folder / "test_predictions.jsonl").read_text().splitlines()
+    return Users([json.loads(x) for x in lines], by_row, titles, item_group)
+
+
+def fmt(c):
+    return f"{c[0]:.4f} [{c[1]:.4f}, {c[2]:.4f}]"
+
+
+def report(a):
+    docs = Path(a.docs)
+    ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size)
+    by_row = {x.row: x for x in ds.test}
+    item_group = {int(k): v for k, v in json.loads((docs / "item_groups.json").read_text()).items()}
+    labels = row_names(a)
+    rows = {k: load_users(a, v, by_row, ds.titles, item_group) for k, v in labels.items()}
+    table = bootstrap(rows, "SFT", a.bootstrap)
+    L = ["# Reproduction v2 on Toy (generated by scripts/repro_report.py; do not edit by hand)", "",
+         f"Cells: point estimate [bootstrap 95% interval, {a.bootstrap} resamples of test users]. "
+         "'- SFT' rows: paired differences on the users both rows share. Definitions: "
+         "scripts/repro_report.py's docstring.", "",
+         "| row | users | " + " | ".join(TABLE_KEYS) + " | paper (Toy) |", "|---" * (len(TABLE_KEYS) + 3) + "|"]
+    for name, cells in table.items():
+        base = name.split(" - ")[0]
+        n = len(rows[base].rows) if " - " not in name else "paired"
+        paper = PAPER_TOY.get(name) if " - " not in name else None
+        paper_txt = ", ".join(f"{k} {v}" for k, v in paper.items()) + " (others: to fill)" if paper else (
+            "" if " - " in name else "to fill")
+        shown = f"{name} ({labels[name]})" if name in labels else name
+        L.append(f"| {shown} | {n} | " + " | ".join(fmt(cells[k]) for k in TABLE_KEYS)
+                 + f" | {paper_txt} |")
+    L += ["", "## Verdicts", "", "Rule: the paired 95% interval of A - B wholly on the claimed side of 0: reproduced; "
+          "wholly on the other side: not reproduced; containing 0 or a row missing: not resolved at this scale.", "",
+          "| claim | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 1) + "|"]
+    for A, Bn in CLAIMS:
+        if A in rows and Bn in rows:
+            d = paired(rows[A], rows[Bn], a.bootstrap, 0)
+            L.append(f"| {A} beats {Bn} | " + " | ".join(f"{verdict(d[k], k)} ({d[k][0]:+.4f})" for k in TABLE_KEYS) + " |")
+        else:
+            L.append(f"| {A} beats {Bn} | " + " | ".join("not resolved (row missing)" for _ in TABLE_KEYS) + " |")
+    L += seeds_section(a, docs, ds, by_row, item_group) + grid_section(a, docs, ds, by_row, item_group)
+    L += times_section(docs)
+    files.write_text(a.results, "\n".join(L) + "\n")
+    files.write_json(Path(a.figures) / "report.json", {"rows": labels, "table": table})
+    print("\n".join(L))
+
+
+def seeds_section(a, docs, ds, by_row, item_group):
+    g, tau = parse_grid(a.robust_gdrt)[0]
+    L = ["", f"## Training seeds (SFT and GDRT G={g} tau={tau:g}): mean +- sd of test metrics, Q's effective groups", "",
+         "| row | seeds | " + " | ".join(TABLE_KEYS) + " | mean exp(H(Q)) |", "|---" * (len(TABLE_KEYS) + 3) + "|"]
+    for name, make in (("SFT", lambda s: f"sft-s{s}"), ("GDRT", lambda s: gdrt_row(g, tau, s))):
+        folders = [make(s) for s in range(a.seeds) if (docs / make(s) / "test_predictions.jsonl").exists()]
+        if not folders:
+            continue
+        vals = [{k: v[0] for k, v in bootstrap({"x": load_users(a, f, by_row, ds.titles, item_group)}, "x", 1)["x"].items()}
+                for f in folders]
+        eff = [np.nanmean(q_entropy(json.loads((docs / f / "train_results.json").read_text())["steps"]))
+               for f in folders] if name == "GDRT" else []
+        tail = f" | {np.mean(eff):.2f} |" if eff else " | - |"
+        sd = (lambda xs: float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0)
+        L.append(f"| {name} | {len(folders)} | " + " | ".join(
+            f"{np.mean([v[k] for v in vals]):.4f} +- {sd([v[k] for v in vals]):.4f}" for k in TABLE_KEYS) + tail)
+    return L
+
+
+def grid_section(a, docs, ds, by_row, item_group):
+    L = ["", "## GDRT grid (seed 0): validation (selection by NDCG@5) and test", "",
+         "| G | tau | " + " | ".join(f"valid {k}" for k in SELECT_KEYS) + " | test NDCG@5 | test DGU@5 |",
+         "|---" * (len(SELECT_KEYS) + 4) + "|"]
+    for g, t in parse_grid(a.grid):
+        f = docs / gdrt_row(g, t)
+        if not (f / "train_results.json").exists():
+            L.append(f"| {g} | {t:g} | " + " | ".join("-" for _ in SELECT_KEYS) + " | - | - |")
+            continue
+        v = best_valid(f / "train_results.json")
+        test = "- | -"
+        if (f / "test_predictions.jsonl").exists():
+            c = bootstrap({"x": load_users(a, f.name, by_row, ds.titles, item_group)}, "x", 1)["x"]
+            test = f"{c['NDCG@5'][0]:.4f} | {c['DGU@5'][0]:.4f}"
+        L.append(f"| {g} | {t:g} | " + " | ".join(f"{x:.4f}" for x in v) + f" | {test} |")
+    return L
+
+
+def times_section(docs):
+    m = json.loads((docs / "manifest.json").read_text()) if (docs / "manifest.json").exists() else {}
+    L = ["", "## Wall time per stage", "", "| stage | minutes | machine | command |", "|---|---|---|---|"]
+    return L + [f"| {k} | {v['seconds'] / 60:.1f} | {v['machine']} | `{v['command']}` |" for k, v in m.items()]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["report", "figures"])
+    for flag, default in (("--dataset", "toy"), ("--data-dir", None), ("--synthetic-size", "small"),
+                          ("--model", None), ("--device", "cpu"), ("--docs", "docs/repro"), ("--runs", "runs/repro"),
+                          ("--figures", "docs/figures/repro"), ("--grid", "5:0.5"), ("--robust-gdrt", "5:0.5"),
+                          ("--results", "docs/results.md")):
+        p.add_argument(flag, default=default)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--examples", type=int, default=100)
+    a = p.parse_args(argv)
+    if a.command == "report":
+        report(a)
+    else:
+        from repro_figures import figures
+        figures(a)
+
+
+if __name__ == "__main__":
+    main()
