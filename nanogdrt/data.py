@@ -265,13 +265,3 @@ def load_dataset(name, data_dir=None, train_file=None, train_samples=None, valid
     ds.test = _subsample(ds.test, test_samples, seed, "test")
     return ds
 
-
-if __name__ == "__main__":
-    # `python -m nanogdrt.data prepare NAME ...` is the older spelling of `python -m nanogdrt.prepare NAME ...`
-    import sys
-
-    from nanogdrt.prepare import main
-
-    if sys.argv[1:2] != ["prepare"]:
-        sys.exit("usage: python -m nanogdrt.prepare NAME [--raw-dir DIR] [--out DIR] [--seed N]")
-    main(sys.argv[2:])

@@ -142,13 +142,12 @@ def test_download_complete_part_file(tmp_path, server):
 
 # ----------------------------------------------------------------------------- command line
 
-@pytest.mark.parametrize("command", [["nanogdrt.prepare", "toy"], ["nanogdrt.data", "prepare", "toy"]])
-def test_command_line(tmp_path, command):
-    """`python -m nanogdrt.prepare toy`, and its older spelling through nanogdrt.data, write the same folder."""
+def test_command_line(tmp_path):
+    """`python -m nanogdrt.prepare toy` writes the folder that prepare() writes."""
     write_raw(tmp_path / "raw")
     prepare("toy", raw_dir=tmp_path / "raw", out=tmp_path / "api")
     root = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, "-m", *command, "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "cli")],
+    subprocess.run([sys.executable, "-m", "nanogdrt.prepare", "toy", "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "cli")],
                    cwd=root, check=True, capture_output=True)
     for name in ("id2name.json", "train.csv", "valid.csv", "test.csv"):
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "api" / name).read_bytes()
