@@ -16,6 +16,8 @@ Two details matter for exactness:
 - The GGUF has no `output.weight`: the LM head is tied to the token embedding.
 
     python -m nanogdrt.checkpoint [--out DIR] [--gguf FILE]
+
+`load_safetensors_folder` reads the weights of any such folder, this one or a downloaded one.
 """
 
 import argparse
@@ -219,6 +221,38 @@ def ensure_embedded_checkpoint(out_dir: Path = DEFAULT_DIR, gguf_path: Path | No
     if gguf_path is None:
         gguf_path = download_gguf(out_dir.parent / ".gguf-cache")
     return convert_gguf(Path(gguf_path), out_dir)
+
+
+def load_safetensors_folder(path: Path) -> dict:
+    """All tensors of model.safetensors, or of the shards a model.safetensors.index.json names, of
+    any Hugging Face folder (`Llama.from_pretrained` reads its weights through here); a tensor with
+    NaN or infinity is refused by name."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for f in files:
+        try:
+            tensors = load_file(str(f))
+        except (SafetensorError, FileNotFoundError, OSError) as e:
+            raise ValueError(f"{f}: cannot read safetensors file ({e})") from None
+        bad = next((n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:   # else it would only show up as NaN logits much later
+            raise ValueError(f"{f}: tensor {bad!r} contains NaN or infinity")
+        state.update(tensors)
+    return state
 
 
 def main(argv=None):

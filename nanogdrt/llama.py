@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanogdrt.checkpoint import load_safetensors_folder
 from nanogdrt.kv_cache import KVCache
 
 # config.json fields that carry no information for a forward pass.
@@ -373,32 +374,3 @@ class Llama(nn.Module):
         # Buffers made on the meta device hold no values, and inv_freq is not in the checkpoint.
         model.inv_freq = rope_inverse_frequencies(config).to(device)
         return model.to(device=device, dtype=dtype).eval()
-
-
-def load_safetensors_folder(path: Path) -> dict:
-    """All tensors of model.safetensors, or of the shards a model.safetensors.index.json names."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-        files = [path / name for name in sorted(set(weight_map.values()))]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    state = {}
-    for f in files:
-        try:
-            tensors = load_file(str(f))
-        except (SafetensorError, FileNotFoundError, OSError) as e:
-            raise ValueError(f"{f}: cannot read safetensors file ({e})") from None
-        bad = next((n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
-        if bad is not None:   # else it would only show up as NaN logits much later
-            raise ValueError(f"{f}: tensor {bad!r} contains NaN or infinity")
-        state.update(tensors)
-    return state

@@ -15,7 +15,7 @@ import torch
 
 from nanogdrt import analyze, files, grouping, plots, prepare, recommend, relevance, validate
 from nanogdrt.data import DataError, load_dataset
-from nanogdrt.llama import load_safetensors_folder
+from nanogdrt.checkpoint import load_safetensors_folder
 from nanogdrt.train_state import claim_run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
