@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanogdrt import files, metrics
+from nanogdrt import files, metrics, validate
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -328,6 +328,7 @@ def _versions() -> dict:
 def main(argv=None):
     from nanogdrt.data import load_dataset
 
+    N = validate.number
     p = argparse.ArgumentParser(prog="python -m nanogdrt.sasrec",
                                 description="Train SASRec (--loss bce) or SASRec++ (--loss ce) on a dataset's "
                                             "training windows, choose the epoch on validation NDCG, rank the "
@@ -338,24 +339,28 @@ def main(argv=None):
                    help="training CSV in the folder (default: train.csv, else the largest train*.csv)")
     p.add_argument("--loss", default="ce", choices=["bce", "ce"], help="bce: SASRec; ce: SASRec++ (full softmax)")
     p.add_argument("--out", required=True, help="output folder: model, config, test records, results.json")
-    p.add_argument("--hidden", type=int, default=50)
-    p.add_argument("--blocks", type=int, default=2)
-    p.add_argument("--heads", type=int, default=1)
-    p.add_argument("--maxlen", type=int, default=10, help="history items read (the windows hold at most 10)")
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=128, help="training windows per step")
-    p.add_argument("--epochs", type=int, default=200, help="most epochs")
-    p.add_argument("--patience", type=int, default=20,
+    p.add_argument("--hidden", type=N(int, min=1), default=50)
+    p.add_argument("--blocks", type=N(int, min=1), default=2)
+    p.add_argument("--heads", type=N(int, min=1), default=1)
+    p.add_argument("--maxlen", type=N(int, min=1), default=10, help="history items read (the windows hold at most 10)")
+    p.add_argument("--dropout", type=N(float, min=0, below=1), default=0.2)
+    p.add_argument("--lr", type=N(float, above=0), default=1e-3)
+    p.add_argument("--batch-size", type=N(int, min=1), default=128, help="training windows per step")
+    p.add_argument("--epochs", type=N(int, min=1), default=200, help="most epochs")
+    p.add_argument("--patience", type=N(int, min=1), default=20,
                    help="stop after this many epochs without a better validation score")
     p.add_argument("--metric", default="NDCG@10", choices=["NDCG@10", "NDCG@5"],
                    help="validation metric that picks the best epoch")
-    p.add_argument("--valid-samples", type=int, default=None, help="validate on a seeded sample of users")
-    p.add_argument("--test-samples", type=int, default=None, help="test on a seeded sample of users")
+    p.add_argument("--valid-samples", type=N(int, min=1), default=None, help="validate on a seeded sample of users")
+    p.add_argument("--test-samples", type=N(int, min=1), default=None, help="test on a seeded sample of users")
     p.add_argument("--item-groups", default=None, help="JSON {item id: group 1..5} (Eq. 2) to add MGU/DGU@K")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=N(int, min=0), default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)                     # every range checked here, before any work
+    try:
+        files.check_writable(args.out, "folder")
+    except files.OutputError as e:
+        p.error(str(e))
 
     start = time.perf_counter()
     torch.manual_seed(args.seed)
