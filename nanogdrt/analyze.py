@@ -52,7 +52,6 @@ itself, so they predict its next tokens well. Reported as measured, whatever the
 
 import argparse
 import json
-import math
 import random
 from collections import Counter
 from pathlib import Path
@@ -328,19 +327,8 @@ def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20,
     figures["cooccurrence"] = FIGURES["cooccurrence"]
 
     result["figures"] = figures
-    files.write_json(out / "analysis.json", _finite(result), allow_nan=False)
+    files.write_json(out / "analysis.json", result)   # strict JSON: a NaN ratio is null
     return result
-
-
-def _finite(obj):
-    """NaN / inf -> None, so analysis.json is strict JSON (a ratio with no interaction effect is NaN)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def main(argv=None):
@@ -366,10 +354,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="figures", help="folder for the PNG files and analysis.json")
     a = p.parse_args(argv)                        # every range checked here, before any work
-    try:
-        files.check_writable(a.out, "folder")
-    except files.OutputError as e:
-        p.error(str(e))
+    validate.check_output(p, a.out, "folder")
     try:
         analyze(a.runs, a.out, a.model, a.dataset, a.data_dir, a.examples, a.split, a.seed, a.min_count,
                 a.device, a.dtype, a.attribution, a.beams, a.heatmap)

@@ -65,11 +65,9 @@ def write_text(path, text: str):
         Path(tmp).write_text(text, encoding="utf-8")
 
 
-def write_json(path, obj, indent: int = 1, allow_nan: bool = False):
-    """Strict JSON by default: non-finite floats become null, so any JSON parser reads the file
-    (`allow_nan=True` keeps Python's NaN / Infinity tokens, for files only Python reads)."""
-    text = json.dumps(obj, indent=indent) if allow_nan else json.dumps(finite(obj), indent=indent, allow_nan=False)
-    write_text(path, text)
+def write_json(path, obj, indent: int = 1):
+    """Strict JSON: non-finite floats become null, so any JSON parser reads the file."""
+    write_text(path, json.dumps(finite(obj), indent=indent, allow_nan=False))
 
 
 def write_jsonl(path, records):

@@ -120,10 +120,7 @@ def main(argv=None):
     p.add_argument("--no-fairness", action="store_true", help="skip item groups (MGU/DGU)")
     p.add_argument("--out", required=True, help="JSON-lines file to write")
     args = p.parse_args(argv)                     # every range checked here, before any work
-    try:
-        files.check_writable(args.out, "file")
-    except files.OutputError as e:
-        p.error(str(e))
+    validate.check_output(p, args.out, "file")
     from nanogdrt import distributed
     dist = distributed.init(args.device)          # under torchrun: this rank's share of the users
     args.device = distributed.rank_device(args.device, dist)

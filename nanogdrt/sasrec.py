@@ -357,10 +357,7 @@ def main(argv=None):
     p.add_argument("--seed", type=N(int, min=0), default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
     args = p.parse_args(argv)                     # every range checked here, before any work
-    try:
-        files.check_writable(args.out, "folder")
-    except files.OutputError as e:
-        p.error(str(e))
+    validate.check_output(p, args.out, "folder")
 
     start = time.perf_counter()
     torch.manual_seed(args.seed)

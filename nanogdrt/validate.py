@@ -17,6 +17,8 @@ import dataclasses
 import math
 import re
 
+from nanogdrt import files
+
 RANGE_KEYS = ("min", "max", "above", "below", "pattern")
 DEVICE = r"cpu|mps|cuda(:[0-9]+)?"                      # what `--device` may name
 
@@ -79,3 +81,12 @@ def number(kind=int, min=None, max=None, above=None, below=None):
         return value
     parse.__name__ = kind.__name__              # argparse's "invalid <name> value" fallback
     return parse
+
+
+def check_output(parser: argparse.ArgumentParser, path, kind: str):
+    """A CLI's --out, checked writable as a `kind` ("file" or "folder") right after parsing:
+    a problem ends the command with argparse's one-line usage error, before any work."""
+    try:
+        files.check_writable(path, kind)
+    except files.OutputError as e:
+        parser.error(str(e))

@@ -18,7 +18,9 @@ import time
 import uuid
 from pathlib import Path
 
-from gpu_transfer import ROOT, write_json
+from gpu_transfer import ROOT
+
+from nanogdrt.files import write_json
 
 # The plan of the issue: real Toy, train_5000.csv, 5 epochs, 500 validation users per epoch,
 # bf16 unless 200 users' lists disagree with fp32 too much, the whole test split. The grid is

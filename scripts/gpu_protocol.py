@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import gpu_transfer  # noqa: E402
-from gpu_transfer import write_json  # noqa: E402
+from nanogdrt.files import write_json  # noqa: E402
 from gpu_plan import (GUESS, PLAN_DEFAULTS, Stopped, eval_estimate, init_state, invoke, is_done,  # noqa: E402
                       list_agreement, plan_chunk, read_jsonl_gz, run_name, stage_names, status_lines, sync_in,
                       train_state, valid_seconds, write_jsonl_gz)

@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nanogdrt.files import write_json  # noqa: E402
+
 MIB = 1 << 20
 TREE_LIMIT = 64 * MIB          # working tree + carried paths of one call
 RETURN_FILES = 8               # files that come back from $OUT
@@ -51,13 +53,6 @@ def sha256(path) -> str:
         for block in iter(lambda: f.read(MIB), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def write_json(path, obj):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def tree_bytes(root=ROOT) -> int:
