@@ -30,7 +30,8 @@ from nanogdrt.data import load_dataset  # noqa: E402
 
 def dataset_of(name, data_dir, synthetic_size="full"):
     """The whole dataset (no split is subsampled): rows are looked up by index."""
-    return load_dataset(name, data_dir=data_dir, synthetic=synthetic.SMALL if synthetic_size == "small" else None)
+    small = name == "synthetic" and synthetic_size == "small"   # the size applies to synthetic data only
+    return load_dataset(name, data_dir=data_dir, synthetic=synthetic.SMALL if small else None)
 
 
 def template_of(name):
