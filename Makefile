@@ -4,7 +4,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.installed
 CKPT    := checkpoints/smollm2-135m-instruct/model.safetensors
 
-.PHONY: setup test train tutorials repro gpu-payload gpu-status bench bench-train bench-beam bench-attribution bench-gdrt clean
+.PHONY: setup test train tutorials tutorials-check repro gpu-payload gpu-status bench bench-train bench-beam bench-attribution bench-gdrt clean
 
 setup: $(STAMP) $(CKPT)
 
@@ -41,9 +41,13 @@ gpu-payload: setup
 gpu-status:
 	$(PY) scripts/gpu_protocol.py status
 
-# Executes every notebook in tutorials/ (they assert what they teach).
+# Re-executes every notebook in tutorials/ in place: they are committed with their outputs (and
+# assert what they teach). `make tutorials-check` runs them in memory only, as CI does.
 tutorials: setup
-	$(PY) -m pytest -q tests/test_tutorials.py
+	$(PY) scripts/execute_tutorials.py
+
+tutorials-check: setup
+	$(PY) -m pytest -q tests/test_tutorials.py tests/test_tutorial_exercises.py
 
 # Benchmarks print nanogdrt and the reference library side by side; run them on an idle machine.
 bench: bench-train bench-beam bench-attribution bench-gdrt

@@ -18,11 +18,16 @@ So after `inject_lora` the model's state dict keeps every base key unchanged
 PEFT's wrapper (PeftModelForCausalLM -> LoraModel -> the HF model) adds on disk. To load base
 weights into an injected model, use `load_state_dict(..., strict=False)` or load before injecting.
 
+`set_lora_enabled` / `lora_disabled` switch every update off (the base model, exactly) and back
+on, as PEFT's `disable_adapter`; `load_adapter` into an injected model swaps one adapter for
+another with the same targets (PEFT keeps several by name and picks one with `set_adapter`).
+
 This module knows only modules and names; nothing about recommendation.
 """
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,11 +82,12 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)                            # B = 0: starts as a no-op
         self.r, self.scale, self.dropout_p = r, alpha / r, dropout
         self.merged = False
+        self.enabled = True  # False: the base layer alone (set_lora_enabled, lora_disabled)
 
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias)  # (..., out)
-        if self.merged:
-            return out  # W already holds W + scale * B A
+        if self.merged or not self.enabled:
+            return out  # merged: W already holds W + scale * B A; disabled: the base model
         if self.dropout_p > 0 and self.training:
             x = F.dropout(x, self.dropout_p, training=True)
         # Two thin matmuls through rank r. The scale multiplies the small (..., r) tensor rather
@@ -98,7 +104,7 @@ class LoRALinear(nn.Linear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, r={self.r}, scale={self.scale:g}, "
-                f"dropout={self.dropout_p:g}, merged={self.merged}")
+                f"dropout={self.dropout_p:g}, merged={self.merged}, enabled={self.enabled}")
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -168,6 +174,9 @@ def merge_lora(model: nn.Module) -> None:
     For inference: while merged, the LoRA path is skipped, so A and B get no gradient.
     """
     for m in lora_modules(model).values():
+        if not m.enabled:
+            raise ValueError("LoRA layers are disabled; set_lora_enabled(model, True) before merging")
+    for m in lora_modules(model).values():
         if not m.merged:
             m.weight += m.delta_weight().to(m.weight.dtype)
             m.merged = True
@@ -180,6 +189,30 @@ def unmerge_lora(model: nn.Module) -> None:
         if m.merged:
             m.weight -= m.delta_weight().to(m.weight.dtype)
             m.merged = False
+
+
+def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every LoRA update on or off, as PEFT's enable/disable_adapter_layers do.
+
+    Off, the model computes the base model exactly (A and B are kept, and get no gradient). A
+    merged update is unmerged first, as PEFT does, since a merged W would still carry it."""
+    if not enabled:
+        unmerge_lora(model)
+    for m in lora_modules(model).values():
+        m.enabled = enabled
+
+
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """`with lora_disabled(model):` the base model inside, the adapter back on exit; PEFT's
+    `with peft_model.disable_adapter():`. To swap adapters, `load_adapter` another folder."""
+    before = {name: m.enabled for name, m in lora_modules(model).items()}
+    set_lora_enabled(model, False)
+    try:
+        yield model
+    finally:
+        for name, m in lora_modules(model).items():
+            m.enabled = before.get(name, True)
 
 
 # ----------------------------------------------------------------------------- PEFT format on disk

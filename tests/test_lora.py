@@ -13,7 +13,8 @@ import torch
 
 from nanogdrt.llama import Llama
 from nanogdrt.lora import (LoRAConfig, LoRALinear, adapter_state_dict, inject_lora, load_adapter,
-                           lora_modules, lora_parameters, merge_lora, save_adapter, unmerge_lora)
+                           lora_disabled, lora_modules, lora_parameters, merge_lora, save_adapter,
+                           set_lora_enabled, unmerge_lora)
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -176,6 +177,63 @@ def test_merge_unmerge(nano, ids):
     for name, p in nano.named_parameters():
         if name in base_weights:
             assert max_diff(p, base_weights[name]) <= 1e-6, name
+
+
+def two_peft_adapters(hf, tmp_path):
+    """PEFT model holding adapters "first" and "second" (different random B), each saved to its own folder."""
+    lc = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                         task_type="CAUSAL_LM")
+    ref = peft.get_peft_model(hf, lc, adapter_name="first")
+    ref.add_adapter("second", lc)
+    folders = {}
+    for seed, name in enumerate(("first", "second")):
+        randomize((p for n, p in ref.named_parameters() if f"lora_B.{name}." in n), seed=seed)
+        ref.save_pretrained(tmp_path / name, selected_adapters=[name])
+        (config,) = (tmp_path / name).rglob("adapter_config.json")  # PEFT nests a non-default name
+        folders[name] = config.parent
+    return ref.eval(), folders
+
+
+def test_disable_and_swap_match_peft(nano, hf, ids, tmp_path):
+    """lora_disabled == PEFT's disable_adapter (the base model); load_adapter first, second, first
+    again == PEFT's set_adapter on each."""
+    with torch.no_grad():
+        base = hf(ids).logits
+    ref, folders = two_peft_adapters(hf, tmp_path)
+    nano.eval()
+    with torch.no_grad():
+        for name in ("first", "second", "first"):
+            load_adapter(nano, folders[name])
+            ref.set_adapter(name)
+            with_adapter = ref(ids).logits
+            assert max_diff(nano(ids), with_adapter) <= TOL, name
+            assert max_diff(with_adapter, base) > 1e-3  # each adapter changes the output
+            with ref.disable_adapter(), lora_disabled(nano):
+                assert max_diff(ref(ids).logits, base) <= TOL
+                assert torch.equal(nano(ids), Llama.forward(nano, ids))
+                assert max_diff(nano(ids), base) <= TOL
+            assert max_diff(nano(ids), with_adapter) <= TOL  # back on after the block
+
+
+def test_set_lora_enabled_unmerges_and_blocks_merge(nano, ids):
+    with torch.no_grad():
+        base = nano(ids)
+    inject_lora(nano, LoRAConfig(r=4, alpha=8, dropout=0.0))
+    randomize(lora_parameters(nano))
+    nano.eval()
+    with torch.no_grad():
+        adapted = nano(ids)
+        merge_lora(nano)
+        set_lora_enabled(nano, False)  # a merged W still holds B A: unmerged first
+        assert not any(m.merged or m.enabled for m in lora_modules(nano).values())
+        assert max_diff(nano(ids), base) <= 1e-5
+        with pytest.raises(ValueError, match="disabled"):
+            merge_lora(nano)
+        set_lora_enabled(nano, True)
+        assert max_diff(nano(ids), adapted) <= 1e-5
+    with lora_disabled(nano):  # A and B are out of the graph: nothing in it trains
+        assert not nano(ids).requires_grad
+    assert nano(ids).requires_grad
 
 
 def test_adapter_state_dict_is_a_snapshot(nano):
