@@ -268,9 +268,9 @@ def seeds_section(a, docs, ds, by_row, item_group):
         eff = [np.nanmean(q_entropy(json.loads((docs / f / "train_results.json").read_text())["steps"]))
                for f in folders] if name == "GDRT" else []
         tail = f" | {np.mean(eff):.2f} |" if eff else " | - |"
-        sd = (lambda xs: float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0)
-        L.append(f"| {name} | {len(folders)} | " + " | ".join(
-            f"{np.mean([v[k] for v in vals]):.4f} +- {sd([v[k] for v in vals]):.4f}" for k in TABLE_KEYS) + tail)
+        def cell(xs):   # a spread needs two seeds at least
+            return f"{np.mean(xs):.4f} +- {np.std(xs, ddof=1):.4f}" if len(xs) > 1 else f"{xs[0]:.4f} (one seed)"
+        L.append(f"| {name} | {len(folders)} | " + " | ".join(cell([v[k] for v in vals]) for k in TABLE_KEYS) + tail)
     return L
 
 
@@ -297,6 +297,12 @@ def trains_on_section(a, docs):
                  f"{q['one_hot_share']:.0%} | {q['top_group']} ({q['top_group_share']:.0%}) | {q['loss_spread']:.2f} | "
                  f"{q['spread_over_tau']:.1f} | {' '.join(f'{x:.2f}' for x in q['group_loss'])} | "
                  f"{' '.join(f'{x:.2f}' for x in q['q_mean'])} |")
+    for f in sorted(docs.glob("sft-s*")):   # SFT's own group losses, for comparison (no Q)
+        if (f / "train_results.json").exists():
+            r = json.loads((f / "train_results.json").read_text())
+            mean_loss = np.mean([s["group_loss"] for s in r["steps"]], axis=0)
+            L.append(f"| {f.name} (SFT, for comparison) | {len(mean_loss)} | - | {len(r['steps'])} | - | - | - | - | - | - | "
+                     f"{' '.join(f'{x:.2f}' for x in mean_loss)} | - |")
     name, q = next(iter(summaries.items()))
     tau = json.loads((docs / name / "train_results.json").read_text())["config"]["tau"]
     L += ["", f"Why Q goes one-hot, in plain words: Q(g) is proportional to exp(L(g)/tau), so two groups whose mean "
@@ -305,7 +311,8 @@ def trains_on_section(a, docs):
           f"{q['loss_spread']:.2f} nats on average; at tau = {tau:g} that is a weight ratio of about "
           f"exp({q['spread_over_tau']:.1f}) = {math.exp(min(q['spread_over_tau'], 700)):.3g}, so the hardest group "
           f"takes {q['max_q']:.0%} of the weight on average and the effective number of groups is "
-          f"{q['exp_H_Q']:.2f}. GDRT then trains almost only on group {q['top_group']}. For Q to mix several groups, "
+          f"{q['exp_H_Q']:.2f}: on average group {q['top_group']} gets {q['q_mean'][q['top_group'] - 1]:.0%} of the weight "
+          f"and the groups that SFT already fits well get next to none. For Q to mix several groups, "
           f"tau must be on the scale of the spread (a few nats): the grid's tau = 2 and 5 rows."]
     figs = Path(a.figures) / "figures.json"
     comp = json.loads(figs.read_text()).get("group_composition") if figs.exists() else None
