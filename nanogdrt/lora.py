@@ -146,8 +146,10 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     targets = find_targets(model, config.target_modules)
     for name, module in targets.items():
         parent_name, _, child = name.rpartition(".")
+        # The new layer takes the mode of the layer it wraps: an eval-mode model stays in eval
+        # mode (no LoRA dropout when decoding), as PEFT's injection leaves it.
         setattr(model.get_submodule(parent_name), child,
-                LoRALinear(module, config.r, config.alpha, config.dropout))
+                LoRALinear(module, config.r, config.alpha, config.dropout).train(module.training))
     for name, p in model.named_parameters():
         p.requires_grad_(".lora_A." in name or ".lora_B." in name)
     return list(targets)

@@ -145,6 +145,20 @@ def test_starts_as_noop_and_freezes_base(nano, ids):
         assert not m.lora_B.weight.any()
 
 
+def test_injected_layers_take_the_mode_of_the_model(nano, ids):
+    """A model in eval mode gets LoRA layers in eval mode (no dropout: a decode is deterministic),
+    and one in training mode gets them in training mode, as PEFT leaves them."""
+    training = copy.deepcopy(nano).train()
+    nano.eval()
+    for model, mode in ((nano, False), (training, True)):
+        inject_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.5))
+        layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+        assert layers and all(m.training == mode for m in layers)
+    randomize([m.lora_B.weight for m in nano.modules() if isinstance(m, LoRALinear)])
+    with torch.no_grad():
+        torch.testing.assert_close(nano(ids), nano(ids), rtol=0, atol=0)
+
+
 def test_gradient_flows_to_A_and_B(nano, ids):
     inject_lora(nano, LoRAConfig(r=4, alpha=8, dropout=0.1))
     q = nano.model.layers[0].self_attn.q_proj
