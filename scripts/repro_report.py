@@ -241,7 +241,7 @@ def setup_section(a, docs, labels) -> list[str]:
     sft = docs / "sft-s0" / "train_results.json"
     if sft.exists():
         c = json.loads(sft.read_text())["config"]
-        L.append(f"- Every LLM row: {Path(c['model']).name} + LoRA r {c['lora_r']} on {', '.join(c['lora_targets'])}; "
+        L.append(f"- Every LLM row: {Path(c['model']).name if c['model'] else 'SmolLM2-135M-Instruct (embedded)'} + LoRA r {c['lora_r']} on {', '.join(c['lora_targets'])}; "
                  f"{c['train_samples']} training windows of {c['train_file']}, {c['epochs']} epochs, batch "
                  f"{c['batch_size']} x accum {c['grad_accum']}, lr {c['lr']:g}; best epoch by validation NDCG@5 on "
                  f"{c['valid_users']} users. Decoding: constrained beam search, beam {c['beams']}.")

@@ -91,6 +91,16 @@ def test_q_entropy_and_group_composition(tiny_model_dir):
     assert shares["EOS"] == pytest.approx(1 / n, abs=1e-4) and shares["first title token"] == pytest.approx(1 / n, abs=1e-4)
 
 
+def test_q_summary_reads_q_and_the_loss_spread_against_tau():
+    steps = [{"q": [0.0, 0.02, 0.98, 0.0], "group_loss": [0.0, 3.0, 5.0, 0.0]},      # groups 1, 4 absent
+             {"q": [0.2, 0.3, 0.5, 0.0], "group_loss": [1.0, 1.5, 2.0, 0.0]}]
+    q = repro_report.q_summary(steps, tau=0.5)
+    assert q["loss_spread"] == pytest.approx((2.0 + 1.0) / 2)      # max - min over the present groups only
+    assert q["spread_over_tau"] == pytest.approx(3.0) and q["max_q"] == pytest.approx(0.74)
+    assert q["one_hot_share"] == 0.5 and q["top_group"] == 3 and q["top_group_share"] == 1.0
+    assert q["exp_H_Q"] == pytest.approx(np.mean(repro_report.q_entropy(steps)))
+
+
 def test_grid_spec_is_checked():
     assert repro.parse_grid("5:0.5,2:1") == [(5, 0.5), (2, 1.0)]
     with pytest.raises(SystemExit, match="--grid"):
@@ -128,7 +138,7 @@ def test_stages_run_collect_checksum_and_skip(staged, capsys):
     assert train["config"]["groups"] == 5 and train["config"]["train_samples"] == 16
     report = (tmp / "results.md").read_text()
     for needle in ("| SFT (sft-s0) | 6 |", "| GDRT (gdrt-G5-tau0.5-s0) | 6 |", "GDRT - SFT", "| GDRT beats SFT |",
-                   "| 5 | 0.5 |", "train:sft-s0"):
+                   "| 5 | 0.5 |", "train:sft-s0", "## Setup", "## What GDRT trains on", "Why Q goes one-hot"):
         assert needle in report
     capsys.readouterr()
     repro.main(args + ["--stages", "data,robust"])            # everything done: all skipped
