@@ -226,6 +226,10 @@ class Plan:
         return [self.docs / row / "test_predictions.jsonl"]
 
     def done(self, s: Stage) -> bool:
+        if s.name == "figures":   # redrawn whenever the rows present differ from those it drew
+            from repro_report import row_names
+            f = Path(self.a.figures) / "analysis.json"
+            return f.exists() and json.loads(f.read_text()).get("rows") == row_names(self.a)
         return s.name != "report" and all(p.exists() for p in self.outputs(s))
 
     # -- collection into docs/repro/<row> --------------------------------------------------------
