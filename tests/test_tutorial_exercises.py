@@ -21,7 +21,7 @@ TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
 sys.path.insert(0, str(TUTORIALS))  # notebooks run in tutorials/, where `exercises.nbNN` resolves
 
 NUMBERS = ["01", "02", "03", "04", "05", "06"]
-PENDING = {"03", "06"}  # notebooks whose exercises are not written yet
+PENDING = set()  # notebooks whose exercises are not written yet
 
 # Explicit wrong answers, "NN.name" -> fn, for solutions whose output `perturb` cannot alter
 # meaningfully; none so far.
