@@ -22,6 +22,7 @@ Definitions (the numbers' meanings):
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -226,6 +227,7 @@ def report(a):
             L.append(f"| {A} beats {Bn} | " + " | ".join("not resolved (row missing)" for _ in TABLE_KEYS) + " |")
     L += seeds_section(a, docs, ds, by_row, item_group) + trains_on_section(a, docs)
     L += grid_section(a, docs, ds, by_row, item_group)
+    L += figures_section(a)
     L += times_section(docs)
     files.write_text(a.results, "\n".join(L) + "\n")
     files.write_json(Path(a.figures) / "report.json", {"rows": labels, "table": table})
@@ -340,6 +342,76 @@ def grid_section(a, docs, ds, by_row, item_group):
             c = bootstrap({"x": load_users(a, f.name, by_row, ds.titles, item_group)}, "x", 1)["x"]
             test = f"{c['NDCG@5'][0]:.4f} | {c['DGU@5'][0]:.4f}"
         L.append(f"| {g} | {t:g} | " + " | ".join(f"{x:.4f}" for x in v) + f" | {test} |")
+    return L
+
+
+def figures_section(a) -> list[str]:
+    """Fig. 2/7 numbers under both attribution definitions, and links to every figure the figures
+    stage drew (paths relative to docs/results.md's folder)."""
+    figs = Path(a.figures)
+    analysis = figs / "analyze" / "analysis.json"
+    if not analysis.exists():
+        return ["", "## Figures", "", "Not drawn yet: the `figures` stage of `make repro`."]
+    an = json.loads(analysis.read_text())
+    rel = lambda p: Path(os.path.relpath(figs / p, Path(a.results).parent)).as_posix()   # noqa: E731
+    att = an.get("attribution") or {}
+    L = ["", "## Attribution ratios (Fig. 2/7)", ""]
+    if att:
+        from nanogdrt.analyze import PAPER_TASK_RATIOS, XTICKS
+        defs = list(att["definitions"])
+        paper = PAPER_TASK_RATIOS.get(a.dataset, {})
+        L += [f"{len(att['rows'])} seeded {att['split']} examples; ratio of the mean ablation drops, auxiliary : "
+              "interaction (1 = equal reliance). Definitions (nanogdrt/attribution.py): "
+              + "; ".join(f"{att['definitions'][d]}: {XTICKS[d][0].replace(chr(10), ' ')} (task ratio), "
+                          f"{XTICKS[d][1].replace(chr(10), ' ')} (prefix ratio)" for d in defs) + ".", "",
+              "| model | " + " | ".join(f"{att['definitions'][d]} task ratio | {att['definitions'][d]} prefix ratio"
+                                       for d in defs) + " | paper's task ratio (Toy) |",
+              "|---" * (2 * len(defs) + 2) + "|"]
+        for model, per in att["models"].items():
+            L.append(f"| {model} | " + " | ".join(f"{per[d]['task_ratio']:.3f} | {per[d]['prefix_ratio']:.3f}"
+                                                  for d in defs) + f" | {paper.get(model, '-')} |")
+        L += attribution_verdicts(att, a.bootstrap)
+    L += ["", "## Figures", ""]
+    drawn = [("top-1 item groups of every row (Fig. 3/8)", "fig3_rows_top1_groups.png"),
+             ("GDRT's effective number of groups exp(H(Q)) per step", "q_effective_groups.png"),
+             ("sensitivity to G, validation / test (Fig. 10)", "fig10_sensitivity_G_valid.png"),
+             ("sensitivity to tau, validation / test (Fig. 11)", "fig11_sensitivity_tau_valid.png")]
+    drawn += [(f"{k} (nanogdrt.analyze)", f"analyze/{v}") for k, v in an.get("figures", {}).items()]
+    drawn += [("token heat maps, base vs SFT vs GDRT (Fig. 1 style; open the HTML page in a browser)",
+               "analyze/heatmap/heatmap.html")]
+    L += [f"- [{k}]({rel(v)})" for k, v in drawn if (figs / v).exists()]
+    L += [f"- the numbers behind them: [{rel('figures.json')}]({rel('figures.json')}), "
+          f"[{rel('analyze/analysis.json')}]({rel('analyze/analysis.json')})"]
+    return L
+
+
+ATTRIBUTION_CLAIMS = [  # (A, B, ratio, the paper's direction of A - B)
+    ("SFT", "base (no fine-tuning)", "task", +1), ("GDRT", "SFT", "task", -1), ("GDRT", "SFT", "prefix", -1)]
+
+
+def attribution_verdicts(att, B) -> list[str]:
+    """Paired bootstrap over the examples (the same users under each model) of a ratio of means,
+    A - B, per definition, with the verdict rule of the accuracy claims."""
+    terms = {"task": ("task", "interaction"), "prefix": ("prefix", "interaction_after")}
+    models, defs = att["models"], list(att["definitions"])
+    L = ["", "Attribution claims, paired bootstrap over the examples (" + str(B) + " resamples) of the ratio "
+         "difference A - B; the verdict rule is the one above:", "",
+         "| claim | " + " | ".join(att["definitions"][d] for d in defs) + " |", "|---" * (len(defs) + 1) + "|"]
+    for A, Bm, kind, sign in ATTRIBUTION_CLAIMS:
+        if A not in models or Bm not in models:
+            continue
+        cells = []
+        for d in defs:
+            num, den = terms[kind]
+            xa, xb = ({k: np.array([e[k] for e in models[m][d]["per_example"]]) for k in (num, den)} for m in (A, Bm))
+            w = weights(len(xa[num]), B, 0)
+            diff = (w @ xa[num]) / (w @ xa[den]) - (w @ xb[num]) / (w @ xb[den])
+            point, lo, hi = interval(diff)
+            lo_s, hi_s = (lo, hi) if sign > 0 else (-hi, -lo)
+            v = "reproduced" if lo_s > 0 else "not reproduced" if hi_s < 0 else "not resolved at this scale"
+            cells.append(f"{v} ({point:+.3f} [{lo:+.3f}, {hi:+.3f}])")
+        word = "raises" if sign > 0 else "lowers"
+        L.append(f"| {A} {word} the {kind} ratio (A = {A}, B = {Bm}) | " + " | ".join(cells) + " |")
     return L
 
 
