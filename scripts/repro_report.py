@@ -250,6 +250,10 @@ def setup_section(a, docs, labels) -> list[str]:
     n_users = len(json.loads((docs / "test_users.json").read_text())["index"]) if (docs / "test_users.json").exists() else 0
     L += [f"- Test users: the same {n_users} seeded test users for every row (docs/repro/test_users.json); "
           "item groups by Eq. 2 over the title tokens under the base model (docs/repro/item_groups.json).",
+          "- GDRT's token groups: Eq. 3 relevance of every target token (the title's tokens, its quotes and EOS) "
+          "under the base model with the history replaced by \"N/A\", scored once before training and cut by 1-D "
+          "k-means; Eq. 2 averages the title's own tokens only (the quotes and EOS are a constant format). "
+          "train.py's `--regroup-every-epoch` re-scores under the current model instead (not used here).",
           f"- Machine(s): {', '.join(machines) or '-'}; wall time of the stages so far: {minutes:.0f} min "
           "(per stage at the end).",
           f"- Rows present: {', '.join(f'{k} ({v})' for k, v in labels.items()) or 'none'}. "
