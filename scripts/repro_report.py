@@ -298,7 +298,7 @@ def trains_on_section(a, docs):
     for f in runs:
         r = json.loads((f / "train_results.json").read_text())
         G, tau = r["config"]["groups"], r["config"]["tau"]
-        q = summaries[f.name] = q_summary(r["steps"], tau)
+        q = summaries[f.name] = q_summary(r["steps"], tau) | {"tau": tau}
         L.append(f"| {f.name} | {G} | {tau:g} | {q['steps']} | {q['exp_H_Q']:.2f} | {q['max_q']:.2f} | "
                  f"{q['one_hot_share']:.0%} | {q['top_group']} ({q['top_group_share']:.0%}) | {q['loss_spread']:.2f} | "
                  f"{q['spread_over_tau']:.1f} | {' '.join(f'{x:.2f}' for x in q['group_loss'])} | "
@@ -310,7 +310,7 @@ def trains_on_section(a, docs):
             L.append(f"| {f.name} (SFT, for comparison) | {len(mean_loss)} | - | {len(r['steps'])} | - | - | - | - | - | - | "
                      f"{' '.join(f'{x:.2f}' for x in mean_loss)} | - |")
     name, q = next(iter(summaries.items()))
-    tau = json.loads((docs / name / "train_results.json").read_text())["config"]["tau"]
+    tau = q["tau"]
     L += ["", f"Why Q goes one-hot, in plain words: Q(g) is proportional to exp(L(g)/tau), so two groups whose mean "
           f"losses differ by d nats get weights in the ratio exp(d/tau). Only d/tau matters; adding a constant to "
           f"every loss changes nothing. In {name}, the hardest and the easiest group present in a step differ by "

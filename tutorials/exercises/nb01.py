@@ -7,14 +7,7 @@ True if right, False if `fn` still raises NotImplementedError, AssertionError wi
 import torch
 import torch.nn.functional as F
 
-
-def _call(name, fn, *args):
-    """fn(*args), or None if the learner has not written it yet."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        print(f"{name}: not attempted yet")
-        return None
+from exercises import attempt
 
 
 def _tensor(name, got, shape):
@@ -26,7 +19,7 @@ def _tensor(name, got, shape):
 def check_causal_mask(fn) -> bool:
     """fn(T) -> (T, T) bool, True where query i may attend to key j."""
     for T in (1, 6):
-        got = _call("causal_mask", fn, T)
+        got = attempt("causal_mask", fn, T)
         if got is None:
             return False
         _tensor("causal_mask", got, (T, T))
@@ -44,7 +37,7 @@ def check_rms_norm(fn) -> bool:
     x = torch.randn(2, 3, 8, generator=g) * 3
     weight = torch.rand(8, generator=g) + 0.5
     eps = 1e-5
-    got = _call("rms_norm", fn, x.clone(), weight.clone(), eps)
+    got = attempt("rms_norm", fn, x.clone(), weight.clone(), eps)
     if got is None:
         return False
     _tensor("rms_norm", got, (2, 3, 8))
@@ -65,7 +58,7 @@ def check_rope_interleaved(fn) -> bool:
     T, D, base = 5, 8, 10000.0
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
     positions = torch.tensor([0, 1, 2, 7, 30])
-    got = _call("rope_interleaved", fn, x.clone(), positions.clone(), base)
+    got = attempt("rope_interleaved", fn, x.clone(), positions.clone(), base)
     if got is None:
         return False
     _tensor("rope_interleaved", got, (T, D))

@@ -6,14 +6,7 @@ True if right, False if `fn` still raises NotImplementedError, AssertionError wi
 
 import torch
 
-
-def _call(name, fn, *args):
-    """fn(*args), or None if the learner has not written it yet."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        print(f"{name}: not attempted yet")
-        return None
+from exercises import attempt
 
 
 def _inputs():
@@ -26,7 +19,7 @@ def _inputs():
 def check_lora_delta(fn) -> bool:
     """fn(x, A, B, alpha, r) -> (alpha / r) B A x for each row of x: (N, out)."""
     x, A, B, _, alpha, r = _inputs()
-    got = _call("lora_delta", fn, x.clone(), A.clone(), B.clone(), alpha, r)
+    got = attempt("lora_delta", fn, x.clone(), A.clone(), B.clone(), alpha, r)
     if got is None:
         return False
     assert isinstance(got, torch.Tensor) and tuple(got.shape) == (4, 5), \
@@ -47,7 +40,7 @@ def check_count_lora_params(fn) -> bool:
     cases = [([(576, 576), (192, 576)], 8, 8 * (1152 + 768)),       # SmolLM2's q_proj and v_proj
              ([(10, 3)], 1, 13), ([(4, 7), (7, 4), (5, 5)], 3, 3 * (11 + 11 + 10))]
     for shapes, r, expected in cases:
-        got = _call("count_lora_params", fn, list(shapes), r)
+        got = attempt("count_lora_params", fn, list(shapes), r)
         if got is None:
             return False
         full = sum(o * i for o, i in shapes)
@@ -62,7 +55,7 @@ def check_merge_weight(fn) -> bool:
     """fn(W, A, B, alpha, r) -> W' with W' x == W x + (alpha / r) B A x, W itself unchanged."""
     x, A, B, W, alpha, r = _inputs()
     W_in = W.clone()
-    got = _call("merge_weight", fn, W_in, A.clone(), B.clone(), alpha, r)
+    got = attempt("merge_weight", fn, W_in, A.clone(), B.clone(), alpha, r)
     if got is None:
         return False
     assert isinstance(got, torch.Tensor) and tuple(got.shape) == (5, 6), \
