@@ -33,7 +33,7 @@ from nanogdrt.batches import epoch_batches, make_examples
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.config import parse_args
 from nanogdrt.data import load_dataset
-from nanogdrt.llama import Llama
+from nanogdrt.llama import Llama, compile_blocks
 from nanogdrt.lora import LoRAConfig, inject_lora, load_adapter, lora_parameters, save_adapter
 from nanogdrt.methods import METHODS, TargetLoss
 from nanogdrt.prompt import PromptBuilder
@@ -81,8 +81,11 @@ def evaluate(model, builder, trie, interactions, titles, item_group, beams, batc
     """Top-K for every user (split across data-parallel ranks, gathered in order on all) + metrics.
     `decoding`, `assistant` (a SASRec) and `alpha`: see nanogdrt.recommend.recommend."""
     model.eval()                                           # no LoRA dropout while decoding
-    records = recommend(model, builder, trie, interactions, titles, beams=beams, batch_size=batch_size,
-                        progress=dist.main, dist=dist, decoding=decoding, assistant=assistant, alpha=alpha)
+    # --compile is for the training step: decoding's cached, ever-changing shapes would only
+    # recompile, so compiled blocks run eagerly here (a no-op when nothing is compiled).
+    with torch.compiler.set_stance("force_eager"):
+        records = recommend(model, builder, trie, interactions, titles, beams=beams, batch_size=batch_size,
+                            progress=dist.main, dist=dist, decoding=decoding, assistant=assistant, alpha=alpha)
     model.train()
     result = score(records, interactions, titles, item_group)
     top1 = [r["topk_item_ids"][0] for r in records if r["topk_item_ids"]]
@@ -126,8 +129,9 @@ def regroup_or_restore(model, builder, dataset, cfg, state, token_groups, token_
         return (list(torch.tensor(state["token_groups"]).split(lengths)),
                 list(torch.tensor(state["token_relevance"]).split(lengths)))
     model.eval()
-    token_groups, _, token_rel = relevance_groups(model, builder, dataset, cfg.groups, cfg.grouping, cfg.seed,
-                                                  cached=False, dist=dist)
+    with torch.compiler.set_stance("force_eager"):  # as in evaluate: --compile is for training steps
+        token_groups, _, token_rel = relevance_groups(model, builder, dataset, cfg.groups, cfg.grouping,
+                                                      cfg.seed, cached=False, dist=dist)
     model.train()
     state["token_groups"] = torch.cat(token_groups).tolist()
     state["token_relevance"] = torch.cat(token_rel).tolist()
@@ -177,6 +181,8 @@ def setup_training(cfg, model, dataset, examples, trie, item_group, pad_id, dist
                       target_modules=tuple(cfg.lora_targets))
     inject_lora(model, lora)
     model.to(cfg.device)
+    if cfg.compile:  # after inject_lora: the compiled blocks then trace the LoRA layers too
+        compile_blocks(model)
     nodes, example_weight, method_log = method_setup(cfg, dataset, examples, trie, item_group, say)
     data = StepData(examples, nodes, example_weight, pad_id)
     net = data_parallel(TargetLoss(model, METHODS[cfg.method].per_token, trie, cfg.tau_msl), cfg, dist, say)

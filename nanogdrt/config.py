@@ -82,6 +82,9 @@ class RunConfig:
     seed: int = option(0, "seed of sampling, batching, LoRA init and dropout", min=0)
     device: str = option("cpu", "cpu | cuda | mps", pattern=DEVICE)
     dtype: str = option("float32", "model dtype", choices=["float32", "bfloat16", "float16"])
+    compile: bool = option(False, "torch.compile each decoder block for training (llama.compile_blocks): "
+                                  "2.2-2.5x the eager step on an H200 in bf16 (BENCHMARKS.md); its first "
+                                  "steps compile, so it pays off on long runs on a GPU")
     out: str | None = option(None, "run folder (default: runs/<dataset>-<method>)")
     resume: bool = option(False, "continue from <out>/state")
     save_every: int = option(50, "checkpoint every N optimizer steps", min=1)

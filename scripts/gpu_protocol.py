@@ -55,8 +55,12 @@ PROBE_STEPS = 100       # the first training chunk, before the speed of a step i
 class Run:
     """One call's work on a state folder: the plan, the deadline, the measured rates."""
 
-    def __init__(self, state: Path, data_dir, model, device, deadline, max_train_steps=None, pack_to=None, log=None):
+    def __init__(self, state: Path, data_dir, model, device, deadline, max_train_steps=None, pack_to=None, log=None,
+                 compile=False):
         self.state, self.data_dir, self.model, self.device = Path(state), str(data_dir), str(model), device
+        # train.py --compile: the same steps within bf16 noise, faster on a GPU (BENCHMARKS.md);
+        # its rate is kept apart, since its first steps of every call also compile.
+        self.compile, self.steps_key = compile, "steps_per_s:compile" if compile else "steps_per_s"
         self.pack_to, self.log, self.packed = pack_to, log, time.time()
         self.plan = json.loads((self.state / "plan.json").read_text())
         self.progress = json.loads((self.state / "progress.json").read_text())
@@ -226,7 +230,7 @@ class Run:
                 "--batch-size", str(p["batch_size"]), "--grad-accum", str(p["grad_accum"]), "--lr", str(p["lr"]),
                 "--beams", str(p["beams"]), "--eval-batch-size", str(p["eval_batch_size"]), "--seed", str(p["seed"]),
                 "--save-every", str(p["save_every"]), "--device", self.device, "--dtype", self.dtype,
-                "--out", str(self.state / name), "--no-test"]
+                "--out", str(self.state / name), "--no-test"] + (["--compile"] if self.compile else [])
         return argv + (["--groups", str(groups), "--tau", str(tau)] if method == "gdrt" else [])
 
     def train(self, stage, name, method, groups=None, tau=None) -> bool:
@@ -247,10 +251,10 @@ class Run:
                     shutil.rmtree(out / d, ignore_errors=True)
                 return True
             cap = self.steps_left
-            if "steps_per_s" not in self.rates:
+            if self.steps_key not in self.rates:
                 cap = min(cap if cap is not None else PROBE_STEPS, PROBE_STEPS)
             seconds = self.left() - self.rate("train_overhead_s")
-            target = plan_chunk(step, validated, spe, p["epochs"], self.rate("steps_per_s"),
+            target = plan_chunk(step, validated, spe, p["epochs"], self.rate(self.steps_key),
                                 valid_seconds(self.rates, p["valid_users"], self.dtype), seconds, cap)
             if target == -1:
                 raise Stopped(f"{stage}: at step {step}, no further step fits the time or step budget left")
@@ -263,7 +267,7 @@ class Run:
             loop = st.get("train_and_valid_s", 0.0) - before
             train_s = loop - valids * valid_seconds(self.rates, p["valid_users"], self.dtype)
             if done >= 20 and train_s > 0:
-                self.rates["steps_per_s"] = done / train_s
+                self.rates[self.steps_key] = done / train_s
             self.rates["train_overhead_s"] = max(0.0, seconds - loop)
             if self.steps_left is not None:
                 self.steps_left -= done
@@ -308,7 +312,7 @@ def run(args):
     if args.source:
         sync_in(Path(args.source), state)
     r = Run(state, args.data_dir, args.model, args.device, start + args.budget_s, args.max_train_steps,
-            args.pack_to, args.log)
+            args.pack_to, args.log, args.compile)
     r.progress["generation"] += 1
     device = args.device
     if device.startswith("cuda"):
@@ -364,6 +368,7 @@ def main(argv=None):
     r.add_argument("--budget-s", type=float, required=True, help="seconds this call may use, from --since")
     r.add_argument("--since", type=float, default=None, help="unix time the budget counts from (default: now)")
     r.add_argument("--max-train-steps", type=int, default=None, help="at most about this many optimizer steps")
+    r.add_argument("--compile", action="store_true", help="train.py --compile (compiled blocks for training)")
     r.add_argument("--pack-to", type=Path, default=None, help="pack the state here now and then, and at the end")
     r.add_argument("--log", type=Path, default=None, help="the log whose tail each pack carries")
     r.add_argument("--skip", nargs="*", help="stages not to run in this call")

@@ -1,9 +1,10 @@
 """Report of the GPU protocol (scripts/gpu_protocol.py): Table 2 with bootstrap intervals, on CPU.
 
-Reads a finished state folder (the test predictions of the base model, SFT and the chosen GDRT,
-the item groups the device computed, the validation of every run, the stages' wall times) and
-writes report.md and report.json beside them: the section "Paper protocol on one GPU" of
-docs/results.md is taken from report.md. The bootstrap is scripts/repro.py's (users resampled,
+Reads a state folder (the test predictions of the base model, SFT and the chosen GDRT, the item
+groups the device computed, the validation of every run, the stages' wall times) and writes
+report.md and report.json beside them: the section "Paper protocol on one GPU" of
+docs/results.md is taken from report.md. A protocol still in progress gets the rows tested so
+far, marked as such, so each session's progress is readable. The bootstrap is scripts/repro.py's (users resampled,
 GDRT - SFT paired on the same resamples).
 """
 
@@ -11,7 +12,7 @@ import gzip
 import json
 from pathlib import Path
 
-from gpu_plan import read_jsonl_gz, run_names, stage_names
+from gpu_plan import is_done, read_jsonl_gz, run_names, stage_names
 
 import repro
 
@@ -23,25 +24,28 @@ def report(state: Path, data_dir, n_boot=1000):
 
     plan = json.loads((state / "plan.json").read_text())
     progress = json.loads((state / "progress.json").read_text())
-    if "selection" not in progress:
-        raise SystemExit(f"{state}: GDRT not selected yet (python scripts/gpu_protocol.py status)")
-    chosen = progress["selection"]["run"]
-    folders = {**NAMES, f"GDRT ({chosen[5:]})": chosen}
-    missing = [f for f in folders.values() if not (state / f / "test_predictions.jsonl.gz").exists()]
-    if missing:
-        raise SystemExit(f"{state}: no test predictions yet for {missing}")
+    chosen = progress.get("selection", {}).get("run")
+    folders = {**NAMES, **({f"GDRT ({chosen[5:]})": chosen} if chosen else {})}
+    tested = {name: f for name, f in folders.items() if (state / f / "test_predictions.jsonl.gz").exists()}
+    if not tested:
+        raise SystemExit(f"{state}: no test predictions yet (python scripts/gpu_protocol.py status)")
+    todo = [name for name in stage_names(plan) if not is_done(state, progress, name)]
     dataset = load_dataset(plan["dataset"], data_dir=data_dir, train_file=plan["train_file"])
     item_group = {int(k): v for k, v in json.loads((state / "item_groups.json").read_text()).items()}
     models = {("GDRT" if f == chosen else name): repro.user_table(read_jsonl_gz(state / f / "test_predictions.jsonl.gz"),
                                                                    dataset)
-              for name, f in folders.items()}
+              for name, f in tested.items()}
     table = repro.bootstrap(models, dataset.titles, item_group, n_boot, plan["seed"])
     keys = repro.TABLE_KEYS
 
     calls = progress["calls"]
     devices = sorted({c["device"] for c in calls})
-    users = len(models["SFT"][0])
-    lines = [f"Device: {', '.join(devices)}; {len(calls)} calls; dtype {progress['dtype']}. Test users: {users} "
+    users = len(next(iter(models.values()))[0])
+    lines = ([f"**In progress**: {len(todo)} stages left ({', '.join(todo)}); the rows below are the ones "
+              "tested so far.", ""] if todo else [])
+    grid = ", ".join(f"G{g} tau {t:g}" for g, t in plan["grid"])
+    lines += [f"Device: {', '.join(devices)}; {len(calls)} calls; dtype {progress['dtype']}; GDRT grid: {grid}. "
+              f"Test users: {users} "
              f"(the whole test split). Cells: point estimate [bootstrap 95% interval, {n_boot} resamples of users].",
              "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, row in table.items():
@@ -54,19 +58,22 @@ def report(state: Path, data_dir, n_boot=1000):
                   f"lists {agreement['same_lists']:.1%}, same top-1 {agreement['same_top1']:.1%}, mean overlap@10 "
                   f"{agreement['overlap@10']:.3f}; s/user " + ", ".join(f"{d} {v:.4f}" for d, v in
                                                                       agreement["s_per_user"].items() if v)]
-    lines += ["", f"Validation ({plan['valid_users']} users per epoch); best epoch by NDCG@5:", "",
-              "| run | best epoch | " + " | ".join(f"valid {k}" for k in repro.SELECT_KEYS) + " |",
-              "|---" * (len(repro.SELECT_KEYS) + 2) + "|"]
-    valid = {}
+    valid, valid_lines = {}, []
     for name in run_names(plan):
+        if not (state / name / "trainer_state.json.gz").exists():
+            continue                                                   # still training
         with gzip.open(state / name / "trainer_state.json.gz", "rt") as f:
             st = json.load(f)
         best = next(e["valid"] for e in st["epochs"] if e["epoch"] == st["best"]["epoch"])
         valid[name] = {"best_epoch": st["best"]["epoch"], "epochs": [e["valid"] for e in st["epochs"]]}
         mark = " (chosen)" if name == chosen else ""
-        lines.append(f"| {name}{mark} | {st['best']['epoch']} | " + " | ".join(f"{best[k]:.4f}" for k in repro.SELECT_KEYS)
+        valid_lines.append(f"| {name}{mark} | {st['best']['epoch']} | " + " | ".join(f"{best[k]:.4f}" for k in repro.SELECT_KEYS)
                      + " |")
 
+    if valid_lines:
+        lines += ["", f"Validation ({plan['valid_users']} users per epoch); best epoch by NDCG@5:", "",
+                  "| run | best epoch | " + " | ".join(f"valid {k}" for k in repro.SELECT_KEYS) + " |",
+                  "|---" * (len(repro.SELECT_KEYS) + 2) + "|"] + valid_lines
     lines += ["", "Wall time per stage (device seconds, summed over calls; one process per chunk):", "",
               "| stage | seconds | processes | command (first chunk) |", "|---|---|---|---|"]
     for name in stage_names(plan):
@@ -76,5 +83,6 @@ def report(state: Path, data_dir, n_boot=1000):
     text = "\n".join(lines) + "\n"
     (state / "report.md").write_text(text)
     (state / "report.json").write_text(json.dumps({"table": table, "valid": valid, "agreement": agreement,
-                                                   "selection": progress["selection"], "devices": devices}, indent=1))
+                                                   "selection": progress.get("selection"), "devices": devices,
+                                                   "stages_left": todo}, indent=1))
     print(text)

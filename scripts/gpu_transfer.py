@@ -158,7 +158,7 @@ def device_calls(n_parts: int, budget_s: int = 540, timeout_s: int = 600) -> lis
         calls.append({"carry": [f".devpayload/{k}"], "timeout_s": 120,
                       "command": stash.format(k=k) + " && nvidia-smi --query-gpu=name,memory.total --format=csv"})
     run = (f"python3 scripts/gpu_protocol.py run --from docs/gpu/protocol --state-dir {WORK}/state "
-           f"--data-dir {WORK}/payload/data --model {WORK}/smollm2-135m-instruct --device cuda "
+           f"--data-dir {WORK}/payload/data --model {WORK}/smollm2-135m-instruct --device cuda --compile "
            f"--since $S --budget-s {{budget}} --pack-to $OUT --log {WORK}/run.log 2>&1 | tee -a {WORK}/run.log; "
            f"python3 scripts/gpu_protocol.py pack --state-dir {WORK}/state --log {WORK}/run.log --out $OUT")
     head = "export PYTHONUNBUFFERED=1; S=$(date +%s); "

@@ -229,6 +229,7 @@ def report(a):
     L += grid_section(a, docs, ds, by_row, item_group)
     L += figures_section(a)
     L += times_section(docs)
+    L += gpu_section(Path(a.results).parent / "gpu" / "protocol" / "report.md")   # docs/gpu/protocol
     files.write_text(a.results, "\n".join(L) + "\n")
     files.write_json(Path(a.figures) / "report.json", {"rows": labels, "table": table})
     print("\n".join(L))
@@ -423,6 +424,17 @@ def times_section(docs):
     m = json.loads((docs / "manifest.json").read_text()) if (docs / "manifest.json").exists() else {}
     L = ["", "## Wall time per stage", "", "| stage | minutes | machine | command |", "|---|---|---|---|"]
     return L + [f"| {k} | {v['seconds'] / 60:.1f} | {v['machine']} | `{v['command']}` |" for k, v in m.items()]
+
+
+def gpu_section(report_md: Path):
+    """The paper's protocol on a lent GPU (docs/gpu_protocol.md), as its own report wrote it."""
+    if not report_md.exists():
+        return []
+    return ["", "## Paper protocol on one GPU", "",
+            "The paper's protocol (train_5000.csv, 5 epochs, best epoch by validation NDCG@5 on 500 users, "
+            "the whole test split), run in resumable stages on lent GPUs (docs/gpu_protocol.md); "
+            f"`python scripts/gpu_protocol.py report --data-dir ../shared/data/toy` wrote `{report_md}`:", "",
+            *report_md.read_text().splitlines()]
 
 
 def main(argv=None):

@@ -6,6 +6,7 @@ what they carry; status; stage skipping; the chunk arithmetic; the kill at the d
 import contextlib
 import io
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -201,6 +202,16 @@ def test_device_calls_fit_the_tool():
     assert [c["carry"] for c in calls] == [[".devpayload/1"], [".devpayload/2"], [".devpayload/3"], []]
     assert all(len(c["command"]) < 2000 for c in calls)
     assert "setup" in calls[2]["command"] and "pack" in calls[2]["command"] and "$OUT" in calls[2]["command"]
+    assert all("--compile" in c["command"] for c in calls[2:])   # BENCHMARKS.md: 2.2-2.5x on an H200
+
+
+def test_compile_reaches_train_py_with_its_own_rate(straight):
+    state, _ = straight
+    plain = gpu_protocol.Run(state, "data", "model", "cuda", deadline=0)
+    compiled = gpu_protocol.Run(state, "data", "model", "cuda", deadline=0, compile=True)
+    assert "--compile" not in plain.train_argv("sft", "sft")
+    assert compiled.train_argv("gdrt-G5-tau0.5", "gdrt", 5, 0.5)[-5:] == ["--compile", "--groups", "5", "--tau", "0.5"]
+    assert (plain.steps_key, compiled.steps_key) == ("steps_per_s", "steps_per_s:compile")
 
 
 def test_list_agreement_counts_same_lists_top1_and_overlap():
@@ -222,3 +233,22 @@ def test_report_has_table_validation_and_stage_times(straight, toy_like, capsys)
         assert row in text
     table = json.loads((state / "report.json").read_text())["table"]
     assert set(table) == {"base model", "SFT", "GDRT", "GDRT - SFT"}
+    assert "In progress" not in text
+
+
+def test_report_of_a_protocol_in_progress_shows_the_rows_tested_so_far(straight, toy_like, tmp_path):
+    import gpu_report
+
+    state = tmp_path / "partial"
+    shutil.copytree(straight[0], state)
+    progress = json.loads((state / "progress.json").read_text())
+    chosen = progress.pop("selection")["run"]
+    (state / "progress.json").write_text(json.dumps(progress))
+    for name in ("sft", chosen):   # as after base-test, with training under way
+        (state / name / "test_predictions.jsonl.gz").unlink()
+    (state / chosen / "trainer_state.json.gz").unlink()
+    gpu_report.report(state, toy_like, n_boot=20)
+    text = (state / "report.md").read_text()
+    assert "**In progress**" in text and "select" in text and "| base model |" in text
+    assert "| SFT |" not in text and "| GDRT" not in text and f"| {chosen}" not in text.split("Wall time")[0]
+    assert set(json.loads((state / "report.json").read_text())["table"]) == {"base model"}

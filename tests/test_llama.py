@@ -223,3 +223,43 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
     with pytest.raises(ValueError, match=r"mlp\.\w+_proj\.weight has shape \(\d+, \d+\), the config implies"):
         Llama.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_compiled_blocks_equal_eager_loss_and_lora_grads(tmp_path, backend):
+    """compile_blocks (train.py --compile): the same loss and LoRA gradients as eager, on a
+    padded batch (mask path) and then a plain one, with names and state dict unchanged.
+    aot_eager checks what dynamo and autograd trace (tests/test_train.py runs inductor)."""
+    from nanogdrt.llama import compile_blocks
+    from nanogdrt.lora import LoRAConfig, inject_lora, lora_parameters
+
+    make_pair(tmp_path, "gqa")
+    models = []
+    for _ in range(2):
+        torch.manual_seed(1)   # the same LoRA init in both
+        m = Llama.from_pretrained(tmp_path)
+        inject_lora(m, LoRAConfig(dropout=0.0))
+        with torch.no_grad():  # B != 0, so the LoRA path carries a gradient into A too
+            for p in lora_parameters(m):
+                p.add_(torch.randn_like(p) * 0.1)
+        models.append(m.train())
+    eager, compiled = models
+    keys = list(compiled.state_dict())
+    compile_blocks(compiled, backend=backend)
+    assert list(compiled.state_dict()) == keys
+    assert all(block._compiled_call_impl is not None for block in compiled.model.layers)
+    ids = torch.randint(0, 101, (3, 12))
+    padding = torch.ones(3, 12, dtype=torch.long)
+    padding[0, :4] = 0
+    for mask in (padding, None):
+        losses = []
+        for m in (eager, compiled):
+            m.zero_grad(set_to_none=True)
+            loss = m(ids, attention_mask=mask)[:, -4:].logsumexp(-1).mean()
+            loss.backward()
+            losses.append((loss.detach(), [p.grad.clone() for p in lora_parameters(m)]))
+        (a, grads_a), (b, grads_b) = losses
+        assert torch.allclose(a, b, atol=1e-5)
+        assert all(torch.allclose(x, y, atol=1e-5, rtol=1e-4) for x, y in zip(grads_a, grads_b))
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # how train.py decodes
+        assert torch.allclose(compiled.eval()(ids), eager.eval()(ids), atol=1e-5)

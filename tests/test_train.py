@@ -164,3 +164,14 @@ def test_reweight_with_power_0_is_sft_exactly(small_run, tmp_path):
     flat = small_run(tmp_path / "flat", "--method", "reweight", "--reweight-power", "0")
     assert flat["method"]["example_weight_min"] == flat["method"]["example_weight_max"] == 1.0
     assert flat["steps"] == sft["steps"] and flat["test"] == sft["test"] and flat["epochs"] == sft["epochs"]
+
+
+def test_compile_trains_the_same_steps(run, tmp_path):
+    """--compile (compiled blocks for training, eager decoding) gives eager's losses step by step."""
+    run(tmp_path / "eager", "--method", "sft", "--epochs", "1")
+    run(tmp_path / "compiled", "--method", "sft", "--epochs", "1", "--compile")
+    a = json.loads((tmp_path / "eager" / "results.json").read_text())
+    b = json.loads((tmp_path / "compiled" / "results.json").read_text())
+    assert b["config"]["compile"] is True and len(a["steps"]) == len(b["steps"]) == 6
+    for x, y in zip(a["steps"], b["steps"]):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
