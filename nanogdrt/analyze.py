@@ -201,6 +201,21 @@ def load_model(model_dir, adapter, device, dtype):
 
 # ----------------------------------------------------------------------------- everything
 
+def attribution_panels(attribution: dict) -> list[dict]:
+    """Fig. 2/7's panels (plots.attribution_ratios) from analysis.json's "attribution" entry, so
+    the figure can be redrawn from the saved numbers without recomputing them."""
+    per_model, paper = attribution["models"], (attribution["paper"] or {}).get("task_ratio", {})
+    panels = []
+    for d in attribution["definitions"]:
+        panel = {"title": DEFINITIONS[d], "xticks": XTICKS[d],
+                 "bars": {k: (v[d]["task_ratio"], v[d]["prefix_ratio"]) for k, v in per_model.items()}}
+        if d == "segment":
+            panel["dots"] = {k: (v[d]["task_ratio_mean"], v[d]["prefix_ratio_mean"]) for k, v in per_model.items()}
+            panel["paper"] = {k: (v, None) for k, v in paper.items() if k in per_model}
+        panels.append(panel)
+    return panels
+
+
 def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20, split="test",
             seed=0, min_count=5, device="cpu", dtype="float32", attribution_defs="both", beams=10,
             heatmap_users=0) -> dict:
@@ -265,15 +280,8 @@ def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20,
                       "source": "GDRT §2.2 / Fig. 2 (Toy): auxiliary vs interaction attribution about 1:1 "
                                 "before fine-tuning, 4.69:1 after SFT (Captum feature ablation, refs [34, 47])"}
             if paper else None}
-        panels = []
-        for d in defs:
-            panel = {"title": DEFINITIONS[d], "xticks": XTICKS[d],
-                     "bars": {k: (v[d]["task_ratio"], v[d]["prefix_ratio"]) for k, v in per_model.items()}}
-            if d == "segment":
-                panel["dots"] = {k: (v[d]["task_ratio_mean"], v[d]["prefix_ratio_mean"]) for k, v in per_model.items()}
-                panel["paper"] = {k: (v, None) for k, v in paper.items() if k in per_model}
-            panels.append(panel)
-        plots.attribution_ratios(panels, out / FIGURES["attribution"], len(rows), split)
+        plots.attribution_ratios(attribution_panels(result["attribution"]), out / FIGURES["attribution"],
+                                 len(rows), split)
         figures["attribution"] = FIGURES["attribution"]
 
     if heatmap_users > 0:   # the same users under the base model and every run's adapter

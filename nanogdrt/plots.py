@@ -74,6 +74,30 @@ def _label_bars(ax, bars):
                         textcoords="offset points")
 
 
+def _ratio_axis(panel) -> tuple[float, float]:
+    """The y-range of a Fig. 2 panel: its bars, the paper's stars and the line at 1, padded. The
+    per-example dots are left out: one example with a tiny interaction drop gives a ratio of
+    -20 and would squash the bars (such dots are drawn at the edge instead, see _dots_within)."""
+    values = [1.0, 0.0] + [v for group in ("bars", "paper") for vs in panel.get(group, {}).values()
+                           for v in vs if v is not None and np.isfinite(v)]
+    lo, hi = min(values), max(values)
+    pad = 0.15 * (hi - lo)
+    return lo - (pad if lo < 0 else 0), hi + pad
+
+
+def _dots_within(ax, x, values, lo, hi, label=None):
+    """Per-example means as black dots; one outside (lo, hi) as a triangle at the edge, labelled."""
+    points = [(xi, v) for xi, v in zip(x, values) if v is not None and np.isfinite(v)]
+    inside = [(xi, v) for xi, v in points if lo <= v <= hi]
+    ax.plot([p[0] for p in inside], [p[1] for p in inside], "o", color="black", markersize=4, label=label)
+    for xi, v in points:
+        if not lo <= v <= hi:
+            edge = hi - 0.02 * (hi - lo) if v > hi else lo + 0.02 * (hi - lo)
+            ax.plot(xi, edge, "^" if v > hi else "v", color="black", markersize=6)
+            ax.annotate(f"{v:.1f}", (xi, edge), textcoords="offset points", xytext=(4, 0), fontsize=7,
+                        va="center")
+
+
 def attribution_ratios(panels: list[dict], path, n_examples: int, split: str):
     """Fig. 2 / 7, one panel per attribution definition (nanogdrt/attribution.py). Each panel:
     {"title": str, "xticks": (two labels), "bars": {model label: (task ratio, prefix ratio)}},
@@ -85,17 +109,19 @@ def attribution_ratios(panels: list[dict], path, n_examples: int, split: str):
         bars = panel["bars"]
         n = len(bars)
         width = 0.8 / max(n, 1)
+        lo, hi = _ratio_axis(panel)
         for i, (label, values) in enumerate(bars.items()):
             x = np.arange(2) + (i - (n - 1) / 2) * width
             _label_bars(ax, ax.bar(x, [np.nan if v is None else v for v in values], width=width, label=label,
                                    color=f"C{i}"))
             if label in panel.get("dots", {}):
-                ax.plot(x, [np.nan if v is None else v for v in panel["dots"][label]], "o", color="black",
-                        markersize=4, label="mean of per-example ratios" if i == 0 else None)
+                _dots_within(ax, x, panel["dots"][label], lo, hi,
+                             label="mean of per-example ratios" if i == 0 else None)
             if label in panel.get("paper", {}):
                 ax.plot(x, [np.nan if v is None else v for v in panel["paper"][label]], "*", color="red",
                         markersize=11, markeredgecolor="black",
                         label="the paper (Toy)" if label == next(iter(panel["paper"])) else None)
+        ax.set_ylim(lo, hi)
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1, label="equal attribution")
         ax.set_xticks(np.arange(2), panel["xticks"])
         ax.set_ylabel("attribution ratio (auxiliary / interaction)" + ("\nbars: ratio of means" if "dots" in panel

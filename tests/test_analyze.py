@@ -173,3 +173,18 @@ def test_toy_reports_the_papers_numbers(tiny_model_dir, toy_dir, tmp_path):
     paper = res["attribution"]["paper"]
     assert paper["dataset"] == "toy" and paper["task_ratio"] == {"base (no fine-tuning)": 1.0, "SFT": 4.69}
     assert non_trivial_png(tmp_path / FIGURES["attribution"])
+
+
+def test_fig2_axis_fits_bars_and_stars_not_an_outlier_dot(tmp_path):
+    """One per-example mean of -20.5 (a tiny interaction drop) must not squash the bars: the axis
+    spans the bars, the paper's stars and 1, and the dot is drawn at the edge."""
+    from nanogdrt import plots
+
+    panel = {"title": "segment", "xticks": ("task", "prefix"),
+             "bars": {"base": (0.30, 0.20), "SFT": (0.30, 0.19)},
+             "dots": {"base": (-20.5, 0.25), "SFT": (0.31, 0.18)},
+             "paper": {"SFT": (4.69, None)}}
+    lo, hi = plots._ratio_axis(panel)
+    assert lo == 0.0 and 4.69 < hi < 6.0
+    plots.attribution_ratios([panel], tmp_path / "fig2.png", n_examples=100, split="test")
+    assert (tmp_path / "fig2.png").stat().st_size > 1000
