@@ -2,6 +2,7 @@
 figures, exact resume after an interruption, determinism, NaN handling, recommend CLI."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -166,6 +167,7 @@ def test_reweight_with_power_0_is_sft_exactly(small_run, tmp_path):
     assert flat["steps"] == sft["steps"] and flat["test"] == sft["test"] and flat["epochs"] == sft["epochs"]
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor on CPU needs a C++ compiler")
 def test_compile_trains_the_same_steps(run, tmp_path):
     """--compile (compiled blocks for training, eager decoding) gives eager's losses step by step."""
     run(tmp_path / "eager", "--method", "sft", "--epochs", "1")
