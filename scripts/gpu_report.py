@@ -4,8 +4,8 @@ Reads a state folder (the test predictions of the base model, SFT and the chosen
 groups the device computed, the validation of every run, the stages' wall times) and writes
 report.md and report.json beside them: the section "Paper protocol on one GPU" of
 docs/results.md is taken from report.md. A protocol still in progress gets the rows tested so
-far, marked as such, so each session's progress is readable. The bootstrap is scripts/repro.py's (users resampled,
-GDRT - SFT paired on the same resamples).
+far, marked as such, so each session's progress is readable. The bootstrap is scripts/repro.py's
+(users resampled, GDRT - SFT paired on the same resamples).
 """
 
 import gzip
@@ -67,8 +67,8 @@ def report(state: Path, data_dir, n_boot=1000):
         best = next(e["valid"] for e in st["epochs"] if e["epoch"] == st["best"]["epoch"])
         valid[name] = {"best_epoch": st["best"]["epoch"], "epochs": [e["valid"] for e in st["epochs"]]}
         mark = " (chosen)" if name == chosen else ""
-        valid_lines.append(f"| {name}{mark} | {st['best']['epoch']} | " + " | ".join(f"{best[k]:.4f}" for k in repro.SELECT_KEYS)
-                     + " |")
+        valid_lines.append(f"| {name}{mark} | {st['best']['epoch']} | "
+                           + " | ".join(f"{best[k]:.4f}" for k in repro.SELECT_KEYS) + " |")
 
     if valid_lines:
         lines += ["", f"Validation ({plan['valid_users']} users per epoch); best epoch by NDCG@5:", "",
