@@ -23,7 +23,7 @@ import torch
 
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.llama import Llama, compile_blocks
-from nanogdrt.lora import PEFT_PREFIX, LoRAConfig, adapter_state_dict, inject_lora, lora_modules, lora_parameters
+from nanogdrt.lora import LoRAConfig, adapter_state_dict, copy_adapter_weights, inject_lora, lora_parameters
 from nanogdrt.loss import sft_loss, token_nll
 
 T, TARGET = 160, 16
@@ -106,9 +106,7 @@ def loss_curves(path, dtype, device, steps, batch_size, compile):
     curves = {}
     for name, compiled in variants:
         model = nanogdrt_model(path, dtype, device, dropout=0.0, compile=compiled)
-        with torch.no_grad():
-            for module_name, m in lora_modules(model).items():
-                m.lora_A.weight.copy_(init[f"{PEFT_PREFIX}{module_name}.lora_A.weight"])
+        copy_adapter_weights(model, init)
         step = nanogdrt_step_fn(model)
         curves[name] = [step(ids) for ids in batches]
     ref = reference_model(path, dtype, device, dropout=0.0)
@@ -131,8 +129,12 @@ def matmul_gflops(dtype, device, m=1280, k=576, n=1536, reps=20):
     return 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
 
 
+def is_cuda(device) -> bool:
+    return str(device).startswith("cuda")
+
+
 def synchronize(device):
-    if str(device).startswith("cuda"):
+    if is_cuda(device):
         torch.cuda.synchronize()
 
 
@@ -144,10 +146,10 @@ def profile_one_step(path, dtype, device, batch_size):
     batches = random_batches(3, batch_size, device)
     step(batches[0])
     step(batches[1])
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(device).startswith("cuda") else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if is_cuda(device) else [])
     with profile(activities=activities) as prof:
         step(batches[2])
-    sort = "self_cuda_time_total" if str(device).startswith("cuda") else "self_cpu_time_total"
+    sort = "self_cuda_time_total" if is_cuda(device) else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=12))
 
 
@@ -164,10 +166,10 @@ def main():
                         help="also train N steps from one init, dropout 0, and compare the loss curves")
     parser.add_argument("--profile", action="store_true", help="also profile one nanogdrt step per dtype")
     args = parser.parse_args()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    if is_cuda(args.device) and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
     path = args.model or ensure_embedded_checkpoint()
-    where = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+    where = (torch.cuda.get_device_name() if is_cuda(args.device)
              else f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     print(f"torch {torch.__version__}, {args.device}: {where}")
     print("matmul (1280x576 @ 576x1536): " + ", ".join(
@@ -186,7 +188,7 @@ def main():
                 step = reference_step_fn(model) if column == "transformers+peft" else nanogdrt_step_fn(model)
                 speeds.append(tokens_per_second(step, args.steps, batch_size, args.device))
                 del model, step
-                if args.device.startswith("cuda"):
+                if is_cuda(args.device):
                     torch.cuda.empty_cache()
             ratios = " ".join(f"{v / speeds[0]:.2f}x" for v in speeds[1:])
             print(f"{name:6} {batch_size:3d} " + " ".join(f"{v:17.1f}" for v in speeds) + f"  {ratios}",

@@ -338,8 +338,16 @@ def load_adapter(model: nn.Module, folder) -> LoRAConfig:
 
     if not modules:
         inject_lora(model, config)
+    copy_adapter_weights(model, state)
+    for m in lora_modules(model).values():
+        m.r, m.scale, m.dropout_p = config.r, config.alpha / config.r, config.dropout
+    return config
+
+
+@torch.no_grad()
+def copy_adapter_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A and B of every LoRA layer from `state` (PEFT's key names, as adapter_state_dict gives):
+    the inverse of adapter_state_dict, e.g. to start two models from one LoRA init."""
     for name, m in lora_modules(model).items():
         m.lora_A.weight.copy_(state[f"{PEFT_PREFIX}{name}.lora_A.weight"])
         m.lora_B.weight.copy_(state[f"{PEFT_PREFIX}{name}.lora_B.weight"])
-        m.r, m.scale, m.dropout_p = config.r, config.alpha / config.r, config.dropout
-    return config
