@@ -10,7 +10,8 @@ Definitions (the numbers' meanings):
 - Verdict of a claim "A beats B on M" (higher NDCG/HR, lower MGU/DGU): reproduced when the paired
   95% interval of A - B lies wholly on the claimed side of 0; not reproduced when it lies wholly
   on the other side; not resolved at this scale when it contains 0 (or a row is missing).
-- Seeds: mean and sample standard deviation over the training seeds of a row's test metric.
+- Seeds: mean and sample standard deviation over the training seeds of a row's test metric. The
+  seed verdict uses the same rule on the Welch t 95% interval of GDRT's seed mean - SFT's.
 - Q entropy: per optimizer step, H(Q) = -sum_g Q(g) log Q(g) of the logged GDRT weights and the
   effective number of groups exp(H(Q)) (G when uniform, 1 when one group takes all the weight).
 - Group composition: for each token group, the share of its target-token occurrences at each
@@ -225,7 +226,9 @@ def report(a):
             L.append(f"| {A} beats {Bn} | " + " | ".join(f"{verdict(d[k], k)} ({d[k][0]:+.4f})" for k in TABLE_KEYS) + " |")
         else:
             L.append(f"| {A} beats {Bn} | " + " | ".join("not resolved (row missing)" for _ in TABLE_KEYS) + " |")
-    L += seeds_section(a, docs, ds, by_row, item_group) + trains_on_section(a, docs)
+    seeds = seed_values(a, docs, ds, by_row, item_group)
+    L += seed_verdicts(seeds)
+    L += seeds_section(a, seeds) + trains_on_section(a, docs)
     L += grid_section(a, docs, ds, by_row, item_group)
     L += figures_section(a)
     L += times_section(docs)
@@ -262,22 +265,63 @@ def setup_section(a, docs, labels) -> list[str]:
     return L
 
 
-def seeds_section(a, docs, ds, by_row, item_group):
+def seed_values(a, docs, ds, by_row, item_group) -> dict:
+    """{"SFT": [...], "GDRT": [...]}: each tested training seed's test metrics (point estimates), and
+    GDRT's mean exp(H(Q)) per seed under "GDRT exp(H(Q))"."""
+    g, tau = parse_grid(a.robust_gdrt)[0]
+    out = {}
+    for name, make in (("SFT", lambda s: f"sft-s{s}"), ("GDRT", lambda s: gdrt_row(g, tau, s))):
+        folders = [make(s) for s in range(a.seeds) if (docs / make(s) / "test_predictions.jsonl").exists()]
+        out[name] = [{k: v[0] for k, v in bootstrap({"x": load_users(a, f, by_row, ds.titles, item_group)}, "x", 1)["x"].items()}
+                     for f in folders]
+        if name == "GDRT":
+            out["GDRT exp(H(Q))"] = [np.nanmean(q_entropy(json.loads((docs / f / "train_results.json").read_text())["steps"]))
+                                     for f in folders]
+    return out
+
+
+def welch_interval(xs, ys, level=0.95):
+    """mean(xs) - mean(ys) and its Welch t interval: training seeds are independent runs, few of
+    them, with unequal spreads, so neither a pooled variance nor a normal quantile fits."""
+    from scipy import stats
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    vx, vy = xs.var(ddof=1) / len(xs), ys.var(ddof=1) / len(ys)
+    d, se = xs.mean() - ys.mean(), math.sqrt(vx + vy)
+    if se == 0:
+        return d, d, d
+    df = (vx + vy) ** 2 / (vx ** 2 / (len(xs) - 1) + vy ** 2 / (len(ys) - 1))   # Welch-Satterthwaite
+    h = stats.t.ppf(0.5 + level / 2, df) * se
+    return d, d - h, d + h
+
+
+def seed_verdicts(seeds) -> list[str]:
+    """The Verdicts table's row over training seeds, when both rows have two seeds at least."""
+    sft, gdrt = seeds.get("SFT", []), seeds.get("GDRT", [])
+    if len(sft) < 2 or len(gdrt) < 2:
+        return []
+    cells = [welch_interval([v[k] for v in gdrt], [v[k] for v in sft]) for k in TABLE_KEYS]
+    return [f"| GDRT beats SFT over training seeds ({len(gdrt)} vs {len(sft)}; Welch interval of the seed means) | "
+            + " | ".join(f"{verdict(c, k)} ({c[0]:+.4f})" for c, k in zip(cells, TABLE_KEYS)) + " |"]
+
+
+def seeds_section(a, seeds):
     g, tau = parse_grid(a.robust_gdrt)[0]
     L = ["", f"## Training seeds (SFT and GDRT G={g} tau={tau:g}): mean +- sd of test metrics, Q's effective groups", "",
          "| row | seeds | " + " | ".join(TABLE_KEYS) + " | mean exp(H(Q)) |", "|---" * (len(TABLE_KEYS) + 3) + "|"]
-    for name, make in (("SFT", lambda s: f"sft-s{s}"), ("GDRT", lambda s: gdrt_row(g, tau, s))):
-        folders = [make(s) for s in range(a.seeds) if (docs / make(s) / "test_predictions.jsonl").exists()]
-        if not folders:
-            continue
-        vals = [{k: v[0] for k, v in bootstrap({"x": load_users(a, f, by_row, ds.titles, item_group)}, "x", 1)["x"].items()}
-                for f in folders]
-        eff = [np.nanmean(q_entropy(json.loads((docs / f / "train_results.json").read_text())["steps"]))
-               for f in folders] if name == "GDRT" else []
-        tail = f" | {np.mean(eff):.2f} |" if eff else " | - |"
-        def cell(xs):   # a spread needs two seeds at least
-            return f"{np.mean(xs):.4f} +- {np.std(xs, ddof=1):.4f}" if len(xs) > 1 else f"{xs[0]:.4f} (one seed)"
-        L.append(f"| {name} | {len(folders)} | " + " | ".join(cell([v[k] for v in vals]) for k in TABLE_KEYS) + tail)
+
+    def cell(xs):   # a spread needs two seeds at least
+        return f"{np.mean(xs):.4f} +- {np.std(xs, ddof=1):.4f}" if len(xs) > 1 else f"{xs[0]:.4f} (one seed)"
+    for name in ("SFT", "GDRT"):
+        vals = seeds.get(name, [])
+        if vals:
+            eff = seeds.get(f"{name} exp(H(Q))")
+            L.append(f"| {name} | {len(vals)} | " + " | ".join(cell([v[k] for v in vals]) for k in TABLE_KEYS)
+                     + (f" | {np.mean(eff):.2f} |" if eff else " | - |"))
+    if len(seeds.get("SFT", [])) > 1 and len(seeds.get("GDRT", [])) > 1:
+        diffs = [welch_interval([v[k] for v in seeds["GDRT"]], [v[k] for v in seeds["SFT"]]) for k in TABLE_KEYS]
+        L.append("| GDRT - SFT | seed means | " + " | ".join(fmt(d) for d in diffs) + " | - |")
+        L += ["", "The GDRT - SFT row: difference of the seed means [Welch t 95% interval]. It measures training "
+              "noise, which the bootstrap over users above does not; with 2-3 seeds per row it is wide."]
     return L
 
 

@@ -101,6 +101,19 @@ def test_q_summary_reads_q_and_the_loss_spread_against_tau():
     assert q["exp_H_Q"] == pytest.approx(np.mean(repro_report.q_entropy(steps)))
 
 
+def test_welch_interval_against_scipy_and_the_seed_verdict():
+    from scipy import stats
+    gdrt, sft = [0.148, 0.139, 0.151], [0.268, 0.214, 0.255]
+    d, lo, hi = repro_report.welch_interval(gdrt, sft)
+    ref = stats.ttest_ind(gdrt, sft, equal_var=False).confidence_interval(0.95)
+    assert d == pytest.approx(np.mean(gdrt) - np.mean(sft)) and (lo, hi) == pytest.approx((ref.low, ref.high))
+    seeds = {"SFT": [{k: 0.0 for k in repro.TABLE_KEYS} | {"DGU@5": x} for x in sft],
+             "GDRT": [{k: 0.0 for k in repro.TABLE_KEYS} | {"DGU@5": x} for x in gdrt]}
+    row = repro_report.seed_verdicts(seeds)[0]
+    assert "reproduced (-0.0997)" in row                      # lower DGU@5 is better
+    assert repro_report.seed_verdicts({"SFT": seeds["SFT"], "GDRT": seeds["GDRT"][:1]}) == []   # one seed: no spread
+
+
 def test_grid_spec_is_checked():
     assert repro.parse_grid("5:0.5,2:1") == [(5, 0.5), (2, 1.0)]
     with pytest.raises(SystemExit, match="--grid"):
