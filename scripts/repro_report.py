@@ -260,7 +260,8 @@ def setup_section(a, docs, labels) -> list[str]:
           "train.py's `--regroup-every-epoch` re-scores under the current model instead (not used here).",
           f"- Machine(s): {', '.join(machines) or '-'}; wall time of the stages so far: {minutes:.0f} min "
           "(per stage at the end).",
-          f"- Rows present: {', '.join(f'{k} ({v})' for k, v in labels.items()) or 'none'}. "
+          f"- Rows present: {', '.join(f'{k} ({v})' for k, v in labels.items()) or 'none'}. Every tested row "
+          f"folder: {', '.join(sorted(p.parent.name for p in docs.glob('*/test_predictions.jsonl'))) or 'none'}. "
           "The plan and what is left: `python scripts/repro.py --data-dir ../shared/data/toy --list`.", ""]
     return L
 
