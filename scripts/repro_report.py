@@ -377,21 +377,40 @@ def trains_on_section(a, docs):
     return L
 
 
+def effect_word(c, metric) -> str:
+    """A grid point's paired difference against SFT in words: the verdict rule, read as an effect."""
+    return {"reproduced": "helps", "not reproduced": "hurts"}.get(verdict(c, metric), "no resolved difference")
+
+
 def grid_section(a, docs, ds, by_row, item_group):
-    L = ["", "## GDRT grid (seed 0): validation (selection by NDCG@5) and test", "",
-         "| G | tau | " + " | ".join(f"valid {k}" for k in SELECT_KEYS) + " | test NDCG@5 | test DGU@5 |",
-         "|---" * (len(SELECT_KEYS) + 4) + "|"]
+    """Fig. 10/11 as a table: every grid point's validation scores (the selection), its test scores,
+    its paired difference against SFT of the same seed, and how many groups its Q really mixes."""
+    sft = load_users(a, "sft-s0", by_row, ds.titles, item_group) if (docs / "sft-s0" / "test_predictions.jsonl").exists() else None
+    L = ["", "## GDRT grid (seed 0): validation (selection by NDCG@5), test, and the paired difference against SFT", "",
+         "Where GDRT helps, does nothing and hurts: each grid point's test NDCG@10 and DGU@5 minus SFT's (sft-s0), "
+         f"paired over the same users [bootstrap 95%, {a.bootstrap} resamples], read by the verdict rule "
+         "(helps / hurts when the interval excludes 0 on that side). exp(H(Q)): the mean effective number of groups.", "",
+         "| G | tau | " + " | ".join(f"valid {k}" for k in SELECT_KEYS)
+         + " | exp(H(Q)) | test NDCG@5 | test DGU@5 | NDCG@10 - SFT | DGU@5 - SFT |",
+         "|---" * (len(SELECT_KEYS) + 7) + "|"]
     for g, t in parse_grid(a.grid):
         f = docs / gdrt_row(g, t)
         if not (f / "train_results.json").exists():
-            L.append(f"| {g} | {t:g} | " + " | ".join("-" for _ in SELECT_KEYS) + " | - | - |")
+            L.append(f"| {g} | {t:g} | " + " | ".join("-" for _ in SELECT_KEYS) + " | - | - | - | - | - |")
             continue
         v = best_valid(f / "train_results.json")
-        test = "- | -"
+        eff = np.nanmean(q_entropy(json.loads((f / "train_results.json").read_text())["steps"]))
+        test = "- | - | - | -"
         if (f / "test_predictions.jsonl").exists():
-            c = bootstrap({"x": load_users(a, f.name, by_row, ds.titles, item_group)}, "x", 1)["x"]
+            users = load_users(a, f.name, by_row, ds.titles, item_group)
+            c = bootstrap({"x": users}, "x", 1)["x"]
             test = f"{c['NDCG@5'][0]:.4f} | {c['DGU@5'][0]:.4f}"
-        L.append(f"| {g} | {t:g} | " + " | ".join(f"{x:.4f}" for x in v) + f" | {test} |")
+            if sft is not None:
+                d = paired(users, sft, a.bootstrap, 0)
+                test += "".join(f" | {fmt(d[k])}: {effect_word(d[k], k)}" for k in ("NDCG@10", "DGU@5"))
+            else:
+                test += " | - | -"
+        L.append(f"| {g} | {t:g} | " + " | ".join(f"{x:.4f}" for x in v) + f" | {eff:.2f} | {test} |")
     return L
 
 

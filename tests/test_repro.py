@@ -112,6 +112,9 @@ def test_welch_interval_against_scipy_and_the_seed_verdict():
     row = repro_report.seed_verdicts(seeds)[0]
     assert "reproduced (-0.0997)" in row                      # lower DGU@5 is better
     assert repro_report.seed_verdicts({"SFT": seeds["SFT"], "GDRT": seeds["GDRT"][:1]}) == []   # one seed: no spread
+    assert repro_report.effect_word((-0.10, -0.14, -0.06), "DGU@5") == "helps"          # lower is better
+    assert repro_report.effect_word((-0.01, -0.02, -0.005), "NDCG@10") == "hurts"
+    assert repro_report.effect_word((0.01, -0.01, 0.02), "NDCG@10") == "no resolved difference"
 
 
 def test_grid_spec_is_checked():
