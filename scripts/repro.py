@@ -73,8 +73,8 @@ def user_table(records, dataset):
 
 def bootstrap(models: dict, titles, item_group, n_boot=1000, seed=0) -> dict:
     """{name: (records, by_row)} -> point estimates and 95% intervals over users, and the paired
-    GDRT - SFT (scripts/gpu_report.py's table; repro_report.py holds the arithmetic)."""
-    from repro_report import Users, bootstrap as resample
+    GDRT - SFT (scripts/gpu_report.py's table; repro_stats.py holds the arithmetic)."""
+    from repro_stats import Users, bootstrap as resample
     users = {name: Users(records, by_row, titles, item_group) for name, (records, by_row) in models.items()}
     table = resample(users, "SFT", n_boot, seed)
     return {k: v for k, v in table.items() if " - " not in k or k == "GDRT - SFT"}

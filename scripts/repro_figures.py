@@ -6,7 +6,7 @@
     fig10_sensitivity_G.png / fig11_sensitivity_tau.png   the GDRT grid against the SFT line
     q_effective_groups.png      exp(H(Q)) per step of every GDRT run
     figures.json                all of the above numbers, and the token groups' composition
-Definitions: scripts/repro_report.py's docstring.
+Definitions: scripts/repro_stats.py's docstring.
 """
 
 import json
@@ -18,7 +18,8 @@ import numpy as np
 from nanogdrt import files, grouping, metrics, plots, relevance
 from repro import best_valid, gdrt_row, parse_grid
 from repro_data import dataset_of, load_model, template_of
-from repro_report import bootstrap, group_composition, load_users, q_entropy, row_names
+from repro_report import load_users, row_names
+from repro_stats import bootstrap, group_composition, q_entropy
 
 
 def analyze_runs(a, labels, out: Path, users_file: Path, item_group, ds) -> list[Path]:

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import repro  # noqa: E402
 import repro_report  # noqa: E402
+import repro_stats  # noqa: E402
 
 from nanogdrt import metrics  # noqa: E402
 
@@ -36,22 +37,22 @@ GROUPS = {i: 1 + i % 5 for i in range(100)}
 
 def test_bootstrap_point_is_the_metric_and_paired_difference_resolves_a_real_gap():
     (sft_rec, by_row), (gdrt_rec, by_row2) = _users(150, 0.3, 0), _users(150, 0.6, 1)
-    sft = repro_report.Users(sft_rec, by_row, TITLES, GROUPS)
-    gdrt = repro_report.Users(gdrt_rec, by_row2, TITLES, GROUPS)
-    table = repro_report.bootstrap({"SFT": sft, "GDRT": gdrt}, "SFT", B=300)
+    sft = repro_stats.Users(sft_rec, by_row, TITLES, GROUPS)
+    gdrt = repro_stats.Users(gdrt_rec, by_row2, TITLES, GROUPS)
+    table = repro_stats.bootstrap({"SFT": sft, "GDRT": gdrt}, "SFT", B=300)
     for name, (rec, rows) in (("SFT", (sft_rec, by_row)), ("GDRT", (gdrt_rec, by_row2))):
         direct = metrics.evaluate([r["topk_item_ids"] for r in rec], [rows[r["row"]].target for r in rec],
                                   [rows[r["row"]].history for r in rec], item_group=GROUPS, titles=TITLES)
-        for k in repro_report.TABLE_KEYS:
+        for k in repro.TABLE_KEYS:
             v, lo, hi = table[name][k]
             assert v == pytest.approx(direct[k], abs=1e-12) and lo <= v <= hi
     d = table["GDRT - SFT"]["HR@10"]
-    assert d[1] > 0 and repro_report.verdict(d, "HR@10") == "reproduced"
-    same = repro_report.paired(sft, sft, 50, 0)
-    assert all(same[k] == (0.0, 0.0, 0.0) for k in repro_report.TABLE_KEYS)
-    assert repro_report.verdict((0.1, -0.2, -0.05), "DGU@5") == "reproduced"       # lower is better
-    assert repro_report.verdict((0.1, 0.05, 0.2), "DGU@5") == "not reproduced"
-    assert repro_report.verdict((0.0, -0.1, 0.1), "NDCG@5") == "not resolved at this scale"
+    assert d[1] > 0 and repro_stats.verdict(d, "HR@10") == "reproduced"
+    same = repro_stats.paired(sft, sft, 50, 0)
+    assert all(same[k] == (0.0, 0.0, 0.0) for k in repro.TABLE_KEYS)
+    assert repro_stats.verdict((0.1, -0.2, -0.05), "DGU@5") == "reproduced"       # lower is better
+    assert repro_stats.verdict((0.1, 0.05, 0.2), "DGU@5") == "not reproduced"
+    assert repro_stats.verdict((0.0, -0.1, 0.1), "NDCG@5") == "not resolved at this scale"
 
 
 def test_old_bootstrap_api_of_gpu_report():
@@ -64,19 +65,19 @@ def test_old_bootstrap_api_of_gpu_report():
 
 def test_resample_weights_equal_metrics_of_the_resampled_users():
     rec, by_row = _users(40, 0.5, 2)
-    u = repro_report.Users(rec, by_row, TITLES, GROUPS)
-    w = repro_report.weights(40, 3, seed=1)
+    u = repro_stats.Users(rec, by_row, TITLES, GROUPS)
+    w = repro_stats.weights(40, 3, seed=1)
     t = u.table(w)
     for b in range(1, 4):
         idx = np.repeat(np.arange(40), w[b].astype(int))
         direct = metrics.evaluate([rec[i]["topk_item_ids"] for i in idx], [by_row[i].target for i in idx],
                                   [by_row[i].history for i in idx], item_group=GROUPS, titles=TITLES)
-        for k in repro_report.TABLE_KEYS:
+        for k in repro.TABLE_KEYS:
             assert t[k][b] == pytest.approx(direct[k], abs=1e-12)
 
 
 def test_q_entropy_and_group_composition(tiny_model_dir):
-    eff = repro_report.q_entropy([{"q": [0.25] * 4}, {"q": [1.0, 0, 0, 0]}, {"q": [0.5, 0.5, 0, 0]}])
+    eff = repro_stats.q_entropy([{"q": [0.25] * 4}, {"q": [1.0, 0, 0, 0]}, {"q": [0.5, 0.5, 0, 0]}])
     assert eff == pytest.approx([4.0, 1.0, 2.0])
     from nanogdrt.prompt import PromptBuilder
     from nanogdrt.tokenizer import Tokenizer
@@ -85,7 +86,7 @@ def test_q_entropy_and_group_composition(tiny_model_dir):
     x = SimpleNamespace(history=[1, 2], target=3, row=0)
     p = b.for_interaction(x, {1: "Red Ball", 2: "Blue Car", 3: "Toy Robot Deluxe"}, with_target=True)
     n = p.target[1] - p.target[0]
-    comp = repro_report.group_composition([p], [torch.ones(n, dtype=torch.long)], 2, tok)
+    comp = repro_stats.group_composition([p], [torch.ones(n, dtype=torch.long)], 2, tok)
     shares = {k: v for k, v in comp[0].items() if k not in ("group", "tokens")}
     assert comp[0]["tokens"] == n and comp[1]["tokens"] == 0 and sum(shares.values()) == pytest.approx(1)
     assert shares["EOS"] == pytest.approx(1 / n, abs=1e-4) and shares["first title token"] == pytest.approx(1 / n, abs=1e-4)
@@ -94,17 +95,17 @@ def test_q_entropy_and_group_composition(tiny_model_dir):
 def test_q_summary_reads_q_and_the_loss_spread_against_tau():
     steps = [{"q": [0.0, 0.02, 0.98, 0.0], "group_loss": [0.0, 3.0, 5.0, 0.0]},      # groups 1, 4 absent
              {"q": [0.2, 0.3, 0.5, 0.0], "group_loss": [1.0, 1.5, 2.0, 0.0]}]
-    q = repro_report.q_summary(steps, tau=0.5)
+    q = repro_stats.q_summary(steps, tau=0.5)
     assert q["loss_spread"] == pytest.approx((2.0 + 1.0) / 2)      # max - min over the present groups only
     assert q["spread_over_tau"] == pytest.approx(3.0) and q["max_q"] == pytest.approx(0.74)
     assert q["one_hot_share"] == 0.5 and q["top_group"] == 3 and q["top_group_share"] == 1.0
-    assert q["exp_H_Q"] == pytest.approx(np.mean(repro_report.q_entropy(steps)))
+    assert q["exp_H_Q"] == pytest.approx(np.mean(repro_stats.q_entropy(steps)))
 
 
 def test_welch_interval_against_scipy_and_the_seed_verdict():
     from scipy import stats
     gdrt, sft = [0.148, 0.139, 0.151], [0.268, 0.214, 0.255]
-    d, lo, hi = repro_report.welch_interval(gdrt, sft)
+    d, lo, hi = repro_stats.welch_interval(gdrt, sft)
     ref = stats.ttest_ind(gdrt, sft, equal_var=False).confidence_interval(0.95)
     assert d == pytest.approx(np.mean(gdrt) - np.mean(sft)) and (lo, hi) == pytest.approx((ref.low, ref.high))
     seeds = {"SFT": [{k: 0.0 for k in repro.TABLE_KEYS} | {"DGU@5": x} for x in sft],
@@ -112,9 +113,9 @@ def test_welch_interval_against_scipy_and_the_seed_verdict():
     row = repro_report.seed_verdicts(seeds)[0]
     assert "reproduced (-0.0997)" in row                      # lower DGU@5 is better
     assert repro_report.seed_verdicts({"SFT": seeds["SFT"], "GDRT": seeds["GDRT"][:1]}) == []   # one seed: no spread
-    assert repro_report.effect_word((-0.10, -0.14, -0.06), "DGU@5") == "helps"          # lower is better
-    assert repro_report.effect_word((-0.01, -0.02, -0.005), "NDCG@10") == "hurts"
-    assert repro_report.effect_word((0.01, -0.01, 0.02), "NDCG@10") == "no resolved difference"
+    assert repro_stats.effect_word((-0.10, -0.14, -0.06), "DGU@5") == "helps"          # lower is better
+    assert repro_stats.effect_word((-0.01, -0.02, -0.005), "NDCG@10") == "hurts"
+    assert repro_stats.effect_word((0.01, -0.01, 0.02), "NDCG@10") == "no resolved difference"
 
 
 def test_grid_spec_is_checked():
