@@ -40,7 +40,7 @@ from nanogdrt.prompt import PromptBuilder
 from nanogdrt.recommend import build_trie, recommend, score
 from nanogdrt.step import StepData, train_step
 from nanogdrt.tokenizer import Tokenizer
-from nanogdrt.train_state import claim_run_folder, load_state, save_state
+from nanogdrt.train_state import StopOnSigterm, claim_run_folder, load_state, save_state
 
 
 # ----------------------------------------------------------------------------- method, evaluation
@@ -250,8 +250,10 @@ def write_results(out, cfg, dataset, model_dir, world, token_groups, token_rel, 
     print_table(cfg, test, times)
 
 
-def pause_message(state, stopped: bool) -> str:
-    """What a run that ends before its test says: --max-steps reached, or --no-test."""
+def pause_message(state, stopped: bool, signalled: bool = False) -> str:
+    """What a run that ends before its test says: SIGTERM, --max-steps reached, or --no-test."""
+    if stopped and signalled:
+        return f"stopped by SIGTERM after {state['step']} steps (checkpointed); continue with --resume"
     if stopped:
         return f"stopped after {state['step']} steps (--max-steps); continue with --resume"
     return (f"trained; best valid NDCG@5 {state['best']['NDCG@5']:.4f} at epoch {state['best']['epoch']}. "
@@ -309,46 +311,48 @@ def main(argv=None):
         if dist.main:
             save_state(out / "state", model, optimizer, state, lora, cfg, rank_rng)
 
-    stopped = False
-    for epoch in range(state["epoch"], cfg.epochs):
-        if cfg.regroup_every_epoch and epoch > 0:
-            token_groups, token_rel = regroup_or_restore(model, builder, dataset, cfg, state, token_groups,
-                                                         token_rel, dist)
-        steps = epoch_steps(examples, cfg, epoch, dist.world)
-        # A run resumed mid-epoch starts at the step after the checkpoint's.
-        bar = tqdm(range(state["batch"], len(steps)), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   initial=state["batch"], total=len(steps), disable=not dist.main)
-        for b in bar:
-            try:
-                log = train_step(net, steps[b], data, token_groups, cfg.method, cfg.groups, cfg.tau,
-                                 cfg.loss_scope, cfg.device, dist)
-            except FloatingPointError as e:
-                raise SystemExit(f"{e} at epoch {epoch + 1}, step {state['step'] + 1}: stopping. The last "
-                                 f"good checkpoint is {out / 'state'} (--resume); try a lower --lr.") from None
-            torch.nn.utils.clip_grad_norm_(lora_parameters(model), cfg.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"], state["batch"] = state["step"] + 1, b + 1
-            # The log of every step lives in the checkpoint, so a resumed run reports all of them.
-            state["steps"].append({"step": state["step"], "loss": log["loss"],
-                                   "group_loss": log["group_loss"].tolist(), "q": log["q"].tolist()})
-            bar.set_postfix(loss=f"{log['loss']:.3f}", **method_postfix(cfg, log, method_log))
-            if state["step"] % cfg.save_every == 0:
-                checkpoint()
-            stopped = cfg.max_steps is not None and state["step"] >= cfg.max_steps
+    # SIGTERM (preemption, a deadline) stops after the current step with a checkpoint: no step lost.
+    stopped, sigterm = False, StopOnSigterm(active=not dist.enabled)
+    with sigterm:
+        for epoch in range(state["epoch"], cfg.epochs):
+            if cfg.regroup_every_epoch and epoch > 0:
+                token_groups, token_rel = regroup_or_restore(model, builder, dataset, cfg, state, token_groups,
+                                                             token_rel, dist)
+            steps = epoch_steps(examples, cfg, epoch, dist.world)
+            # A run resumed mid-epoch starts at the step after the checkpoint's.
+            bar = tqdm(range(state["batch"], len(steps)), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       initial=state["batch"], total=len(steps), disable=not dist.main)
+            for b in bar:
+                try:
+                    log = train_step(net, steps[b], data, token_groups, cfg.method, cfg.groups, cfg.tau,
+                                     cfg.loss_scope, cfg.device, dist)
+                except FloatingPointError as e:
+                    raise SystemExit(f"{e} at epoch {epoch + 1}, step {state['step'] + 1}: stopping. The last "
+                                     f"good checkpoint is {out / 'state'} (--resume); try a lower --lr.") from None
+                torch.nn.utils.clip_grad_norm_(lora_parameters(model), cfg.clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"], state["batch"] = state["step"] + 1, b + 1
+                # The log of every step lives in the checkpoint, so a resumed run reports all of them.
+                state["steps"].append({"step": state["step"], "loss": log["loss"],
+                                       "group_loss": log["group_loss"].tolist(), "q": log["q"].tolist()})
+                bar.set_postfix(loss=f"{log['loss']:.3f}", **method_postfix(cfg, log, method_log))
+                if state["step"] % cfg.save_every == 0:
+                    checkpoint()
+                stopped = (cfg.max_steps is not None and state["step"] >= cfg.max_steps) or sigterm.requested
+                if stopped:
+                    checkpoint()
+                    break
             if stopped:
-                checkpoint()
                 break
-        if stopped:
-            break
-        # Step 5: choose on validation (the paper's protocol), never on test.
-        if validate(model, builder, trie, dataset, item_group, cfg, epoch, state, dist) and dist.main:
-            save_adapter(model, out / "best_adapter", lora, str(model_dir))
-        state["epoch"], state["batch"] = epoch + 1, 0
-        checkpoint()
+            # Step 5: choose on validation (the paper's protocol), never on test.
+            if validate(model, builder, trie, dataset, item_group, cfg, epoch, state, dist) and dist.main:
+                save_adapter(model, out / "best_adapter", lora, str(model_dir))
+            state["epoch"], state["batch"] = epoch + 1, 0
+            checkpoint()
     times["train_and_valid_s"] = state.get("train_and_valid_s", time.perf_counter() - t)
     if stopped or cfg.no_test:                               # the same command with --resume goes on
-        return say(pause_message(state, stopped))
+        return say(pause_message(state, stopped, sigterm.requested))
 
     # Step 6: test the best adapter (chosen on validation above), with --decoding.
     t = time.perf_counter()

@@ -17,10 +17,15 @@ swapped in by renames, so a crash mid-write leaves the previous checkpoint intac
 is picked up if the crash fell between the two renames). Batch order is a pure function of
 (seed, epoch) and dropout draws from the restored RNG, so a resumed run repeats exactly the
 steps an uninterrupted one would take.
+
+`StopOnSigterm` turns SIGTERM (a scheduler's preemption, scripts/gpu_protocol.py's deadline) into
+"checkpoint after this optimizer step and stop", so a stopped run loses no step.
 """
 
 import json
 import shutil
+import signal
+import threading
 from dataclasses import asdict
 from pathlib import Path
 
@@ -125,3 +130,33 @@ def load_state(folder, model, optimizer, device="cpu", rank=0) -> dict:
         torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], device)
     saved.pop("config", None)
     return saved
+
+
+class StopOnSigterm:
+    """Within `with`, SIGTERM only sets `.requested`; the training loop checks it after each optimizer
+    step, checkpoints and stops, instead of dying mid-step and losing the steps since the last
+    --save-every checkpoint. A second SIGTERM, or any other signal, acts as before.
+
+    Single-process runs only (`active=False` under torchrun): every rank would have to stop at the
+    same step, which needs a collective each step; there the signal keeps its default action and the
+    last checkpoint resumes the run. Signal handlers can only be set from the main thread."""
+
+    def __init__(self, active: bool = True):
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.requested, self._previous = False, None
+
+    def _handler(self, signum, frame):
+        if self.requested:                                  # asked twice: stop now
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+        self.requested = True
+
+    def __enter__(self):
+        if self.active:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False

@@ -61,7 +61,7 @@ def invoke(argv, env, stop_at):
         proc.wait(timeout=max(1.0, stop_at - time.time()))
     except subprocess.TimeoutExpired:
         killed = True
-        os.killpg(proc.pid, signal.SIGTERM)       # our own child's group: train.py checkpoints atomically
+        os.killpg(proc.pid, signal.SIGTERM)       # our own child's group: train.py checkpoints its step and stops
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:

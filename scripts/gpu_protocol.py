@@ -22,8 +22,8 @@ resumable, and every call runs as many as its budget allows (docs/gpu_protocol.m
     python scripts/gpu_protocol.py report --data-dir ../shared/data/toy   # here: bootstrap table
 
 A stage whose output exists is skipped; a stage that does not fit the time left is not started
-(training stops at a planned step; a process still running at the deadline is killed and its
-last atomic checkpoint resumes it). State: plan.json (fixed at `init`), progress.json (times,
+(training stops at a planned step; a process still running at the deadline gets SIGTERM, on which
+train.py checkpoints after the step in flight, and SIGKILL 15 s later; its last checkpoint resumes it). State: plan.json (fixed at `init`), progress.json (times,
 measured rates, decisions), one folder per model; safetensors, JSON and gzipped JSON lines only.
 """
 

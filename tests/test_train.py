@@ -2,7 +2,9 @@
 figures, exact resume after an interruption, determinism, NaN handling, recommend CLI."""
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -65,6 +67,33 @@ def test_same_seed_same_results_and_sft_runs(run, tmp_path):
     b = json.loads((tmp_path / "b" / "results.json").read_text())
     assert a["test"] == b["test"] and a["steps"] == b["steps"]
     assert all(s["q"] == [0.0] * 5 for s in a["steps"])  # SFT has no group weights
+
+
+def test_sigterm_checkpoints_after_the_current_step_and_resumes_exactly(run, tmp_path, monkeypatch, capsys):
+    """SIGTERM (preemption, gpu_protocol's deadline) mid-run: the step in flight finishes, is
+    checkpointed, the run stops; resumed, it equals an uninterrupted run. No --save-every checkpoint
+    falls before the signal, so nothing but the signal's checkpoint can resume it."""
+    run(tmp_path / "straight", "--save-every", "100")
+    calls, real_token_nll = {"n": 0}, loss.token_nll
+
+    def term_during_step_3(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_token_nll(*args)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(loss, "token_nll", term_during_step_3)
+    run(tmp_path / "broken", "--save-every", "100")
+    assert "stopped by SIGTERM after 3 steps" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) == before                  # the handler is put back
+    state = json.loads((tmp_path / "broken" / "state" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and not (tmp_path / "broken" / "results.json").exists()
+    monkeypatch.setattr(loss, "token_nll", real_token_nll)
+    run(tmp_path / "broken", "--save-every", "100", "--resume")
+    a = json.loads((tmp_path / "straight" / "results.json").read_text())
+    b = json.loads((tmp_path / "broken" / "results.json").read_text())
+    assert a["test"] == b["test"] and a["steps"] == b["steps"] and a["epochs"] == b["epochs"]
 
 
 def test_existing_run_needs_resume_and_nan_loss_stops_cleanly(run, tmp_path, monkeypatch):
