@@ -235,6 +235,7 @@ def grid_section(a, docs, ds, by_row, item_group):
          "| G | tau | " + " | ".join(f"valid {k}" for k in SELECT_KEYS)
          + " | exp(H(Q)) | test NDCG@5 | test DGU@5 | NDCG@10 - SFT | DGU@5 - SFT |",
          "|---" * (len(SELECT_KEYS) + 7) + "|"]
+    effects = []
     for g, t in parse_grid(a.grid):
         f = docs / gdrt_row(g, t)
         if not (f / "train_results.json").exists():
@@ -250,9 +251,16 @@ def grid_section(a, docs, ds, by_row, item_group):
             if sft is not None:
                 d = paired(users, sft, a.bootstrap, 0)
                 test += "".join(f" | {fmt(d[k])}: {effect_word(d[k], k)}" for k in ("NDCG@10", "DGU@5"))
+                effects.append({k: effect_word(d[k], k) for k in ("NDCG@10", "DGU@5")})
             else:
                 test += " | - | -"
         L.append(f"| {g} | {t:g} | " + " | ".join(f"{x:.4f}" for x in v) + f" | {eff:.2f} | {test} |")
+    if effects:
+        words = ("helps", "no resolved difference", "hurts")
+        counts = {k: ", ".join(f"{sum(e[k] == w for e in effects)} {w}" for w in words) for k in ("DGU@5", "NDCG@10")}
+        L += ["", f"Tested grid points: {len(effects)}. DGU@5: {counts['DGU@5']}. NDCG@10: {counts['NDCG@10']}. "
+              f"These are {2 * len(effects)} comparisons at 95% each, uncorrected: one interval that barely "
+              "excludes 0 is weak evidence."]
     return L
 
 
