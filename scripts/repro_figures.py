@@ -19,7 +19,7 @@ from nanogdrt import files, grouping, metrics, plots, relevance
 from repro import best_valid, gdrt_row, parse_grid
 from repro_data import dataset_of, load_model, template_of
 from repro_report import load_users, row_names
-from repro_stats import bootstrap, group_composition, q_entropy
+from repro_stats import group_composition, point, q_entropy
 
 
 def analyze_runs(a, labels, out: Path, users_file: Path, item_group, ds) -> list[Path]:
@@ -56,7 +56,7 @@ def sensitivity(a, docs: Path, ds, by_row, item_group, sft_valid, sft_test, figs
         if (f / "train_results.json").exists():
             test = None
             if (f / "test_predictions.jsonl").exists():
-                test = bootstrap({"x": load_users(a, f.name, by_row, ds.titles, item_group)}, "x", 1)["x"]["NDCG@5"][0]
+                test = point(load_users(a, f.name, by_row, ds.titles, item_group))["NDCG@5"]
             numbers[f"{g}:{t:g}"] = {"G": g, "tau": t, "valid NDCG@5": best_valid(f / "train_results.json")[0],
                                      "test NDCG@5": test}
     for split, sft in (("valid", sft_valid), ("test", sft_test)):
@@ -116,8 +116,7 @@ def figures(a):
     numbers["top1_group_distribution"] = bars
 
     sft_valid = best_valid(docs / "sft-s0" / "train_results.json")[0] if (docs / "sft-s0" / "train_results.json").exists() else None
-    sft_test = (bootstrap({"x": load_users(a, "sft-s0", by_row, ds.titles, item_group)}, "x", 1)["x"]["NDCG@5"][0]
-                if "SFT" in labels else None)
+    sft_test = point(load_users(a, "sft-s0", by_row, ds.titles, item_group))["NDCG@5"] if "SFT" in labels else None
     numbers["sensitivity"] = sensitivity(a, docs, ds, by_row, item_group, sft_valid, sft_test, figs)
 
     curves = {}

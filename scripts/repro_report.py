@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from nanogdrt import files  # noqa: E402
 from repro import SELECT_KEYS, TABLE_KEYS, best_valid, gdrt_row, parse_grid  # noqa: E402
 from repro_data import dataset_of  # noqa: E402
-from repro_stats import (Users, bootstrap, effect_word, interval, paired, q_entropy, q_summary,  # noqa: E402
-                         verdict, weights, welch_interval)
+from repro_stats import (Users, bootstrap, effect_word, interval, paired, point, q_entropy,  # noqa: E402
+                         q_summary, verdict, weights, welch_interval)
 # The paper's Toy numbers (Table 2, Llama-3.2-3B) that this report quotes; its other cells are not
 # transcribed here. Its abstract's summary over the three datasets: GDRT +24.29% NDCG@10 on average.
 PAPER_TOY = {"SFT": {"NDCG@10": 0.0158, "DGU@5": 0.612}, "GDRT": {"NDCG@10": 0.0203, "DGU@5": 0.403}}
@@ -90,7 +90,7 @@ def report(a):
     seeds = seed_values(a, docs, ds, by_row, item_group)
     L += seed_verdicts(seeds)
     L += seeds_section(a, seeds) + trains_on_section(a, docs)
-    L += grid_section(a, docs, ds, by_row, item_group)
+    L += grid_section(a, docs, ds, by_row, item_group, rows.get("SFT"))
     L += figures_section(a)
     L += times_section(docs)
     L += gpu_section(Path(a.results).parent / "gpu" / "protocol" / "report.md")   # docs/gpu/protocol
@@ -134,22 +134,28 @@ def seed_values(a, docs, ds, by_row, item_group) -> dict:
     out = {}
     for name, make in (("SFT", lambda s: f"sft-s{s}"), ("GDRT", lambda s: gdrt_row(g, tau, s))):
         folders = [make(s) for s in range(a.seeds) if (docs / make(s) / "test_predictions.jsonl").exists()]
-        out[name] = [{k: v[0] for k, v in bootstrap({"x": load_users(a, f, by_row, ds.titles, item_group)}, "x", 1)["x"].items()}
-                     for f in folders]
+        out[name] = [point(load_users(a, f, by_row, ds.titles, item_group)) for f in folders]
         if name == "GDRT":
             out["GDRT exp(H(Q))"] = [np.nanmean(q_entropy(json.loads((docs / f / "train_results.json").read_text())["steps"]))
                                      for f in folders]
     return out
 
 
-def seed_verdicts(seeds) -> list[str]:
-    """The Verdicts table's row over training seeds, when both rows have two seeds at least."""
+def seed_differences(seeds) -> dict | None:
+    """{metric: (GDRT's seed mean - SFT's, Welch lo, hi)}, when both rows have two seeds at least."""
     sft, gdrt = seeds.get("SFT", []), seeds.get("GDRT", [])
     if len(sft) < 2 or len(gdrt) < 2:
+        return None
+    return {k: welch_interval([v[k] for v in gdrt], [v[k] for v in sft]) for k in TABLE_KEYS}
+
+
+def seed_verdicts(seeds) -> list[str]:
+    """The Verdicts table's row over training seeds, when both rows have two seeds at least."""
+    d = seed_differences(seeds)
+    if d is None:
         return []
-    cells = [welch_interval([v[k] for v in gdrt], [v[k] for v in sft]) for k in TABLE_KEYS]
-    return [f"| GDRT beats SFT over training seeds ({len(gdrt)} vs {len(sft)}; Welch interval of the seed means) | "
-            + " | ".join(f"{verdict(c, k)} ({c[0]:+.4f})" for c, k in zip(cells, TABLE_KEYS)) + " |"]
+    return [f"| GDRT beats SFT over training seeds ({len(seeds['GDRT'])} vs {len(seeds['SFT'])}; Welch interval of "
+            "the seed means) | " + " | ".join(f"{verdict(d[k], k)} ({d[k][0]:+.4f})" for k in TABLE_KEYS) + " |"]
 
 
 def seeds_section(a, seeds):
@@ -165,9 +171,9 @@ def seeds_section(a, seeds):
             eff = seeds.get(f"{name} exp(H(Q))")
             L.append(f"| {name} | {len(vals)} | " + " | ".join(cell([v[k] for v in vals]) for k in TABLE_KEYS)
                      + (f" | {np.mean(eff):.2f} |" if eff else " | - |"))
-    if len(seeds.get("SFT", [])) > 1 and len(seeds.get("GDRT", [])) > 1:
-        diffs = [welch_interval([v[k] for v in seeds["GDRT"]], [v[k] for v in seeds["SFT"]]) for k in TABLE_KEYS]
-        L.append("| GDRT - SFT | seed means | " + " | ".join(fmt(d) for d in diffs) + " | - |")
+    diffs = seed_differences(seeds)
+    if diffs is not None:
+        L.append("| GDRT - SFT | seed means | " + " | ".join(fmt(diffs[k]) for k in TABLE_KEYS) + " | - |")
         L += ["", "The GDRT - SFT row: difference of the seed means [Welch t 95% interval]. It measures training "
               "noise, which the bootstrap over users above does not; with 2-3 seeds per row it is wide."]
     return L
@@ -224,10 +230,10 @@ def trains_on_section(a, docs):
     return L
 
 
-def grid_section(a, docs, ds, by_row, item_group):
+def grid_section(a, docs, ds, by_row, item_group, sft):
     """Fig. 10/11 as a table: every grid point's validation scores (the selection), its test scores,
-    its paired difference against SFT of the same seed, and how many groups its Q really mixes."""
-    sft = load_users(a, "sft-s0", by_row, ds.titles, item_group) if (docs / "sft-s0" / "test_predictions.jsonl").exists() else None
+    its paired difference against SFT of the same seed (`sft`: sft-s0's users, or None), and how
+    many groups its Q really mixes."""
     L = ["", "## GDRT grid (seed 0): validation (selection by NDCG@5), test, and the paired difference against SFT", "",
          "Where GDRT helps, does nothing and hurts: each grid point's test NDCG@10 and DGU@5 minus SFT's (sft-s0), "
          f"paired over the same users [bootstrap 95%, {a.bootstrap} resamples], read by the verdict rule "
@@ -246,8 +252,8 @@ def grid_section(a, docs, ds, by_row, item_group):
         test = "- | - | - | -"
         if (f / "test_predictions.jsonl").exists():
             users = load_users(a, f.name, by_row, ds.titles, item_group)
-            c = bootstrap({"x": users}, "x", 1)["x"]
-            test = f"{c['NDCG@5'][0]:.4f} | {c['DGU@5'][0]:.4f}"
+            c = point(users)
+            test = f"{c['NDCG@5']:.4f} | {c['DGU@5']:.4f}"
             if sft is not None:
                 d = paired(users, sft, a.bootstrap, 0)
                 test += "".join(f" | {fmt(d[k])}: {effect_word(d[k], k)}" for k in ("NDCG@10", "DGU@5"))

@@ -74,6 +74,12 @@ def interval(x):
     return float(x[0]), float(np.percentile(x[1:], 2.5)), float(np.percentile(x[1:], 97.5))
 
 
+def point(users) -> dict:
+    """{metric: value} on all of a row's users: the bootstrap's row 0 (every weight 1), alone."""
+    t = users.table(np.ones((1, len(users.rows))))
+    return {k: float(t[k][0]) for k in TABLE_KEYS}
+
+
 def bootstrap(rows: dict, ref="SFT", B=1000, seed=0) -> dict:
     """{row: {metric: (point, lo, hi)}}, and {f"{row} - {ref}": ...} on common users."""
     out = {}
