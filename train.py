@@ -35,7 +35,7 @@ from nanogdrt.config import parse_args
 from nanogdrt.data import load_dataset
 from nanogdrt.llama import Llama, compile_blocks
 from nanogdrt.lora import LoRAConfig, inject_lora, load_adapter, lora_parameters, save_adapter
-from nanogdrt.methods import METHODS, TargetLoss
+from nanogdrt.methods import GROUP_WEIGHTINGS, METHODS, TargetLoss
 from nanogdrt.prompt import PromptBuilder
 from nanogdrt.recommend import build_trie, recommend, score
 from nanogdrt.step import StepData, train_step
@@ -47,7 +47,7 @@ from nanogdrt.train_state import StopOnSigterm, claim_run_folder, load_state, sa
 
 def method_postfix(cfg, log, method_log) -> dict:
     """What the progress bar shows of the method: Q(g) each step, or the run's constants."""
-    if METHODS[cfg.method].weighting == "groups":
+    if METHODS[cfg.method].weighting in GROUP_WEIGHTINGS:
         return {"Q": " ".join(f"{q:.2f}" for q in log["q"].tolist())}
     if "example_weight_min" in method_log:
         return {"w": f"{method_log['example_weight_min']:.2f}..{method_log['example_weight_max']:.2f}"}

@@ -6,6 +6,12 @@
     msl         MSL's masked softmax at tau_msl      1 / N
     msl+gdrt    MSL's masked softmax                 Q(g_t) / N_{g_t}
     reweight    NLL                                  w_{b(t)} / N  (IFairLRS's weight of the example)
+    group-mean  NLL                                  (1 / G') / N_{g_t}  (G' = groups present)
+
+`group-mean` is our control, not the paper's: GDRT's token groups with the worst case taken out,
+i.e. Q fixed uniform (the tau -> inf limit of Eq. 5), so every group's mean loss counts equally.
+Against SFT's token mean it tests the grouping and equal group weights; against GDRT, the
+group-DRO weighting itself.
 
 N, N_g and L(g) = S_g / N_g (S_g the sum of group g's token losses) are totals over the batch
 the loss is defined on, its *scope*: the whole optimizer step (every micro-batch of every rank),
@@ -38,7 +44,9 @@ METHODS = {
     "msl": Method("msl", "mean"),
     "msl+gdrt": Method("msl", "groups"),
     "reweight": Method("nll", "examples"),
+    "group-mean": Method("nll", "uniform-groups"),
 }
+GROUP_WEIGHTINGS = ("groups", "uniform-groups")   # the weightings that weight each group's mean loss
 
 
 class TargetLoss(torch.nn.Module):
@@ -86,8 +94,12 @@ def totals(per_token: torch.Tensor, token_group: torch.Tensor, n_groups: int) ->
     return Totals(sums, counts)
 
 
-def group_weights(t: Totals, tau: float) -> torch.Tensor:
-    """Q(g) = softmax over the present groups of L(g) / tau (Eq. 5); 0 for an absent group. (G,)"""
+def group_weights(t: Totals, tau: float, weighting: str = "groups") -> torch.Tensor:
+    """Q(g) = softmax over the present groups of L(g) / tau (Eq. 5), or 1 / G' for "uniform-groups"
+    (G' groups present); 0 for an absent group. (G,)"""
+    if weighting == "uniform-groups":
+        present = (t.counts > 0).float()
+        return present / present.sum().clamp(min=1)
     return loss.gdrt_from_sums(t.sums, t.counts, tau).q
 
 
@@ -108,8 +120,8 @@ def method_loss(weighting: str, per_token: torch.Tensor, token_group: torch.Tens
     if weighting == "examples":
         w = example_weight.to(per_token.device, torch.float32)[rows]           # (N,)
         return (w * per_token.float()).sum() / n
-    if weighting == "groups":
-        q = group_weights(scope, tau)                                          # (G,) constant
+    if weighting in GROUP_WEIGHTINGS:
+        q = group_weights(scope, tau, weighting)                               # (G,) constant
         c = (q / scope.counts.clamp(min=1))[token_group - 1]                   # (N,) Q(g_t) / N_{g_t}
         return (c * per_token.float()).sum()                                   # Eq. 5
     raise ValueError(f"unknown weighting {weighting!r}")

@@ -21,7 +21,7 @@ import torch
 
 from nanogdrt import distributed
 from nanogdrt.batches import collate
-from nanogdrt.methods import METHODS, Totals, group_weights, method_loss, totals
+from nanogdrt.methods import GROUP_WEIGHTINGS, METHODS, Totals, group_weights, method_loss, totals
 
 
 class StepData(NamedTuple):
@@ -99,8 +99,8 @@ def train_step(net, micro_batches, data: StepData, token_groups, method: str, n_
                 raise FloatingPointError(f"loss is {loss.item()}")
             (loss * scale).backward()
         loss_sum += loss.detach() * scale
-        if method.weighting == "groups":
-            q_sum += group_weights(scope, tau) / K
+        if method.weighting in GROUP_WEIGHTINGS:
+            q_sum += group_weights(scope, tau, method.weighting) / K
         pooled = pooled + mine                  # per-group losses are logged for every method (Fig. 6)
     pooled = pooled.reduce(reduce_fn)
     loss_sum = loss_sum if reduce_fn is None else reduce_fn(loss_sum)

@@ -6,7 +6,8 @@
     make repro                                                              # everything still to do
 
 Rows: the base model; SFT and GDRT (x --seeds training seeds); the GDRT grid (G x tau, seed 0),
-chosen on validation NDCG@5; MSL (each --msl-taus), MSL+GDRT, Reweight; SFT decoded with D3;
+chosen on validation NDCG@5; our control (GDRT's token groups with Q fixed uniform: is it the
+groups or the worst case that does the work?); MSL (each --msl-taus), MSL+GDRT, Reweight; SFT decoded with D3;
 SASRec and SASRec++. Every LLM row has the same training budget (file, windows, epochs, batch,
 LoRA) and is decoded on the same seeded test users (scripts/repro_data.py) with the same item groups.
 
@@ -82,6 +83,11 @@ def bootstrap(models: dict, titles, item_group, n_boot=1000, seed=0) -> dict:
 
 def gdrt_row(g, tau, seed=0) -> str:
     return f"gdrt-G{g}-tau{tau:g}-s{seed}"
+
+
+def control_row(g, seed=0) -> str:
+    """Our control (methods.py's group-mean): GDRT's G token groups with Q fixed uniform."""
+    return f"groupmean-G{g}-s{seed}"
 
 
 def sha256(path: Path) -> str:
@@ -168,6 +174,9 @@ class Plan:
         for g, tau in self.grid:                              # the sweep, chosen on validation
             if (g, tau) != self.robust:
                 self.add_train("sweep", gdrt_row(g, tau), "gdrt", 0, ("--groups", str(g), "--tau", str(tau)))
+        if a.control_groups:   # our control, not the paper's: GDRT's groups without the worst case
+            self.add_train("sweep", control_row(a.control_groups), "group-mean", 0,
+                           ("--groups", str(a.control_groups)))
         for t in a.msl_taus:
             self.add_train("baselines", f"msl-tau{t:g}-s0", "msl", 0, ("--tau-msl", str(t)))
         self.add_train("baselines", "msl-gdrt-s0", "msl+gdrt", 0, self.msl_gdrt_extra)
@@ -195,6 +204,8 @@ class Plan:
         for g, tau in self.grid:                              # the grid on test, for Fig. 10/11
             if (g, tau) != self.robust:
                 self.add_test("sweeptest", gdrt_row(g, tau), a.other_test_users)
+        if a.control_groups:
+            self.add_test("sweeptest", control_row(a.control_groups), a.other_test_users)
         self.stages.append(Stage("figures", "figures", [
             sys.executable, "scripts/repro_report.py", "figures", *self.report_args(),
             "--examples", str(a.examples)], [Path(a.figures) / "analysis.json"], 60))
@@ -326,6 +337,8 @@ def parser():
     p.add_argument("--seeds", type=int, default=3, help="training seeds of SFT and GDRT")
     p.add_argument("--robust-gdrt", default="5:0.5", help="G:TAU of the GDRT trained on every seed")
     p.add_argument("--grid", default="2:0.2,2:0.5,2:1,2:2,2:5,5:0.2,5:0.5,5:1,5:2,5:5", help="GDRT G:TAU grid")
+    p.add_argument("--control-groups", type=int, default=5,
+                   help="G of the control row (our addition: GDRT's groups, Q fixed uniform; 0 = none)")
     p.add_argument("--msl-taus", type=float, nargs="+", default=[1.0, 4.5], help="MSL taus (chosen on valid)")
     p.add_argument("--reweight-power", type=float, default=1.0, help="Reweight strength (IFairLRS: 1)")
     p.add_argument("--train-extra", type=shlex.split, default=[], help="more train.py flags for every LLM row, "

@@ -48,6 +48,23 @@ def test_group_weighting_equals_gdrt_loss_and_the_smooth_max(tau):
     assert methods.group_weights(scope, tau)[2] == 0
 
 
+def test_uniform_group_weighting_is_the_mean_of_the_present_group_losses_and_gdrt_at_large_tau():
+    """group-mean (our control): Q = 1/G' over the G' present groups, so the loss is the plain
+    mean of the L(g), and it is the tau -> inf limit of Eq. 5 (checked at tau = 1e7)."""
+    nll, groups, rows = nll_groups_rows(seed=4)
+    scope = methods.totals(nll, groups, G)
+    ours = methods.method_loss("uniform-groups", nll, groups, rows, None, scope, 0.5)
+    L = torch.stack([nll[groups == g].mean() for g in (1, 2, 4)])          # group 3 is absent
+    torch.testing.assert_close(ours, L.mean())
+    (g_ours,) = torch.autograd.grad(ours, nll)
+    (g_ref,) = torch.autograd.grad(L.mean(), nll)
+    torch.testing.assert_close(g_ours, g_ref)
+    torch.testing.assert_close(methods.group_weights(scope, 0.5, "uniform-groups"),
+                               torch.tensor([1 / 3, 1 / 3, 0, 1 / 3]))
+    torch.testing.assert_close(ours, gdrt_loss(nll, groups, G, 1e7).loss, atol=1e-6, rtol=1e-6)
+    assert methods.METHODS["group-mean"] == methods.Method("nll", "uniform-groups")
+
+
 def test_mean_and_example_weightings_equal_sft_and_reweight_losses():
     nll, groups, rows = nll_groups_rows(seed=1)
     scope = methods.totals(nll, groups, G)
@@ -57,7 +74,7 @@ def test_mean_and_example_weightings_equal_sft_and_reweight_losses():
                                reweight_loss(nll, rows, w))
 
 
-@pytest.mark.parametrize("weighting", ["mean", "groups", "examples"])
+@pytest.mark.parametrize("weighting", ["mean", "groups", "examples", "uniform-groups"])
 def test_parts_with_the_whole_scope_sum_to_the_whole_loss(weighting):
     nll, groups, rows = nll_groups_rows(seed=3)
     w = torch.linspace(0.5, 1.5, 6)
@@ -99,7 +116,7 @@ def step_gradients(step_setup, tiny_model_dir, method, scope, micro_batches):
     return log, [p.grad.clone() for p in params]
 
 
-@pytest.mark.parametrize("method", ["gdrt", "msl+gdrt", "sft"])
+@pytest.mark.parametrize("method", ["gdrt", "msl+gdrt", "sft", "group-mean"])
 def test_step_scope_accumulation_equals_one_big_batch(step_setup, tiny_model_dir, method):
     """4 micro-batches of 2 (step scope) == one batch of 8: Q, loss, L(g), gradient (1e-5)."""
     order = [3, 0, 6, 1, 7, 2, 5, 4]
@@ -118,6 +135,9 @@ def test_step_scope_accumulation_equals_one_big_batch(step_setup, tiny_model_dir
                                         [order[i:i + 2] for i in range(0, 8, 2)])
         assert not torch.allclose(micro["q"], one["q"], atol=1e-3)
         assert not all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g_micro, g_one))
+    if method == "group-mean":                               # logged Q: uniform over the present groups
+        present = (one["group_loss"] > 0).float()
+        torch.testing.assert_close(one["q"], present / present.sum())
 
 
 def test_msl_forward_on_a_rank_without_rows(step_setup, tiny_model_dir):

@@ -164,8 +164,26 @@ def test_stages_run_collect_checksum_and_skip(staged, capsys):
     assert json.loads((docs / "manifest.json").read_text()) == manifest
     repro.main(args + ["--list", "--only", "train:*"])
     listed = capsys.readouterr().out
-    assert "done  robust     train:sft-s0" in listed and "todo  sweep" not in listed   # the grid is G5 only
+    assert "done  robust     train:sft-s0" in listed and "todo  sweep      train:gdrt" not in listed   # grid: G5 only
+    assert "todo  sweep      train:groupmean-G5-s0" in listed
     assert "todo  baselines  train:msl-tau4.5-s0" in listed
+
+
+def test_control_row_trains_uniform_q_and_is_reported_against_gdrt(staged):
+    """Our control (group-mean: GDRT's groups, Q = 1/G) runs as its own row and the report pairs
+    it with GDRT of the same G on the same users."""
+    tmp, args = staged
+    repro.main(args + ["--stages", "data,robust"])            # skipped when the test above ran
+    repro.main(args + ["--only", "train:groupmean-*,test:groupmean-*,report"])
+    docs = tmp / "docs"
+    train = json.loads((docs / "groupmean-G5-s0" / "train_results.json").read_text())
+    assert train["config"]["method"] == "group-mean" and train["config"]["groups"] == 5
+    for step in train["steps"]:
+        present = [x > 0 for x in step["group_loss"]]
+        assert step["q"] == pytest.approx([p / sum(present) for p in present])
+    report = (tmp / "results.md").read_text()
+    assert "| 5 | inf: uniform Q (control) |" in report and "our addition, not the paper's" in report
+    assert "| gdrt-G5-tau0.5-s0 - groupmean-G5-s0 | 4 |" in report   # paired on the 4 users both have
 
 
 def test_sasrec_stage(staged):

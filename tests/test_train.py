@@ -189,6 +189,19 @@ def test_baseline_methods_run_and_log_what_is_special(small_run, tmp_path, metho
         assert 0 <= info["example_weight_min"] <= info["example_weight_max"]
 
 
+def test_group_mean_control_trains_as_gdrt_at_a_huge_tau(small_run, tmp_path):
+    """The control (Q fixed uniform) is Eq. 5's tau -> inf limit: GDRT at tau = 1e7 takes the
+    same first step to float32 rounding (later steps drift by ~1e-5: Adam's first updates are
+    ~sign(grad), which rounding can flip on tiny components), and its logged Q is uniform."""
+    ctrl = small_run(tmp_path / "ctrl", "--method", "group-mean")
+    gdrt = small_run(tmp_path / "gdrt", "--method", "gdrt", "--tau", "1e7")
+    for k, (a, b) in enumerate(zip(ctrl["steps"], gdrt["steps"])):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6 if k == 0 else 1e-4)
+        assert a["q"] == pytest.approx(b["q"], abs=1e-5)
+        present = [x > 0 for x in a["group_loss"]]
+        assert a["q"] == pytest.approx([p / sum(present) for p in present])
+
+
 def test_reweight_with_power_0_is_sft_exactly(small_run, tmp_path):
     sft = small_run(tmp_path / "sft", "--method", "sft")
     flat = small_run(tmp_path / "flat", "--method", "reweight", "--reweight-power", "0")
