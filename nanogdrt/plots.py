@@ -5,6 +5,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from nanogdrt.files import atomic_path  # noqa: E402
@@ -216,15 +217,24 @@ def token_heatmap(users: list[dict], path, title):
     _save(fig, path)
 
 
-def sensitivity(curves: dict[str, tuple[list, list]], sft: float | None, path, xlabel, ylabel, title, log_x=False):
-    """Fig. 10 / 11. curves: label -> (x values, metric); sft: the SFT level, drawn dashed."""
+def sensitivity(curves: dict[str, tuple[list, list]], sft: float | None, path, xlabel, ylabel, title, log_x=False,
+                refs: dict[str, float] | None = None, sft_band: tuple[float, float] | None = None):
+    """Fig. 10 / 11. curves: label -> (x values, metric); sft: the SFT level, drawn dashed;
+    refs: other levels (label -> value), dotted; sft_band: (low, high) of SFT over its seeds, shaded."""
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for label, (x, y) in curves.items():
         ax.plot(x, y, marker="o", label=label)
     if sft is not None:
-        ax.axhline(sft, color="gray", linestyle="--", linewidth=1, label="SFT")
-    if log_x:
+        ax.axhline(sft, color="gray", linestyle="--", linewidth=1, label="SFT (seed 0)" if sft_band else "SFT")
+    if sft_band is not None:
+        ax.axhspan(*sft_band, color="gray", alpha=0.15, label="SFT, range over seeds")
+    for (label, value), color in zip((refs or {}).items(), ("black", "tab:purple", "tab:brown")):
+        ax.axhline(value, color=color, linestyle=":", linewidth=1.2, label=label)
+    if log_x:   # ticks at the grid's own values, written plainly (0.2, 0.5, 1, 2, 5)
         ax.set_xscale("log")
+        ax.set_xticks(sorted({v for x, _ in curves.values() for v in x}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

@@ -4,6 +4,8 @@
                   definitions, Fig. 3/8, 4/9, 5, 6, and Fig. 1-style token heat maps (3 users)
     fig3_rows_top1_groups.png   top-1 item groups of every row beside the test targets
     fig10_sensitivity_G.png / fig11_sensitivity_tau.png   the GDRT grid against the SFT line
+    fig11_sensitivity_tau_test_DGU5.png   the same for fairness, with SFT's seed range and our
+                                control (Q fixed uniform, the tau -> inf limit) as a dotted line
     q_effective_groups.png      exp(H(Q)) per step of every GDRT run
     figures.json                all of the above numbers, and the token groups' composition
 Definitions: scripts/repro_stats.py's docstring.
@@ -49,18 +51,26 @@ def analyze_runs(a, labels, out: Path, users_file: Path, item_group, ds) -> list
 
 
 def sensitivity(a, docs: Path, ds, by_row, item_group, sft_valid, sft_test, figs: Path) -> dict:
+    """Fig. 10/11: validation and test NDCG@5 over the grid against SFT; and test DGU@5 over tau
+    against SFT (seed 0, and its range over the tested seeds) and the uniform-Q control."""
     grid = parse_grid(a.grid)
     numbers = {}
     for g, t in grid:
         f = docs / gdrt_row(g, t)
         if (f / "train_results.json").exists():
-            test = None
+            test = {"test NDCG@5": None, "test DGU@5": None}
             if (f / "test_predictions.jsonl").exists():
-                test = point(load_users(a, f.name, by_row, ds.titles, item_group))["NDCG@5"]
-            numbers[f"{g}:{t:g}"] = {"G": g, "tau": t, "valid NDCG@5": best_valid(f / "train_results.json")[0],
-                                     "test NDCG@5": test}
-    for split, sft in (("valid", sft_valid), ("test", sft_test)):
-        key = f"{split} NDCG@5"
+                c = point(load_users(a, f.name, by_row, ds.titles, item_group))
+                test = {"test NDCG@5": c["NDCG@5"], "test DGU@5": c["DGU@5"]}
+            numbers[f"{g}:{t:g}"] = {"G": g, "tau": t, "valid NDCG@5": best_valid(f / "train_results.json")[0], **test}
+    tested = lambda f: (f / "test_predictions.jsonl").exists()   # noqa: E731
+    sft_dgu = [point(load_users(a, f.name, by_row, ds.titles, item_group))["DGU@5"]
+               for f in sorted(docs.glob("sft-s*")) if tested(f)]
+    controls = {f"uniform Q, G={json.loads((f / 'train_results.json').read_text())['config']['groups']} (control)":
+                point(load_users(a, f.name, by_row, ds.titles, item_group))["DGU@5"]
+                for f in sorted(docs.glob("groupmean-G*-s0")) if tested(f)}
+    for split, key, sft in (("valid", "valid NDCG@5", sft_valid), ("test", "test NDCG@5", sft_test),
+                            ("test", "test DGU@5", sft_dgu[0] if sft_dgu else None)):
         pts = [v for v in numbers.values() if v[key] is not None]
         if not pts:
             continue
@@ -68,11 +78,17 @@ def sensitivity(a, docs: Path, ds, by_row, item_group, sft_valid, sft_test, figs
                   for t in sorted({p["tau"] for p in pts})}
         by_g = {f"G={g}": ([p["tau"] for p in pts if p["G"] == g], [p[key] for p in pts if p["G"] == g])
                 for g in sorted({p["G"] for p in pts})}
+        if key == "test DGU@5":   # the fairness view (lower = fairer): tau, with the control
+            plots.sensitivity(by_g, sft, figs / "fig11_sensitivity_tau_test_DGU5.png", "tau", "test DGU@5 (lower = fairer)",
+                              "GDRT sensitivity to tau: fairness (test, seed 0)", log_x=True, refs=controls,
+                              sft_band=(min(sft_dgu), max(sft_dgu)) if len(sft_dgu) > 1 else None)
+            continue
         plots.sensitivity(by_tau, sft, figs / f"fig10_sensitivity_G_{split}.png", "G (token groups)", key,
                           f"GDRT sensitivity to G ({split})")
         plots.sensitivity(by_g, sft, figs / f"fig11_sensitivity_tau_{split}.png", "tau", key,
                           f"GDRT sensitivity to tau ({split})", log_x=True)
-    return {"grid": numbers, "SFT valid NDCG@5": sft_valid, "SFT test NDCG@5": sft_test}
+    return {"grid": numbers, "SFT valid NDCG@5": sft_valid, "SFT test NDCG@5": sft_test,
+            "SFT test DGU@5 per seed": sft_dgu, "control test DGU@5": controls}
 
 
 def composition(a, labels, docs, ds_name, data_dir) -> list[dict] | None:

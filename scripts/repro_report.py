@@ -340,7 +340,9 @@ def figures_section(a) -> list[str]:
     drawn = [("top-1 item groups of every row (Fig. 3/8)", "fig3_rows_top1_groups.png"),
              ("GDRT's effective number of groups exp(H(Q)) per step", "q_effective_groups.png"),
              ("sensitivity to G, validation / test (Fig. 10)", "fig10_sensitivity_G_valid.png"),
-             ("sensitivity to tau, validation / test (Fig. 11)", "fig11_sensitivity_tau_valid.png")]
+             ("sensitivity to tau, validation / test (Fig. 11)", "fig11_sensitivity_tau_valid.png"),
+             ("fairness over tau: test DGU@5 against SFT's seeds and the uniform-Q control",
+              "fig11_sensitivity_tau_test_DGU5.png")]
     drawn += [(f"{k} (nanogdrt.analyze)", f"analyze/{v}") for k, v in an.get("figures", {}).items()]
     drawn += [("token heat maps, base vs SFT vs GDRT (Fig. 1 style; open the HTML page in a browser)",
                "analyze/heatmap/heatmap.html")]

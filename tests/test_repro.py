@@ -202,7 +202,9 @@ def test_figures(staged):
     comp = numbers["group_composition"]
     assert len(comp) == 5 and sum(g["tokens"] for g in comp) > 0
     assert numbers["q_effective_groups"]["gdrt-G5-tau0.5-s0"]["mean"] <= 5 + 1e-9
+    assert numbers["sensitivity"]["grid"]["5:0.5"]["test DGU@5"] is not None
     for png in ("fig3_rows_top1_groups.png", "fig10_sensitivity_G_valid.png", "fig11_sensitivity_tau_test.png",
+                "fig11_sensitivity_tau_test_DGU5.png",
                 "q_effective_groups.png", "analyze/fig2_attribution_ratios.png", "analyze/heatmap/heatmap.html"):
         assert (figs / png).stat().st_size > 500, png
 
