@@ -42,6 +42,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from nanogdrt import files  # noqa: E402
 
+# Minutes on an idle 2-core CPU, measured on the Toy stages (docs/results.md's wall-time table):
+# training 1,000 windows, one beam-search user (valid or test), and a stage's start (load, caches).
+RATES = {"train_1000": 13.5, "user": 0.7 / 60, "start": 1.0}
 PHASES = ["data", "robust", "sweep", "baselines", "sweeptest", "figures", "report"]
 SELECT_KEYS = ("NDCG@5", "NDCG@10", "HR@10")
 
@@ -52,7 +55,7 @@ class Stage:
     phase: str
     argv: object              # list[str], or a function of the plan returning one (decided late)
     outputs: list[Path]       # all present = done
-    minutes: float            # estimate on a 2-core CPU (docs/results.md's rates)
+    minutes: float            # estimate on an idle 2-core CPU (RATES)
     collect: object = None    # run after the command: copies outputs into docs/repro/<row>/
 
 
@@ -148,7 +151,7 @@ class Plan:
     # -- stages --------------------------------------------------------------------------------
     def add_train(self, phase, row, method, seed, extra=()):
         a = self.a
-        minutes = a.epochs * (a.train_samples / 1000 * 20 + a.valid_users * 1.2 / 60)
+        minutes = RATES["start"] + a.epochs * (a.train_samples / 1000 * RATES["train_1000"] + a.valid_users * RATES["user"])
         self.stages.append(Stage(
             f"train:{row}", phase, (lambda plan: plan.train_argv(row, method, seed, extra(plan) if callable(extra)
                                                                   else extra)),
@@ -156,7 +159,11 @@ class Plan:
 
     def add_test(self, phase, row, n, adapter=True, argv=None):
         self.stages.append(Stage(f"test:{row}", phase, argv or self.decode_argv(row, n, adapter),
-                                 [self.docs / row / "test_predictions.jsonl"], n * 1.2 / 60))
+                                 [self.docs / row / "test_predictions.jsonl"], self.test_minutes(n)))
+
+    @staticmethod
+    def test_minutes(n):
+        return RATES["start"] + n * RATES["user"]
 
     def build(self):
         a, docs = self.a, self.docs
@@ -184,9 +191,9 @@ class Plan:
         for row in ("msl-gdrt-s0", "reweight-s0"):
             self.add_test("baselines", row, a.other_test_users)
         self.stages.append(Stage("test:msl", "baselines", lambda plan: plan.decode_argv(
-            plan.chosen("msl"), a.other_test_users), [], a.other_test_users * 1.2 / 60))
+            plan.chosen("msl"), a.other_test_users), [], self.test_minutes(a.other_test_users)))
         self.stages.append(Stage("test:gdrt-chosen", "baselines", lambda plan: plan.decode_argv(
-            plan.chosen(), a.test_users), [], a.test_users * 1.2 / 60))
+            plan.chosen(), a.test_users), [], self.test_minutes(a.test_users)))
         for row, loss in (("sasrec", "bce"), ("sasrec-pp", "ce")):
             self.stages.append(Stage(row, "baselines", [
                 sys.executable, "-m", "nanogdrt.sasrec", "--dataset", a.dataset,
