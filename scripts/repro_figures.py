@@ -20,7 +20,8 @@ import numpy as np
 from nanogdrt import files, grouping, metrics, plots, relevance
 from repro import best_valid, gdrt_row, parse_grid
 from repro_data import dataset_of, load_model, template_of
-from repro_report import load_users, row_names
+from repro_report import row_names
+from repro_stats import load_users
 from repro_stats import group_composition, point, q_entropy
 
 

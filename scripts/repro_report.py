@@ -4,13 +4,13 @@
     python scripts/repro_report.py figures --dataset toy --data-dir D     # PNG + JSON -> docs/figures/repro
 
 The statistics (bootstrap, paired differences, the verdict rule, the seed interval, Q's entropy)
-and their definitions: scripts/repro_stats.py. "- SFT" rows: paired against sft-s0; a claim whose
+and their definitions: scripts/repro_stats.py; the robustness sections (seeds, what GDRT trains
+on, the grid, the control): scripts/repro_robust.py. "- SFT" rows: paired against sft-s0; a claim whose
 row is missing is "not resolved (row missing)".
 """
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -22,10 +22,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from nanogdrt import files  # noqa: E402
-from repro import SELECT_KEYS, TABLE_KEYS, best_valid, gdrt_row, parse_grid  # noqa: E402
+from repro import TABLE_KEYS, best_valid, gdrt_row, parse_grid  # noqa: E402
 from repro_data import dataset_of  # noqa: E402
-from repro_stats import (Users, bootstrap, effect_word, interval, paired, point, q_entropy,  # noqa: E402
-                         q_summary, verdict, weights, welch_interval)
+from repro_robust import grid_section, seed_values, seed_verdicts, seeds_section, trains_on_section  # noqa: E402
+from repro_stats import bootstrap, fmt, interval, load_users, paired, verdict, weights  # noqa: E402
 # The paper's Toy numbers (Table 2, Llama-3.2-3B) that this report quotes; its other cells are not
 # transcribed here. Its abstract's summary over the three datasets: GDRT +24.29% NDCG@10 on average.
 PAPER_TOY = {"SFT": {"NDCG@10": 0.0158, "DGU@5": 0.612}, "GDRT": {"NDCG@10": 0.0203, "DGU@5": 0.403}}
@@ -45,15 +45,6 @@ def row_names(a) -> dict:
     labels = {"Base model": "base", "SFT": "sft-s0", "GDRT": chosen, "MSL": msl, "MSL+GDRT": "msl-gdrt-s0",
               "Reweight": "reweight-s0", "SFT+D3": "sft-d3", "SASRec": "sasrec", "SASRec++": "sasrec-pp"}
     return {k: v for k, v in labels.items() if v and (docs / v / "test_predictions.jsonl").exists()}
-
-
-def load_users(a, folder, by_row, titles, item_group):
-    lines = (Path(a.docs) / folder / "test_predictions.jsonl").read_text().splitlines()
-    return Users([json.loads(x) for x in lines], by_row, titles, item_group)
-
-
-def fmt(c):
-    return f"{c[0]:.4f} [{c[1]:.4f}, {c[2]:.4f}]"
 
 
 def report(a):
@@ -125,189 +116,6 @@ def setup_section(a, docs, labels) -> list[str]:
           f"folder: {', '.join(sorted(p.parent.name for p in docs.glob('*/test_predictions.jsonl'))) or 'none'}. "
           "The plan and what is left: `python scripts/repro.py --data-dir ../shared/data/toy --list`.", ""]
     return L
-
-
-def seed_values(a, docs, ds, by_row, item_group) -> dict:
-    """{"SFT": [...], "GDRT": [...]}: each tested training seed's test metrics (point estimates), and
-    GDRT's mean exp(H(Q)) per seed under "GDRT exp(H(Q))"."""
-    g, tau = parse_grid(a.robust_gdrt)[0]
-    out = {}
-    for name, make in (("SFT", lambda s: f"sft-s{s}"), ("GDRT", lambda s: gdrt_row(g, tau, s))):
-        folders = [make(s) for s in range(a.seeds) if (docs / make(s) / "test_predictions.jsonl").exists()]
-        out[name] = [point(load_users(a, f, by_row, ds.titles, item_group)) for f in folders]
-        if name == "GDRT":
-            out["GDRT exp(H(Q))"] = [np.nanmean(q_entropy(json.loads((docs / f / "train_results.json").read_text())["steps"]))
-                                     for f in folders]
-    return out
-
-
-def seed_differences(seeds) -> dict | None:
-    """{metric: (GDRT's seed mean - SFT's, Welch lo, hi)}, when both rows have two seeds at least."""
-    sft, gdrt = seeds.get("SFT", []), seeds.get("GDRT", [])
-    if len(sft) < 2 or len(gdrt) < 2:
-        return None
-    return {k: welch_interval([v[k] for v in gdrt], [v[k] for v in sft]) for k in TABLE_KEYS}
-
-
-def seed_verdicts(seeds) -> list[str]:
-    """The Verdicts table's row over training seeds, when both rows have two seeds at least."""
-    d = seed_differences(seeds)
-    if d is None:
-        return []
-    return [f"| GDRT beats SFT over training seeds ({len(seeds['GDRT'])} vs {len(seeds['SFT'])}; Welch interval of "
-            "the seed means) | " + " | ".join(f"{verdict(d[k], k)} ({d[k][0]:+.4f})" for k in TABLE_KEYS) + " |"]
-
-
-def seeds_section(a, seeds):
-    g, tau = parse_grid(a.robust_gdrt)[0]
-    L = ["", f"## Training seeds (SFT and GDRT G={g} tau={tau:g}): mean +- sd of test metrics, Q's effective groups", "",
-         "| row | seeds | " + " | ".join(TABLE_KEYS) + " | mean exp(H(Q)) |", "|---" * (len(TABLE_KEYS) + 3) + "|"]
-
-    def cell(xs):   # a spread needs two seeds at least
-        return f"{np.mean(xs):.4f} +- {np.std(xs, ddof=1):.4f}" if len(xs) > 1 else f"{xs[0]:.4f} (one seed)"
-    for name in ("SFT", "GDRT"):
-        vals = seeds.get(name, [])
-        if vals:
-            eff = seeds.get(f"{name} exp(H(Q))")
-            L.append(f"| {name} | {len(vals)} | " + " | ".join(cell([v[k] for v in vals]) for k in TABLE_KEYS)
-                     + (f" | {np.mean(eff):.2f} |" if eff else " | - |"))
-    diffs = seed_differences(seeds)
-    if diffs is not None:
-        L.append("| GDRT - SFT | seed means | " + " | ".join(fmt(diffs[k]) for k in TABLE_KEYS) + " | - |")
-        L += ["", "The GDRT - SFT row: difference of the seed means [Welch t 95% interval]. It measures training "
-              "noise, which the bootstrap over users above does not; with 2-3 seeds per row it is wide."]
-    return L
-
-
-def trains_on_section(a, docs):
-    """Q over training for every GDRT-weighted run, the plain-words reading of its scale, and the
-    token groups' composition by position (from the figures stage's figures.json, when it ran)."""
-    runs = [f for f in sorted(docs.glob("gdrt-*")) + sorted(docs.glob("msl-gdrt-*"))
-            if (f / "train_results.json").exists()]
-    if not runs:
-        return []
-    L = ["", "## What GDRT trains on", "",
-         "Per run, over its logged optimizer steps: exp(H(Q)), the effective number of groups (G when Q is "
-         "uniform, 1 when one group takes all the weight); the mean of max Q; the share of steps with max Q > 0.9; "
-         "the group most often weighted highest; the mean spread of the group losses L(g) (max - min, in nats) "
-         "and that spread divided by tau.", "",
-         "| run | G | tau | steps | exp(H(Q)) | max Q | steps max Q > 0.9 | top group (share of steps) | "
-         "L(g) spread | spread / tau | mean L(g) | mean Q(g) |", "|---" * 12 + "|"]
-    summaries = {}
-    for f in runs:
-        r = json.loads((f / "train_results.json").read_text())
-        G, tau = r["config"]["groups"], r["config"]["tau"]
-        q = summaries[f.name] = q_summary(r["steps"], tau) | {"tau": tau}
-        L.append(f"| {f.name} | {G} | {tau:g} | {q['steps']} | {q['exp_H_Q']:.2f} | {q['max_q']:.2f} | "
-                 f"{q['one_hot_share']:.0%} | {q['top_group']} ({q['top_group_share']:.0%}) | {q['loss_spread']:.2f} | "
-                 f"{q['spread_over_tau']:.1f} | {' '.join(f'{x:.2f}' for x in q['group_loss'])} | "
-                 f"{' '.join(f'{x:.2f}' for x in q['q_mean'])} |")
-    for f in sorted(docs.glob("sft-s*")):   # SFT's own group losses, for comparison (no Q)
-        if (f / "train_results.json").exists():
-            r = json.loads((f / "train_results.json").read_text())
-            mean_loss = np.mean([s["group_loss"] for s in r["steps"]], axis=0)
-            L.append(f"| {f.name} (SFT, for comparison) | {len(mean_loss)} | - | {len(r['steps'])} | - | - | - | - | - | - | "
-                     f"{' '.join(f'{x:.2f}' for x in mean_loss)} | - |")
-    name, q = next(iter(summaries.items()))
-    tau = q["tau"]
-    L += ["", f"Why Q goes one-hot, in plain words: Q(g) is proportional to exp(L(g)/tau), so two groups whose mean "
-          f"losses differ by d nats get weights in the ratio exp(d/tau). Only d/tau matters; adding a constant to "
-          f"every loss changes nothing. In {name}, the hardest and the easiest group present in a step differ by "
-          f"{q['loss_spread']:.2f} nats on average; at tau = {tau:g} that is a weight ratio of about "
-          f"exp({q['spread_over_tau']:.1f}) = {math.exp(min(q['spread_over_tau'], 700)):.3g}, so the hardest group "
-          f"takes {q['max_q']:.0%} of the weight on average and the effective number of groups is "
-          f"{q['exp_H_Q']:.2f}: on average group {q['top_group']} gets {q['q_mean'][q['top_group'] - 1]:.0%} of the weight "
-          f"and the groups that SFT already fits well get next to none. For Q to mix several groups, "
-          f"tau must be on the scale of the spread (a few nats): the grid's tau = 2 and 5 rows."]
-    figs = Path(a.figures) / "figures.json"
-    comp = json.loads(figs.read_text()).get("group_composition") if figs.exists() else None
-    if comp:
-        names = [k for k in comp[0] if k not in ("group", "tokens")]
-        L += ["", "Token groups of the chosen GDRT run by position in the target (share of each group's "
-              "target tokens; group 1 = the highest Eq. 3 relevance to the auxiliary tokens, G = the lowest):", "",
-              "| group | tokens | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
-        L += [f"| {c['group']} | {c['tokens']} | " + " | ".join(f"{c[k]:.0%}" for k in names) + " |" for c in comp]
-    return L
-
-
-def grid_section(a, docs, ds, by_row, item_group, sft):
-    """Fig. 10/11 as a table: every grid point's validation scores (the selection), its test scores,
-    its paired difference against SFT of the same seed (`sft`: sft-s0's users, or None), and how
-    many groups its Q really mixes."""
-    L = ["", "## GDRT grid (seed 0): validation (selection by NDCG@5), test, and the paired difference against SFT", "",
-         "Where GDRT helps, does nothing and hurts: each grid point's test NDCG@10 and DGU@5 minus SFT's (sft-s0), "
-         f"paired over the same users [bootstrap 95%, {a.bootstrap} resamples], read by the verdict rule "
-         "(helps / hurts when the interval excludes 0 on that side). exp(H(Q)): the mean effective number of groups.", "",
-         "| G | tau | " + " | ".join(f"valid {k}" for k in SELECT_KEYS)
-         + " | exp(H(Q)) | test NDCG@5 | test DGU@5 | NDCG@10 - SFT | DGU@5 - SFT |",
-         "|---" * (len(SELECT_KEYS) + 7) + "|"]
-    effects = []
-
-    def row(f, g, tau_cell):
-        v = best_valid(f / "train_results.json")
-        eff = np.nanmean(q_entropy(json.loads((f / "train_results.json").read_text())["steps"]))
-        test = "- | - | - | -"
-        if (f / "test_predictions.jsonl").exists():
-            users = load_users(a, f.name, by_row, ds.titles, item_group)
-            c = point(users)
-            test = f"{c['NDCG@5']:.4f} | {c['DGU@5']:.4f}"
-            if sft is not None:
-                d = paired(users, sft, a.bootstrap, 0)
-                test += "".join(f" | {fmt(d[k])}: {effect_word(d[k], k)}" for k in ("NDCG@10", "DGU@5"))
-                effects.append({k: effect_word(d[k], k) for k in ("NDCG@10", "DGU@5")})
-            else:
-                test += " | - | -"
-        return f"| {g} | {tau_cell} | " + " | ".join(f"{x:.4f}" for x in v) + f" | {eff:.2f} | {test} |"
-
-    for g, t in parse_grid(a.grid):
-        f = docs / gdrt_row(g, t)
-        if not (f / "train_results.json").exists():
-            L.append(f"| {g} | {t:g} | " + " | ".join("-" for _ in SELECT_KEYS) + " | - | - | - | - | - |")
-            continue
-        L.append(row(f, g, f"{t:g}"))
-    controls = sorted(f for f in docs.glob("groupmean-G*-s0") if (f / "train_results.json").exists())
-    for f in controls:
-        g = json.loads((f / "train_results.json").read_text())["config"]["groups"]
-        L.append(row(f, g, "inf: uniform Q (control)"))
-    if effects:
-        words = ("helps", "no resolved difference", "hurts")
-        counts = {k: ", ".join(f"{sum(e[k] == w for e in effects)} {w}" for w in words) for k in ("DGU@5", "NDCG@10")}
-        L += ["", f"Tested rows: {len(effects)}. DGU@5: {counts['DGU@5']}. NDCG@10: {counts['NDCG@10']}. "
-              f"These are {2 * len(effects)} comparisons at 95% each, uncorrected: one interval that barely "
-              "excludes 0 is weak evidence."]
-    return L + control_section(a, docs, ds, by_row, item_group, controls)
-
-
-def control_section(a, docs, ds, by_row, item_group, controls) -> list[str]:
-    """Our control against GDRT of the same G and seed: what the worst-case weighting adds to
-    weighting the token groups equally."""
-    if not controls:
-        return []
-    L = ["", "### Control: GDRT's token groups with Q fixed uniform (our addition, not the paper's)", "",
-         "`--method group-mean` trains on the mean of the G group losses, Q(g) = 1/G for every step: the tau -> inf "
-         "limit of Eq. 5. Against SFT (the table above) it measures what weighting the groups equally does, instead "
-         "of weighting every token equally; against GDRT it measures what the worst-case (DRO) weighting adds. "
-         "Paired over the same test users; one training seed each, so training noise (SFT's seed sd of DGU@5 is in "
-         "the seeds table) is not in these intervals.", "",
-         "| A - B | users | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 2) + "|"]
-    rows = 0
-    for f in controls:
-        if not (f / "test_predictions.jsonl").exists():
-            continue
-        g = json.loads((f / "train_results.json").read_text())["config"]["groups"]
-        ctrl = load_users(a, f.name, by_row, ds.titles, item_group)
-        for t in sorted(t for G, t in parse_grid(a.grid) if G == g):
-            other = docs / gdrt_row(g, t)
-            if not (other / "test_predictions.jsonl").exists():
-                continue
-            users = load_users(a, other.name, by_row, ds.titles, item_group)
-            d = paired(users, ctrl, a.bootstrap, 0)
-            n = len(set(users.rows) & set(ctrl.rows))
-            words = {"helps": "A better", "hurts": "A worse"}
-            L.append(f"| {other.name} - {f.name} | {n} | " + " | ".join(
-                f"{fmt(d[k])}: {words.get(effect_word(d[k], k), effect_word(d[k], k))}" for k in TABLE_KEYS) + " |")
-            rows += 1
-    return L if rows else L[:4] + ["The control is trained; its test decode is still to run."]
 
 
 def figures_section(a) -> list[str]:

@@ -20,7 +20,9 @@ Definitions:
   is a bare '"'; one merged with title text counts as title text), EOS (the last).
 """
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +30,17 @@ from nanogdrt import metrics
 from repro import TABLE_KEYS
 
 LOWER_IS_BETTER = {"MGU@5", "DGU@5"}
+
+
+def load_users(a, folder, by_row, titles, item_group):
+    """A row's test predictions (docs/repro/<folder>/test_predictions.jsonl) as Users."""
+    lines = (Path(a.docs) / folder / "test_predictions.jsonl").read_text().splitlines()
+    return Users([json.loads(x) for x in lines], by_row, titles, item_group)
+
+
+def fmt(c):
+    """(point, lo, hi) -> "0.1234 [0.1000, 0.1500]"."""
+    return f"{c[0]:.4f} [{c[1]:.4f}, {c[2]:.4f}]"
 
 
 class Users:
