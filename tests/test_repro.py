@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import repro  # noqa: E402
-import repro_report  # noqa: E402
+import repro_robust  # noqa: E402
 import repro_stats  # noqa: E402
 
 from nanogdrt import metrics  # noqa: E402
@@ -110,9 +110,9 @@ def test_welch_interval_against_scipy_and_the_seed_verdict():
     assert d == pytest.approx(np.mean(gdrt) - np.mean(sft)) and (lo, hi) == pytest.approx((ref.low, ref.high))
     seeds = {"SFT": [{k: 0.0 for k in repro.TABLE_KEYS} | {"DGU@5": x} for x in sft],
              "GDRT": [{k: 0.0 for k in repro.TABLE_KEYS} | {"DGU@5": x} for x in gdrt]}
-    row = repro_report.seed_verdicts(seeds)[0]
+    row = repro_robust.seed_verdicts(seeds)[0]
     assert "reproduced (-0.0997)" in row                      # lower DGU@5 is better
-    assert repro_report.seed_verdicts({"SFT": seeds["SFT"], "GDRT": seeds["GDRT"][:1]}) == []   # one seed: no spread
+    assert repro_robust.seed_verdicts({"SFT": seeds["SFT"], "GDRT": seeds["GDRT"][:1]}) == []   # one seed: no spread
     assert repro_stats.effect_word((-0.10, -0.14, -0.06), "DGU@5") == "helps"          # lower is better
     assert repro_stats.effect_word((-0.01, -0.02, -0.005), "NDCG@10") == "hurts"
     assert repro_stats.effect_word((0.01, -0.01, 0.02), "NDCG@10") == "no resolved difference"
