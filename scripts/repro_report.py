@@ -81,7 +81,7 @@ def report(a):
     seeds = seed_values(a, docs, ds, by_row, item_group)
     L += seed_verdicts(seeds)
     L += seeds_section(a, seeds) + trains_on_section(a, docs)
-    L += grid_section(a, docs, ds, by_row, item_group, rows.get("SFT"))
+    L += grid_section(a, docs, ds, by_row, item_group, rows.get("SFT"), seeds)
     L += figures_section(a)
     L += times_section(docs)
     L += gpu_section(Path(a.results).parent / "gpu" / "protocol" / "report.md")   # docs/gpu/protocol

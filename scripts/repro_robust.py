@@ -116,10 +116,11 @@ def trains_on_section(a, docs):
     return L
 
 
-def grid_section(a, docs, ds, by_row, item_group, sft):
+def grid_section(a, docs, ds, by_row, item_group, sft, seeds=None):
     """Fig. 10/11 as a table: every grid point's validation scores (the selection), its test scores,
     its paired difference against SFT of the same seed (`sft`: sft-s0's users, or None), and how
-    many groups its Q really mixes."""
+    many groups its Q really mixes. `seeds` (seed_values): SFT's spread over training seeds, which
+    these intervals leave out."""
     L = ["", "## GDRT grid (seed 0): validation (selection by NDCG@5), test, and the paired difference against SFT", "",
          "Where GDRT helps, does nothing and hurts: each grid point's test NDCG@10 and DGU@5 minus SFT's (sft-s0), "
          f"paired over the same users [bootstrap 95%, {a.bootstrap} resamples], read by the verdict rule "
@@ -161,6 +162,14 @@ def grid_section(a, docs, ds, by_row, item_group, sft):
         L += ["", f"Tested rows: {len(effects)}. DGU@5: {counts['DGU@5']}. NDCG@10: {counts['NDCG@10']}. "
               f"These are {2 * len(effects)} comparisons at 95% each, uncorrected: one interval that barely "
               "excludes 0 is weak evidence."]
+        sft_seeds = (seeds or {}).get("SFT", [])
+        if len(sft_seeds) > 1:
+            sd = {k: np.std([v[k] for v in sft_seeds], ddof=1) for k in ("NDCG@10", "DGU@5")}
+            L[-1] += (f" The intervals hold the test users' sampling noise only, not training noise: over SFT's "
+                      f"{len(sft_seeds)} seeds the sd is {sd['NDCG@10']:.4f} for NDCG@10 and {sd['DGU@5']:.4f} "
+                      f"for DGU@5, and sft-s0 scores {point(sft)['NDCG@10'] - np.mean([v['NDCG@10'] for v in sft_seeds]):+.4f} "
+                      f"NDCG@10 and {point(sft)['DGU@5'] - np.mean([v['DGU@5'] for v in sft_seeds]):+.4f} DGU@5 "
+                      "against the mean of SFT's seeds.")
     return L + control_section(a, docs, ds, by_row, item_group, controls)
 
 
