@@ -242,6 +242,25 @@ def sensitivity(curves: dict[str, tuple[list, list]], sft: float | None, path, x
     _save(fig, path)
 
 
+def labelled_scatter(points: list[dict], path, xlabel, ylabel, title, reference: float | None = None):
+    """One dot per run, coloured by its kind and labelled; points: {"x", "y", "kind", "label"}.
+    reference: a level drawn dashed (e.g. the uniform weight 1/G)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    kinds = list(dict.fromkeys(p["kind"] for p in points))
+    for k, color in zip(kinds, plt.cm.tab10.colors):
+        pts = [p for p in points if p["kind"] == k]
+        ax.scatter([p["x"] for p in pts], [p["y"] for p in pts], color=color, label=k, zorder=3)
+        for p in pts:
+            ax.annotate(p["label"], (p["x"], p["y"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    if reference is not None:
+        ax.axvline(reference, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
 def effective_groups(curves: dict[str, tuple[list, list]], n_groups: int, path):
     """exp(H(Q)) per optimizer step, one curve per run; 1 = all weight on one group, G = uniform."""
     fig, ax = plt.subplots(figsize=(6.5, 3.6))

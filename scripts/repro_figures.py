@@ -7,6 +7,8 @@
     fig11_sensitivity_tau_test_DGU5.png   the same for fairness, with SFT's seed range and our
                                 control (Q fixed uniform, the tau -> inf limit) as a dotted line
     q_effective_groups.png      exp(H(Q)) per step of every GDRT run
+    group_weight_vs_fairness.png   test DGU@5 of every SFT / GDRT / control run against the share
+                                of its loss weight on the last token group (repro_robust.weight_points)
     figures.json                all of the above numbers, and the token groups' composition
 Definitions: scripts/repro_stats.py's docstring.
 """
@@ -21,6 +23,7 @@ from nanogdrt import files, grouping, metrics, plots, relevance
 from repro import best_valid, gdrt_row, parse_grid
 from repro_data import dataset_of, load_model, template_of
 from repro_report import row_names
+from repro_robust import weight_points
 from repro_stats import load_users
 from repro_stats import group_composition, point, q_entropy
 
@@ -146,6 +149,15 @@ def figures(a):
         plots.effective_groups(curves, n_groups, figs / "q_effective_groups.png")
         numbers["q_effective_groups"] = {k: {"step": x, "exp_H_Q": y, "mean": float(np.nanmean(y))}
                                          for k, (x, y) in curves.items()}
+    pts = weight_points(a, docs, ds, by_row, item_group)
+    if pts:
+        G = parse_grid(a.robust_gdrt)[0][0]
+        plots.labelled_scatter([{"x": p["weight"], "y": p["DGU@5"], "kind": p["kind"].split(" tau")[0],
+                                 "label": p["run"]} for p in pts], figs / "group_weight_vs_fairness.png",
+                               f"share of the loss weight on token group {G} (mean over steps)",
+                               "test DGU@5 (lower = fairer)", f"Test fairness against the weight on token group {G} "
+                               f"(dashed: uniform, 1/{G})", reference=1 / G)
+        numbers["group_weight_vs_fairness"] = pts
     numbers["group_composition"] = composition(a, labels, docs, a.dataset, a.data_dir)
 
     runs = analyze_runs(a, labels, Path(a.runs) / "analyze", docs / "test_users.json", item_group, ds)

@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from nanogdrt import files  # noqa: E402
 from repro import TABLE_KEYS, best_valid, gdrt_row, parse_grid  # noqa: E402
 from repro_data import dataset_of  # noqa: E402
-from repro_robust import grid_section, seed_values, seed_verdicts, seeds_section, trains_on_section  # noqa: E402
+from repro_robust import (grid_section, seed_values, seed_verdicts, seeds_section, trains_on_section,  # noqa: E402
+                          weight_section)
 from repro_stats import bootstrap, fmt, interval, load_users, paired, verdict, weights  # noqa: E402
 # The paper's Toy numbers (Table 2, Llama-3.2-3B) that this report quotes; its other cells are not
 # transcribed here. Its abstract's summary over the three datasets: GDRT +24.29% NDCG@10 on average.
@@ -82,6 +83,7 @@ def report(a):
     L += seed_verdicts(seeds)
     L += seeds_section(a, seeds) + trains_on_section(a, docs)
     L += grid_section(a, docs, ds, by_row, item_group, rows.get("SFT"), seeds)
+    L += weight_section(a, docs, ds, by_row, item_group)
     L += figures_section(a)
     L += times_section(docs)
     L += gpu_section(Path(a.results).parent / "gpu" / "protocol" / "report.md")   # docs/gpu/protocol
@@ -150,7 +152,8 @@ def figures_section(a) -> list[str]:
              ("sensitivity to G, validation / test (Fig. 10)", "fig10_sensitivity_G_valid.png"),
              ("sensitivity to tau, validation / test (Fig. 11)", "fig11_sensitivity_tau_valid.png"),
              ("fairness over tau: test DGU@5 against SFT's seeds and the uniform-Q control",
-              "fig11_sensitivity_tau_test_DGU5.png")]
+              "fig11_sensitivity_tau_test_DGU5.png"),
+             ("fairness against the loss weight on the last token group, every run", "group_weight_vs_fairness.png")]
     drawn += [(f"{k} (nanogdrt.analyze)", f"analyze/{v}") for k, v in an.get("figures", {}).items()]
     drawn += [("token heat maps, base vs SFT vs GDRT (Fig. 1 style; open the HTML page in a browser)",
                "analyze/heatmap/heatmap.html")]

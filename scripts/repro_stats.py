@@ -132,6 +132,30 @@ def q_entropy(steps) -> list[float]:
     return out
 
 
+def group_weight(results: dict, g: int) -> float:
+    """The mean share of the loss weight that a run put on token group g (1..G) over its logged
+    steps: Q(g) for the group-weighted methods (GDRT, the uniform-Q control, MSL+GDRT); for a token
+    mean (SFT, Eq. 1: each token weighs 1/N) the group's share of the target tokens, N_g / N."""
+    steps = results["steps"]
+    if any(any(s["q"]) for s in steps):
+        return float(np.mean([s["q"][g - 1] for s in steps]))
+    counts = results["token_groups"]["counts"]
+    return counts[g - 1] / sum(counts)
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (Pearson's on the ranks; ties take their mean rank)."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for u in np.unique(v):                      # ties: the mean of their ranks
+            r[v == u] = r[v == u].mean()
+        return r
+    return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+
 def q_summary(steps, tau) -> dict:
     """What GDRT's weights did over a run: mean exp(H(Q)), mean max Q, the share of steps with
     max Q > 0.9, the group that most often took the largest weight, and the spread of the logged
