@@ -181,8 +181,8 @@ class Plan:
         for g, tau in self.grid:                              # the sweep, chosen on validation
             if (g, tau) != self.robust:
                 self.add_train("sweep", gdrt_row(g, tau), "gdrt", 0, ("--groups", str(g), "--tau", str(tau)))
-        if a.control_groups:   # our control, not the paper's: GDRT's groups without the worst case
-            self.add_train("sweep", control_row(a.control_groups), "group-mean", 0,
+        for seed in range(a.control_seeds if a.control_groups else 0):   # our control, not the paper's
+            self.add_train("sweep", control_row(a.control_groups, seed), "group-mean", seed,
                            ("--groups", str(a.control_groups)))
         for t in a.msl_taus:
             self.add_train("baselines", f"msl-tau{t:g}-s0", "msl", 0, ("--tau-msl", str(t)))
@@ -211,8 +211,8 @@ class Plan:
         for g, tau in self.grid:                              # the grid on test, for Fig. 10/11
             if (g, tau) != self.robust:
                 self.add_test("sweeptest", gdrt_row(g, tau), a.other_test_users)
-        if a.control_groups:
-            self.add_test("sweeptest", control_row(a.control_groups), a.other_test_users)
+        for seed in range(a.control_seeds if a.control_groups else 0):
+            self.add_test("sweeptest", control_row(a.control_groups, seed), a.other_test_users)
         self.stages.append(Stage("figures", "figures", [
             sys.executable, "scripts/repro_report.py", "figures", *self.report_args(),
             "--examples", str(a.examples)], [Path(a.figures) / "analysis.json"], 60))
@@ -346,6 +346,7 @@ def parser():
     p.add_argument("--grid", default="2:0.2,2:0.5,2:1,2:2,2:5,5:0.2,5:0.5,5:1,5:2,5:5", help="GDRT G:TAU grid")
     p.add_argument("--control-groups", type=int, default=5,
                    help="G of the control row (our addition: GDRT's groups, Q fixed uniform; 0 = none)")
+    p.add_argument("--control-seeds", type=int, default=3, help="training seeds of the control row")
     p.add_argument("--msl-taus", type=float, nargs="+", default=[1.0, 4.5], help="MSL taus (chosen on valid)")
     p.add_argument("--reweight-power", type=float, default=1.0, help="Reweight strength (IFairLRS: 1)")
     p.add_argument("--train-extra", type=shlex.split, default=[], help="more train.py flags for every LLM row, "

@@ -9,17 +9,22 @@ from pathlib import Path
 
 import numpy as np
 
-from repro import SELECT_KEYS, TABLE_KEYS, best_valid, gdrt_row, parse_grid
+from repro import SELECT_KEYS, TABLE_KEYS, best_valid, control_row, gdrt_row, parse_grid
 from repro_stats import (effect_word, fmt, group_weight, load_users, paired, point, q_entropy, q_summary, spearman,
                          verdict, welch_interval)
 
 
+CONTROL = "uniform Q (control)"
+
+
 def seed_values(a, docs, ds, by_row, item_group) -> dict:
-    """{"SFT": [...], "GDRT": [...]}: each tested training seed's test metrics (point estimates), and
-    GDRT's mean exp(H(Q)) per seed under "GDRT exp(H(Q))"."""
+    """{"SFT": [...], "GDRT": [...], CONTROL: [...]}: each tested training seed's test metrics (point
+    estimates), and GDRT's mean exp(H(Q)) per seed under "GDRT exp(H(Q))". The control (our addition)
+    has GDRT's G."""
     g, tau = parse_grid(a.robust_gdrt)[0]
     out = {}
-    for name, make in (("SFT", lambda s: f"sft-s{s}"), ("GDRT", lambda s: gdrt_row(g, tau, s))):
+    for name, make in (("SFT", lambda s: f"sft-s{s}"), ("GDRT", lambda s: gdrt_row(g, tau, s)),
+                       (CONTROL, lambda s: control_row(g, s))):
         folders = [make(s) for s in range(a.seeds) if (docs / make(s) / "test_predictions.jsonl").exists()]
         out[name] = [point(load_users(a, f, by_row, ds.titles, item_group)) for f in folders]
         if name == "GDRT":
@@ -28,12 +33,12 @@ def seed_values(a, docs, ds, by_row, item_group) -> dict:
     return out
 
 
-def seed_differences(seeds) -> dict | None:
-    """{metric: (GDRT's seed mean - SFT's, Welch lo, hi)}, when both rows have two seeds at least."""
-    sft, gdrt = seeds.get("SFT", []), seeds.get("GDRT", [])
-    if len(sft) < 2 or len(gdrt) < 2:
+def seed_differences(seeds, A="GDRT", B="SFT") -> dict | None:
+    """{metric: (A's seed mean - B's, Welch lo, hi)}, when both rows have two seeds at least."""
+    xa, xb = seeds.get(A, []), seeds.get(B, [])
+    if len(xa) < 2 or len(xb) < 2:
         return None
-    return {k: welch_interval([v[k] for v in gdrt], [v[k] for v in sft]) for k in TABLE_KEYS}
+    return {k: welch_interval([v[k] for v in xa], [v[k] for v in xb]) for k in TABLE_KEYS}
 
 
 def seed_verdicts(seeds) -> list[str]:
@@ -52,17 +57,22 @@ def seeds_section(a, seeds):
 
     def cell(xs):   # a spread needs two seeds at least
         return f"{np.mean(xs):.4f} +- {np.std(xs, ddof=1):.4f}" if len(xs) > 1 else f"{xs[0]:.4f} (one seed)"
-    for name in ("SFT", "GDRT"):
+    for name in ("SFT", "GDRT", CONTROL):
         vals = seeds.get(name, [])
         if vals:
             eff = seeds.get(f"{name} exp(H(Q))")
             L.append(f"| {name} | {len(vals)} | " + " | ".join(cell([v[k] for v in vals]) for k in TABLE_KEYS)
                      + (f" | {np.mean(eff):.2f} |" if eff else " | - |"))
-    diffs = seed_differences(seeds)
-    if diffs is not None:
-        L.append("| GDRT - SFT | seed means | " + " | ".join(fmt(diffs[k]) for k in TABLE_KEYS) + " | - |")
-        L += ["", "The GDRT - SFT row: difference of the seed means [Welch t 95% interval]. It measures training "
-              "noise, which the bootstrap over users above does not; with 2-3 seeds per row it is wide."]
+    shown = False
+    for A, B in (("GDRT", "SFT"), (CONTROL, "SFT"), ("GDRT", CONTROL)):
+        diffs = seed_differences(seeds, A, B)
+        if diffs is not None:
+            L.append(f"| {A} - {B} | seed means | " + " | ".join(fmt(diffs[k]) for k in TABLE_KEYS) + " | - |")
+            shown = True
+    if shown:
+        L += ["", "The A - B rows: difference of the seed means [Welch t 95% interval]. They measure training "
+              "noise, which the bootstrap over users above does not; with 2-3 seeds per row they are wide. "
+              f"The {CONTROL} row is our addition (GDRT's groups, Q = 1/G; section \"Control\" below)."]
     return L
 
 

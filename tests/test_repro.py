@@ -2,6 +2,7 @@
 to end on a tiny random Llama and the small synthetic data (stages run, outputs land in the row
 folders with checksums, finished stages are skipped, --only/--stages/--max-minutes select)."""
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -113,6 +114,11 @@ def test_welch_interval_against_scipy_and_the_seed_verdict():
     row = repro_robust.seed_verdicts(seeds)[0]
     assert "reproduced (-0.0997)" in row                      # lower DGU@5 is better
     assert repro_robust.seed_verdicts({"SFT": seeds["SFT"], "GDRT": seeds["GDRT"][:1]}) == []   # one seed: no spread
+    seeds[repro_robust.CONTROL] = seeds["SFT"]                # any pair of rows: A - B, Welch
+    flipped = repro_robust.seed_differences(seeds, "SFT", "GDRT")["DGU@5"]
+    assert flipped == pytest.approx((-d, -hi, -lo))
+    table = "\n".join(repro_robust.seeds_section(argparse.Namespace(robust_gdrt="5:0.5"), seeds))
+    assert "| GDRT - SFT | seed means |" in table and f"| {repro_robust.CONTROL} - SFT | seed means |" in table
     assert repro_stats.effect_word((-0.10, -0.14, -0.06), "DGU@5") == "helps"          # lower is better
     assert repro_stats.effect_word((-0.01, -0.02, -0.005), "NDCG@10") == "hurts"
     assert repro_stats.effect_word((0.01, -0.01, 0.02), "NDCG@10") == "no resolved difference"
@@ -141,7 +147,7 @@ def staged(tiny_model_dir, tmp_path_factory):
     return tmp, ["--dataset", "synthetic", "--synthetic-size", "small", "--model", str(tiny_model_dir),
                  "--train-file", "", "--train-samples", "16", "--epochs", "1", "--valid-users", "4",
                  "--test-users", "6", "--other-test-users", "4", "--seeds", "1", "--grid", "5:0.5",
-                 "--robust-gdrt", "5:0.5", "--msl-taus", "4.5", "--examples", "2", "--bootstrap", "50",
+                 "--robust-gdrt", "5:0.5", "--msl-taus", "4.5", "--examples", "2", "--bootstrap", "50", "--control-seeds", "1",
                  "--train-extra", "--batch-size 8 --beams 3",
                  "--docs", str(tmp / "docs"), "--runs", str(tmp / "runs"), "--figures", str(tmp / "figs"),
                  "--results", str(tmp / "results.md")]
