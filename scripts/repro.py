@@ -6,9 +6,9 @@
     make repro                                                              # everything still to do
 
 Rows: the base model; SFT and GDRT (x --seeds training seeds); the GDRT grid (G x tau, seed 0),
-chosen on validation NDCG@5; our control (GDRT's token groups with Q fixed uniform: is it the
-groups or the worst case that does the work?); MSL (each --msl-taus), MSL+GDRT, Reweight; SFT decoded with D3;
-SASRec and SASRec++. Every LLM row has the same training budget (file, windows, epochs, batch,
+chosen on validation NDCG@5; our control (GDRT's token groups with Q fixed uniform, x
+--control-seeds: do the groups or the worst case do the work?); MSL (each --msl-taus), MSL+GDRT,
+Reweight; SFT decoded with D3; SASRec and SASRec++. Every LLM row has the same training budget (file, windows, epochs, batch,
 LoRA) and is decoded on the same seeded test users (scripts/repro_data.py) with the same item groups.
 
 Each stage is one plain command. Its small outputs go to docs/repro/<row>/ (committed): the adapter
