@@ -23,8 +23,9 @@ resumable, and every call runs as many as its budget allows (docs/gpu_protocol.m
 
 A stage whose output exists is skipped; a stage that does not fit the time left is not started
 (training stops at a planned step; a process still running at the deadline gets SIGTERM, on which
-train.py checkpoints after the step in flight, and SIGKILL 15 s later; its last checkpoint resumes it). State: plan.json (fixed at `init`), progress.json (times,
-measured rates, decisions), one folder per model; safetensors, JSON and gzipped JSON lines only.
+train.py checkpoints after the step in flight, and SIGKILL 15 s later; its last checkpoint resumes
+it). State: plan.json (fixed at `init`), progress.json (times, measured rates, decisions), one
+folder per model; safetensors, JSON and gzipped JSON lines only.
 """
 
 import argparse

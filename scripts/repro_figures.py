@@ -24,8 +24,7 @@ from repro import best_valid, gdrt_row, parse_grid
 from repro_data import dataset_of, load_model, template_of
 from repro_report import row_names
 from repro_robust import weight_points
-from repro_stats import load_users
-from repro_stats import group_composition, point, q_entropy
+from repro_stats import Rows, group_composition, q_entropy
 
 
 def analyze_runs(a, labels, out: Path, users_file: Path, item_group, ds) -> list[Path]:
@@ -54,7 +53,7 @@ def analyze_runs(a, labels, out: Path, users_file: Path, item_group, ds) -> list
     return folders
 
 
-def sensitivity(a, docs: Path, ds, by_row, item_group, sft_valid, sft_test, figs: Path) -> dict:
+def sensitivity(a, docs: Path, rows, sft_valid, sft_test, figs: Path) -> dict:
     """Fig. 10/11: validation and test NDCG@5 over the grid against SFT; and test DGU@5 over tau
     against SFT (seed 0, and its range over the tested seeds) and the uniform-Q control."""
     grid = parse_grid(a.grid)
@@ -64,14 +63,14 @@ def sensitivity(a, docs: Path, ds, by_row, item_group, sft_valid, sft_test, figs
         if (f / "train_results.json").exists():
             test = {"test NDCG@5": None, "test DGU@5": None}
             if (f / "test_predictions.jsonl").exists():
-                c = point(load_users(a, f.name, by_row, ds.titles, item_group))
+                c = rows.point(f.name)
                 test = {"test NDCG@5": c["NDCG@5"], "test DGU@5": c["DGU@5"]}
             numbers[f"{g}:{t:g}"] = {"G": g, "tau": t, "valid NDCG@5": best_valid(f / "train_results.json")[0], **test}
     tested = lambda f: (f / "test_predictions.jsonl").exists()   # noqa: E731
-    sft_dgu = [point(load_users(a, f.name, by_row, ds.titles, item_group))["DGU@5"]
+    sft_dgu = [rows.point(f.name)["DGU@5"]
                for f in sorted(docs.glob("sft-s*")) if tested(f)]
     controls = {f"uniform Q, G={json.loads((f / 'train_results.json').read_text())['config']['groups']} (control)":
-                point(load_users(a, f.name, by_row, ds.titles, item_group))["DGU@5"]
+                rows.point(f.name)["DGU@5"]
                 for f in sorted(docs.glob("groupmean-G*-s0")) if tested(f)}
     for split, key, sft in (("valid", "valid NDCG@5", sft_valid), ("test", "test NDCG@5", sft_test),
                             ("test", "test DGU@5", sft_dgu[0] if sft_dgu else None)):
@@ -120,7 +119,6 @@ def figures(a):
     docs, figs = Path(a.docs), Path(a.figures)
     figs.mkdir(parents=True, exist_ok=True)
     ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size)
-    by_row = {x.row: x for x in ds.test}
     item_group = {int(k): v for k, v in json.loads((docs / "item_groups.json").read_text()).items()}
     labels = row_names(a)
     numbers = {"rows": labels}
@@ -136,8 +134,9 @@ def figures(a):
     numbers["top1_group_distribution"] = bars
 
     sft_valid = best_valid(docs / "sft-s0" / "train_results.json")[0] if (docs / "sft-s0" / "train_results.json").exists() else None
-    sft_test = point(load_users(a, "sft-s0", by_row, ds.titles, item_group))["NDCG@5"] if "SFT" in labels else None
-    numbers["sensitivity"] = sensitivity(a, docs, ds, by_row, item_group, sft_valid, sft_test, figs)
+    loaded = Rows(docs, ds.test, ds.titles, item_group)
+    sft_test = loaded.point("sft-s0")["NDCG@5"] if "SFT" in labels else None
+    numbers["sensitivity"] = sensitivity(a, docs, loaded, sft_valid, sft_test, figs)
 
     curves = {}
     for f in sorted(docs.glob("gdrt-*")) + sorted(docs.glob("msl-gdrt-*")):
@@ -149,7 +148,7 @@ def figures(a):
         plots.effective_groups(curves, n_groups, figs / "q_effective_groups.png")
         numbers["q_effective_groups"] = {k: {"step": x, "exp_H_Q": y, "mean": float(np.nanmean(y))}
                                          for k, (x, y) in curves.items()}
-    pts = weight_points(a, docs, ds, by_row, item_group)
+    pts = weight_points(a, docs, loaded)
     if pts:
         G = parse_grid(a.robust_gdrt)[0][0]
         plots.labelled_scatter([{"x": p["weight"], "y": p["DGU@5"], "kind": p["kind"].split(" tau")[0],

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from repro import SELECT_KEYS, TABLE_KEYS, best_valid, control_row, gdrt_row, parse_grid
-from repro_stats import (effect_word, fmt, group_weight, load_users, paired, point, q_entropy, q_summary, spearman,
-                         verdict, welch_interval)
+from repro_stats import (effect_word, fmt, group_weight, paired, point, q_entropy, q_summary, spearman, verdict,
+                         welch_interval)
 
 
 CONTROL = "uniform Q (control)"
 
 
-def seed_values(a, docs, ds, by_row, item_group) -> dict:
+def seed_values(a, docs, rows) -> dict:
     """{"SFT": [...], "GDRT": [...], CONTROL: [...]}: each tested training seed's test metrics (point
     estimates), and GDRT's mean exp(H(Q)) per seed under "GDRT exp(H(Q))". The control (our addition)
     has GDRT's G."""
@@ -26,7 +26,7 @@ def seed_values(a, docs, ds, by_row, item_group) -> dict:
     for name, make in (("SFT", lambda s: f"sft-s{s}"), ("GDRT", lambda s: gdrt_row(g, tau, s)),
                        (CONTROL, lambda s: control_row(g, s))):
         folders = [make(s) for s in range(a.seeds) if (docs / make(s) / "test_predictions.jsonl").exists()]
-        out[name] = [point(load_users(a, f, by_row, ds.titles, item_group)) for f in folders]
+        out[name] = [rows.point(f) for f in folders]
         if name == "GDRT":
             out["GDRT exp(H(Q))"] = [np.nanmean(q_entropy(json.loads((docs / f / "train_results.json").read_text())["steps"]))
                                      for f in folders]
@@ -127,7 +127,7 @@ def trains_on_section(a, docs):
     return L
 
 
-def grid_section(a, docs, ds, by_row, item_group, sft, seeds=None):
+def grid_section(a, docs, rows, sft, seeds=None):
     """Fig. 10/11 as a table: every grid point's validation scores (the selection), its test scores,
     its paired difference against SFT of the same seed (`sft`: sft-s0's users, or None), and how
     many groups its Q really mixes. `seeds` (seed_values): SFT's spread over training seeds, which
@@ -146,8 +146,8 @@ def grid_section(a, docs, ds, by_row, item_group, sft, seeds=None):
         eff = np.nanmean(q_entropy(json.loads((f / "train_results.json").read_text())["steps"]))
         test = "- | - | - | -"
         if (f / "test_predictions.jsonl").exists():
-            users = load_users(a, f.name, by_row, ds.titles, item_group)
-            c = point(users)
+            users = rows.users(f.name)
+            c = rows.point(f.name)
             test = f"{c['NDCG@5']:.4f} | {c['DGU@5']:.4f}"
             if sft is not None:
                 d = paired(users, sft, a.bootstrap, 0)
@@ -176,15 +176,15 @@ def grid_section(a, docs, ds, by_row, item_group, sft, seeds=None):
         sft_seeds = (seeds or {}).get("SFT", [])
         if len(sft_seeds) > 1:
             sd = {k: np.std([v[k] for v in sft_seeds], ddof=1) for k in ("NDCG@10", "DGU@5")}
+            off = {k: point(sft)[k] - np.mean([v[k] for v in sft_seeds]) for k in ("NDCG@10", "DGU@5")}
             L[-1] += (f" The intervals hold the test users' sampling noise only, not training noise: over SFT's "
                       f"{len(sft_seeds)} seeds the sd is {sd['NDCG@10']:.4f} for NDCG@10 and {sd['DGU@5']:.4f} "
-                      f"for DGU@5, and sft-s0 scores {point(sft)['NDCG@10'] - np.mean([v['NDCG@10'] for v in sft_seeds]):+.4f} "
-                      f"NDCG@10 and {point(sft)['DGU@5'] - np.mean([v['DGU@5'] for v in sft_seeds]):+.4f} DGU@5 "
+                      f"for DGU@5, and sft-s0 scores {off['NDCG@10']:+.4f} NDCG@10 and {off['DGU@5']:+.4f} DGU@5 "
                       "against the mean of SFT's seeds.")
-    return L + control_section(a, docs, ds, by_row, item_group, controls)
+    return L + control_section(a, docs, rows, controls)
 
 
-def control_section(a, docs, ds, by_row, item_group, controls) -> list[str]:
+def control_section(a, docs, rows, controls) -> list[str]:
     """Our control against GDRT of the same G and seed: what the worst-case weighting adds to
     weighting the token groups equally."""
     if not controls:
@@ -196,27 +196,27 @@ def control_section(a, docs, ds, by_row, item_group, controls) -> list[str]:
          "Paired over the same test users; one training seed each, so training noise (SFT's seed sd of DGU@5 is in "
          "the seeds table) is not in these intervals.", "",
          "| A - B | users | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 2) + "|"]
-    rows = 0
+    shown = 0
     for f in controls:
         if not (f / "test_predictions.jsonl").exists():
             continue
         g = json.loads((f / "train_results.json").read_text())["config"]["groups"]
-        ctrl = load_users(a, f.name, by_row, ds.titles, item_group)
+        ctrl = rows.users(f.name)
         for t in sorted(t for G, t in parse_grid(a.grid) if G == g):
             other = docs / gdrt_row(g, t)
             if not (other / "test_predictions.jsonl").exists():
                 continue
-            users = load_users(a, other.name, by_row, ds.titles, item_group)
+            users = rows.users(other.name)
             d = paired(users, ctrl, a.bootstrap, 0)
             n = len(set(users.rows) & set(ctrl.rows))
             words = {"helps": "A better", "hurts": "A worse"}
             L.append(f"| {other.name} - {f.name} | {n} | " + " | ".join(
                 f"{fmt(d[k])}: {words.get(effect_word(d[k], k), effect_word(d[k], k))}" for k in TABLE_KEYS) + " |")
-            rows += 1
-    return L if rows else L[:4] + ["The control is trained; its test decode is still to run."]
+            shown += 1
+    return L if shown else L[:4] + ["The control is trained; its test decode is still to run."]
 
 
-def weight_points(a, docs, ds, by_row, item_group) -> list[dict]:
+def weight_points(a, docs, rows) -> list[dict]:
     """Every tested SFT, GDRT and control run with the robust G: the share of its loss weight on
     group G (the tokens least relevant to the auxiliary tokens), its mean training loss there,
     and its test metrics. Sorted by that weight."""
@@ -231,16 +231,16 @@ def weight_points(a, docs, ds, by_row, item_group) -> list[dict]:
         if method not in ("sft", "gdrt", "group-mean") or r["config"]["groups"] != G:
             continue
         kind = {"sft": "SFT", "group-mean": "uniform Q (control)"}.get(method, f"GDRT tau={r['config']['tau']:g}")
-        c = point(load_users(a, f.name, by_row, ds.titles, item_group))
+        c = rows.point(f.name)
         out.append({"run": f.name, "kind": kind, "weight": group_weight(r, G),
                     "train_loss": float(np.mean([s["group_loss"][G - 1] for s in r["steps"]])),
                     **{k: c[k] for k in ("DGU@5", "MGU@5", "NDCG@10")}})
     return sorted(out, key=lambda p: p["weight"])
 
 
-def weight_section(a, docs, ds, by_row, item_group) -> list[str]:
+def weight_section(a, docs, rows) -> list[str]:
     """Dose and response: does fairness follow the weight a run puts on group G?"""
-    pts = weight_points(a, docs, ds, by_row, item_group)
+    pts = weight_points(a, docs, rows)
     if len(pts) < 3:
         return []
     G = parse_grid(a.robust_gdrt)[0][0]

@@ -32,10 +32,24 @@ from repro import TABLE_KEYS
 LOWER_IS_BETTER = {"MGU@5", "DGU@5"}
 
 
-def load_users(a, folder, by_row, titles, item_group):
-    """A row's test predictions (docs/repro/<folder>/test_predictions.jsonl) as Users."""
-    lines = (Path(a.docs) / folder / "test_predictions.jsonl").read_text().splitlines()
-    return Users([json.loads(x) for x in lines], by_row, titles, item_group)
+class Rows:
+    """The committed row folders of docs/repro as Users, each read and scored once: the report's
+    sections and the figures ask for the same rows (sft-s0 above all) several times."""
+
+    def __init__(self, docs, test, titles, item_group):
+        self.docs, self.by_row, self.titles, self.item_group = Path(docs), {x.row: x for x in test}, titles, item_group
+        self._users = {}
+
+    def users(self, folder) -> "Users":
+        """docs/repro/<folder>/test_predictions.jsonl as Users."""
+        if folder not in self._users:
+            lines = (self.docs / folder / "test_predictions.jsonl").read_text().splitlines()
+            self._users[folder] = Users([json.loads(x) for x in lines], self.by_row, self.titles, self.item_group)
+        return self._users[folder]
+
+    def point(self, folder) -> dict:
+        """The row's metrics on all of its users."""
+        return point(self.users(folder))
 
 
 def fmt(c):
