@@ -365,9 +365,11 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    clean = False
     try:
-        sys.exit(main())
+        main()
+        clean = True
     except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file, line or field
         sys.exit(f"error: {e}")
     finally:
-        distributed.shutdown()
+        distributed.shutdown(clean)

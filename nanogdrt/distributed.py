@@ -102,6 +102,12 @@ def rng_state(device: str) -> dict:
     return states
 
 
-def shutdown():
+def shutdown(clean: bool = True):
+    """Leave the process group. After a clean run every rank first waits for the others: a rank
+    that tears gloo down while its peer is still writing files could abort on exit ("terminate
+    called without an active exception", seen once in CI on a 2-rank --max-steps run). After an
+    error there is no barrier: the other ranks may never reach it."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

@@ -164,9 +164,11 @@ def main(argv=None):
 
 if __name__ == "__main__":
     from nanogdrt.distributed import shutdown
+    clean = False
     try:
         main()
+        clean = True
     except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file, line or field
         raise SystemExit(f"error: {e}") from None
     finally:
-        shutdown()
+        shutdown(clean)
