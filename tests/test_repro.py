@@ -134,6 +134,17 @@ def test_spearman_against_scipy_and_the_weight_on_a_group():
     assert repro_stats.group_weight(gdrt, 3) == pytest.approx(0.6)                      # mean Q(g) over steps
 
 
+def test_paper_size_reading_by_the_sign_of_the_paper_change():
+    import repro_report
+    read = repro_report.size_reading
+    assert read(0.004, -0.004, 0.002) == "outside: ours is smaller"      # a gain the interval excludes
+    assert read(0.004, 0.005, 0.009) == "outside: ours is larger"
+    assert read(0.004, 0.001, 0.009).startswith("inside")
+    assert read(-0.09, -0.14, -0.10) == "outside: ours is larger"        # a drop (DGU@5) beyond the paper's
+    assert read(-0.09, -0.05, 0.01) == "outside: ours is smaller"
+    assert read(-0.09, -0.15, -0.03).startswith("inside")
+
+
 def test_grid_spec_is_checked():
     assert repro.parse_grid("5:0.5,2:1") == [(5, 0.5), (2, 1.0)]
     with pytest.raises(SystemExit, match="--grid"):
@@ -171,7 +182,8 @@ def test_stages_run_collect_checksum_and_skip(staged, capsys):
     assert train["config"]["groups"] == 5 and train["config"]["train_samples"] == 16
     report = (tmp / "results.md").read_text()
     for needle in ("| SFT (sft-s0) | 6 |", "| GDRT (gdrt-G5-tau0.5-s0) | 6 |", "GDRT - SFT", "| GDRT beats SFT |",
-                   "| 5 | 0.5 |", "train:sft-s0", "## Setup", "## What GDRT trains on", "Why Q goes one-hot"):
+                   "| 5 | 0.5 |", "train:sft-s0", "## Setup", "## What GDRT trains on", "Why Q goes one-hot",
+                   "The paper's effect size at our scale", "| NDCG@10 | 0.0158 -> 0.0203 | +28.5% |"):
         assert needle in report
     capsys.readouterr()
     repro.main(args + ["--stages", "data,robust"])            # everything done: all skipped
