@@ -105,7 +105,8 @@ def trains_on_section(a, docs):
             mean_loss = np.mean([s["group_loss"] for s in r["steps"]], axis=0)
             L.append(f"| {f.name} (SFT, for comparison) | {len(mean_loss)} | - | {len(r['steps'])} | - | - | - | - | - | - | "
                      f"{' '.join(f'{x:.2f}' for x in mean_loss)} | - |")
-    name, q = next(iter(summaries.items()))
+    robust = gdrt_row(*parse_grid(a.robust_gdrt)[0])          # the seeds' configuration, else the first run
+    name, q = (robust, summaries[robust]) if robust in summaries else next(iter(summaries.items()))
     tau = q["tau"]
     L += ["", f"Why Q goes one-hot, in plain words: Q(g) is proportional to exp(L(g)/tau), so two groups whose mean "
           f"losses differ by d nats get weights in the ratio exp(d/tau). Only d/tau matters; adding a constant to "
@@ -119,12 +120,22 @@ def trains_on_section(a, docs):
     figs = Path(a.figures) / "figures.json"
     comp = json.loads(figs.read_text()).get("group_composition") if figs.exists() else None
     if comp:
-        names = [k for k in comp[0] if k not in ("group", "tokens")]
+        names = [k for k in comp[0] if k not in ("group", "tokens", "top_tokens")]
+        top = "top_tokens" in comp[0]          # figures.json of an older figures stage lacks them
         L += ["", "Token groups of the chosen GDRT run by position in the target (share of each group's "
-              "target tokens; group 1 = the highest Eq. 3 relevance to the auxiliary tokens, G = the lowest):", "",
-              "| group | tokens | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
-        L += [f"| {c['group']} | {c['tokens']} | " + " | ".join(f"{c[k]:.0%}" for k in names) + " |" for c in comp]
+              "target tokens; group 1 = the highest Eq. 3 relevance to the auxiliary tokens, G = the lowest)"
+              + (", and each group's most frequent tokens with their share of it" if top else "") + ":", "",
+              "| group | tokens | " + " | ".join(names) + (" | most frequent tokens" if top else "") + " |",
+              "|---" * (len(names) + 2 + top) + "|"]
+        L += [f"| {c['group']} | {c['tokens']} | " + " | ".join(f"{c[k]:.0%}" for k in names)
+              + (" | " + ", ".join(f"{token_cell(t)} {share:.0%}" for t, share in c["top_tokens"]) if top else "")
+              + " |" for c in comp]
     return L
+
+
+def token_cell(token: str) -> str:
+    """A token as a Markdown table cell shows it: quoted (leading spaces and EOS stay visible), pipes escaped."""
+    return json.dumps(token, ensure_ascii=False).replace("|", "\\|")
 
 
 def grid_section(a, docs, rows, sft, seeds=None):

@@ -188,14 +188,19 @@ def q_summary(steps, tau) -> dict:
             "q_mean": Q.mean(0).round(3).tolist()}
 
 
-def group_composition(examples, token_groups, n_groups, tokenizer) -> list[dict]:
-    """Per token group, the share of its target tokens at each position of the target."""
+def group_composition(examples, token_groups, n_groups, tokenizer, top: int = 8) -> list[dict]:
+    """Per token group, the share of its target tokens at each position of the target, and its `top`
+    most frequent tokens with their share of the group (what "the tokens GDRT weights" look like)."""
+    from collections import Counter
+
     from nanogdrt.attribution import first_title_token
     names = ["opening quote", "first title token", "later title tokens", "closing quote", "EOS"]
     counts = np.zeros((n_groups, len(names)))
+    tokens = [Counter() for _ in range(n_groups)]
     for p, g in zip(examples, token_groups):
         ids, first = p.ids[p.target[0]:p.target[1]], first_title_token(p, tokenizer)
         for t, gid in enumerate(g.tolist()):
+            tokens[gid - 1][ids[t]] += 1
             if t == len(ids) - 1:
                 pos = 4
             elif t < first:
@@ -208,7 +213,9 @@ def group_composition(examples, token_groups, n_groups, tokenizer) -> list[dict]
                 pos = 2   # a closing quote merged with title text counts as title text
             counts[gid - 1, pos] += 1
     shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    return [{"group": g + 1, "tokens": int(counts[g].sum()), **dict(zip(names, shares[g].round(4).tolist()))}
+    return [{"group": g + 1, "tokens": int(counts[g].sum()), **dict(zip(names, shares[g].round(4).tolist())),
+             "top_tokens": [[tokenizer.decode([i]) or "<EOS>", round(float(c / max(counts[g].sum(), 1)), 4)]
+                            for i, c in tokens[g].most_common(top)]}
             for g in range(n_groups)]
 
 

@@ -5,6 +5,7 @@ folders with checksums, finished stages are skipped, --only/--stages/--max-minut
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -88,9 +89,15 @@ def test_q_entropy_and_group_composition(tiny_model_dir):
     p = b.for_interaction(x, {1: "Red Ball", 2: "Blue Car", 3: "Toy Robot Deluxe"}, with_target=True)
     n = p.target[1] - p.target[0]
     comp = repro_stats.group_composition([p], [torch.ones(n, dtype=torch.long)], 2, tok)
-    shares = {k: v for k, v in comp[0].items() if k not in ("group", "tokens")}
+    shares = {k: v for k, v in comp[0].items() if k not in ("group", "tokens", "top_tokens")}
     assert comp[0]["tokens"] == n and comp[1]["tokens"] == 0 and sum(shares.values()) == pytest.approx(1)
     assert shares["EOS"] == pytest.approx(1 / n, abs=1e-4) and shares["first title token"] == pytest.approx(1 / n, abs=1e-4)
+    counts = Counter(list(p.ids[p.target[0]:p.target[1]]))     # the target's own tokens, most frequent first
+    top = comp[0]["top_tokens"]
+    assert [share for _, share in top] == pytest.approx([c / n for _, c in counts.most_common(8)], abs=1e-4)
+    assert {t for t, _ in top} <= {tok.decode([i]) or "<EOS>" for i in counts} and comp[1]["top_tokens"] == []
+    assert "<EOS>" in {t for t, _ in top}                           # the special token, named
+    assert repro_robust.token_cell(' a|b') == '" a\\|b"'
 
 
 def test_q_summary_reads_q_and_the_loss_spread_against_tau():
