@@ -28,6 +28,7 @@ train: setup
 # Reproduction v2 on the real Toy split (docs/results.md, generated): stages of <= ~1 h whose outputs
 # are committed in docs/repro/<row>/; finished stages are skipped, so any machine continues the run.
 # A subset or a time budget: make repro REPRO_ARGS="--only 'train:sft-s0,test:sft-s0' --max-minutes 170"
+# A session's share, one git commit per finished stage: make repro REPRO_ARGS="--max-minutes 170 --commit"
 TOY ?= ../shared/data/toy
 REPRO_ARGS ?=
 repro: setup

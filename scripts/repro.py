@@ -3,6 +3,7 @@
     python scripts/repro.py --data-dir ../shared/data/toy --list            # the plan: done / to do
     python scripts/repro.py --data-dir ../shared/data/toy --only 'train:sft-s0,test:sft-s0' --max-minutes 170
     python scripts/repro.py --data-dir ../shared/data/toy --stages robust   # one phase
+    python scripts/repro.py --data-dir ../shared/data/toy --max-minutes 170 --commit   # a session's share
     make repro                                                              # everything still to do
 
 Rows: the base model; SFT and GDRT (x --seeds training seeds); the GDRT grid (G x tau, seed 0),
@@ -314,6 +315,30 @@ def run_stage(plan, s, manifest, deadline) -> bool:
     return True
 
 
+def git_root(a) -> Path:
+    """--commit: the git work tree that holds the outputs, checked before any stage runs."""
+    here = Path(a.docs).resolve()
+    while not here.exists():                            # the first run: docs/repro not made yet
+        here = here.parent
+    found = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True)
+    if found.returncode:
+        raise SystemExit(f"error: --commit: {a.docs} is not inside a git work tree")
+    return Path(found.stdout.strip())
+
+
+def commit_stage(a, s, repo: Path):
+    """--commit: one commit per finished stage, of the committed outputs only (docs, figures,
+    report), so that the next session continues from it on any machine."""
+    paths = [str(Path(p).resolve()) for p in (a.docs, a.figures, a.results) if Path(p).exists()]
+    subprocess.run(["git", "add", "--", *paths], cwd=repo, check=True)
+    if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=repo).returncode == 0:
+        return                                          # the stage changed nothing that is committed
+    took = json.loads((Path(a.docs) / "manifest.json").read_text()).get(s.name, {}).get("seconds", 0) / 60
+    subprocess.run(["git", "commit", "-q", "-m", f"Reproduction: stage {s.name} ({took:.1f} min)", "--", *paths],
+                   cwd=repo, check=True)
+    print(f"=== {s.name}: committed", flush=True)
+
+
 def select(plan, a) -> list[Stage]:
     phases = a.stages.split(",") if a.stages else PHASES
     unknown = set(phases) - set(PHASES)
@@ -363,6 +388,8 @@ def parser():
     p.add_argument("--max-minutes", type=float, default=None,
                    help="start no stage past this budget; stop the running one at it")
     p.add_argument("--list", action="store_true", help="print the plan (done / to do, estimates) and stop")
+    p.add_argument("--commit", action="store_true",
+                   help="git commit --docs, --figures and --results after each finished stage")
     return p
 
 
@@ -380,6 +407,7 @@ def main(argv=None):
         left = sum(s.minutes for s in stages if not plan.done(s))
         print(f"to do: ~{left / 60:.1f} h on a 2-core CPU")
         return
+    repo = git_root(a) if a.commit else None
     manifest = Manifest(Path(a.docs) / "manifest.json")
     deadline = None if a.max_minutes is None else time.time() + 60 * a.max_minutes
     for s in stages:
@@ -391,6 +419,8 @@ def main(argv=None):
             return
         if not run_stage(plan, s, manifest, deadline):
             return
+        if repo is not None:
+            commit_stage(a, s, repo)
 
 
 if __name__ == "__main__":

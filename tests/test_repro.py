@@ -204,6 +204,29 @@ def test_stages_run_collect_checksum_and_skip(staged, capsys):
     assert "todo  baselines  train:msl-tau4.5-s0" in listed
 
 
+def test_commit_makes_one_commit_per_finished_stage(staged, tmp_path):
+    import subprocess
+    _, args = staged
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", *a], cwd=repo, check=True, capture_output=True, text=True).stdout  # noqa: E731
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (repo / "other.txt").write_text("a user's uncommitted work\n")
+    own = args[:args.index("--docs")] + ["--docs", str(repo / "docs"), "--runs", str(tmp_path / "runs"),
+                                         "--figures", str(repo / "figs"), "--results", str(repo / "results.md")]
+    repro.main(own + ["--only", "groups", "--commit"])
+    log = git("log", "--format=%s")
+    assert log.startswith("Reproduction: stage groups (") and log.count("\n") == 1
+    assert "docs/item_groups.json" in git("ls-files") and "other.txt" not in git("ls-files")   # outputs only
+    repro.main(own + ["--only", "groups", "--commit"])          # done: skipped, no second commit
+    assert git("log", "--format=%s").count("\n") == 1
+    with pytest.raises(SystemExit, match="--commit: .* is not inside a git work tree"):
+        repro.main(own[:own.index("--docs")] + ["--docs", str(tmp_path / "nogit" / "docs"), "--only", "groups",
+                                                 "--commit"])
+
+
 def test_control_row_trains_uniform_q_and_is_reported_against_gdrt(staged):
     """Our control (group-mean: GDRT's groups, Q = 1/G) runs as its own row and the report pairs
     it with GDRT of the same G on the same users."""
