@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import train  # noqa: E402  (train.py's loaders, so the groups are train.py's own)
-from nanogdrt import validate  # noqa: E402
+from nanogdrt import files, validate  # noqa: E402
 from nanogdrt.batches import collate, make_examples  # noqa: E402
 from nanogdrt.config import parse_args  # noqa: E402
 from nanogdrt.loss import gdrt_from_sums  # noqa: E402
@@ -74,6 +74,8 @@ def main(argv=None):
                       help="Eq. 5 temperatures to show Q(g) at (comma-separated)")
     mine.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     own, rest = mine.parse_known_args(argv)
+    if own.json:
+        validate.check_output(mine, own.json, "file")          # before the minutes of scoring
     if "-h" in rest or "--help" in rest:
         print(__doc__.split("\n\n")[0] + "\n\nThis script's options (all of train.py's options follow):")
         print("  --taus TAUS  Eq. 5 temperatures to show Q(g) at (default 0.2,0.5,1,2,5)")
@@ -104,7 +106,6 @@ def main(argv=None):
     print(f"\nL(g) spread (hardest - easiest group): {spread:.2f} nats. exp(H(Q)) at tau "
           + ", ".join(f"{t:g}: {effective_groups(Q[t]):.2f}" for t in own.taus) + f" (of {int(present.sum())}).")
     if own.json:
-        from nanogdrt import files
         files.write_json(own.json, {
             "dataset": cfg.dataset, "train_file": cfg.train_file, "train_samples": len(examples), "groups": G,
             "seed": cfg.seed, "grouping": cfg.grouping,

@@ -52,7 +52,11 @@ def test_group_losses_and_weights_match_a_plain_forward(tiny_model_dir, tmp_path
     assert all("top_tokens" in p for p in saved["per_group"])
 
 
-def test_bad_taus_are_refused_before_any_work(capsys):
+def test_bad_taus_and_json_path_are_refused_before_any_work(capsys, tmp_path):
     with pytest.raises(SystemExit):
         token_groups.main(["--dataset", "synthetic", "--taus", "0.5,0"])
     assert "--taus" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit):
+        token_groups.main(["--dataset", "synthetic", "--json", str(tmp_path / "a_file" / "groups.json")])
+    assert "a_file" in capsys.readouterr().err
