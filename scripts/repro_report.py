@@ -26,7 +26,7 @@ from repro import TABLE_KEYS, best_valid, gdrt_row, parse_grid  # noqa: E402
 from repro_data import dataset_of  # noqa: E402
 from repro_robust import (grid_section, seed_differences, seed_values, seed_verdicts, seeds_section,  # noqa: E402
                           trains_on_section, weight_section)
-from repro_stats import Rows, bootstrap, fmt, interval, paired, point, verdict, weights  # noqa: E402
+from repro_stats import Rows, bootstrap, fmt, interval, paired, verdict, weights  # noqa: E402
 # The paper's Toy numbers (Table 2, Llama-3.2-3B) that this report quotes; its other cells are not
 # transcribed here. Its abstract's summary over the three datasets: GDRT +24.29% NDCG@10 on average.
 PAPER_TOY = {"SFT": {"NDCG@10": 0.0158, "DGU@5": 0.612}, "GDRT": {"NDCG@10": 0.0203, "DGU@5": 0.403}}
@@ -81,7 +81,7 @@ def report(a):
             L.append(f"| {A} beats {Bn} | " + " | ".join("not resolved (row missing)" for _ in TABLE_KEYS) + " |")
     seeds = seed_values(a, docs, loaded)
     L += seed_verdicts(seeds)
-    L += paper_size_section(rows, seeds, a.bootstrap)
+    L += paper_size_section(table, seeds)
     L += seeds_section(a, seeds) + trains_on_section(a, docs)
     L += grid_section(a, docs, loaded, rows.get("SFT"), seeds)
     L += weight_section(a, docs, loaded)
@@ -101,16 +101,15 @@ def size_reading(expected: float, lo: float, hi: float) -> str:
     return "outside: ours is larger" if beyond else "outside: ours is smaller"
 
 
-def paper_size_section(rows, seeds, B) -> list[str]:
+def paper_size_section(table, seeds) -> list[str]:
     """'Not resolved' says nothing about size. This asks the sharper question: would a change of the
     paper's relative size (Table 2, Toy) fall inside our intervals? Relative, because our model and
     data are smaller and every absolute level differs; scaling by SFT's level is our assumption."""
-    if "GDRT" not in rows or "SFT" not in rows:
+    if "GDRT - SFT" not in table:                        # the main table's paired row: both rows exist
         return []
-    d_users = paired(rows["GDRT"], rows["SFT"], B, 0)
+    d_users = table["GDRT - SFT"]
     d_seeds = seed_differences(seeds)
     sft_seed_mean = {k: float(np.mean([v[k] for v in seeds["SFT"]])) for k in PAPER_TOY["SFT"]} if d_seeds else {}
-    sft_point = point(rows["SFT"])
     L = ["", "The paper's effect size at our scale: its Toy change from SFT to GDRT, relative to SFT, applied to "
          "our SFT's level, against our intervals of the same change (relative scaling is our assumption: the "
          "paper's model is Llama-3.2-3B on the full training split, every absolute level differs).", "",
@@ -119,7 +118,7 @@ def paper_size_section(rows, seeds, B) -> list[str]:
     for k in PAPER_TOY["SFT"]:
         p_sft, p_gdrt = PAPER_TOY["SFT"][k], PAPER_TOY["GDRT"][k]
         rel = p_gdrt / p_sft - 1
-        e_users = rel * sft_point[k]
+        e_users = rel * table["SFT"][k][0]
         cell_users = f"{fmt(d_users[k])}: {size_reading(e_users, *d_users[k][1:])}"
         if d_seeds:
             e_seeds = rel * sft_seed_mean[k]

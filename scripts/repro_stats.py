@@ -22,6 +22,7 @@ Definitions:
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -191,8 +192,6 @@ def q_summary(steps, tau) -> dict:
 def group_composition(examples, token_groups, n_groups, tokenizer, top: int = 8) -> list[dict]:
     """Per token group, the share of its target tokens at each position of the target, and its `top`
     most frequent tokens with their share of the group (what "the tokens GDRT weights" look like)."""
-    from collections import Counter
-
     from nanogdrt.attribution import first_title_token
     names = ["opening quote", "first title token", "later title tokens", "closing quote", "EOS"]
     counts = np.zeros((n_groups, len(names)))

@@ -38,7 +38,7 @@ from nanogdrt.batches import collate, make_examples  # noqa: E402
 from nanogdrt.config import parse_args  # noqa: E402
 from nanogdrt.loss import gdrt_from_sums  # noqa: E402
 from nanogdrt.methods import TargetLoss, totals  # noqa: E402
-from repro_stats import group_composition  # noqa: E402
+from repro_stats import group_composition, q_entropy  # noqa: E402
 from repro_robust import token_cell  # noqa: E402
 
 
@@ -53,12 +53,6 @@ def group_totals(model, examples, token_groups, n_groups, pad_id, device, batch_
             t = totals(net(ids, mask).nll, groups[mask], n_groups)
             sums, counts = sums + t.sums.cpu(), counts + t.counts.cpu()
     return sums, counts
-
-
-def effective_groups(q: torch.Tensor) -> float:
-    """exp(H(Q)): G when Q is uniform, 1 when one group takes all the weight."""
-    q = q[q > 0]
-    return float(torch.exp(-(q * q.log()).sum()))
 
 
 def temperatures(text: str) -> list[float]:
@@ -91,6 +85,7 @@ def main(argv=None):
     sums, counts = group_totals(model, examples, token_groups, G, tokenizer.pad_id, cfg.device, cfg.batch_size)
     L, present = sums / counts.clamp(min=1), counts > 0
     Q = {tau: gdrt_from_sums(sums, counts, tau).q for tau in own.taus}          # Eq. 5, as training computes it
+    effective = dict(zip(own.taus, q_entropy([{"q": Q[t].tolist()} for t in own.taus])))   # exp(H(Q))
 
     names = [k for k in comp[0] if k not in ("group", "tokens", "top_tokens")]
     print(f"\n{cfg.dataset}: {len(examples)} training windows, {int(present.sum())} of {G} token groups present "
@@ -104,14 +99,14 @@ def main(argv=None):
               + ", ".join(f"{token_cell(tok)} {share:.0%}" for tok, share in c["top_tokens"]) + " |")
     spread = float(L[present].max() - L[present].min())
     print(f"\nL(g) spread (hardest - easiest group): {spread:.2f} nats. exp(H(Q)) at tau "
-          + ", ".join(f"{t:g}: {effective_groups(Q[t]):.2f}" for t in own.taus) + f" (of {int(present.sum())}).")
+          + ", ".join(f"{t:g}: {effective[t]:.2f}" for t in own.taus) + f" (of {int(present.sum())}).")
     if own.json:
         files.write_json(own.json, {
             "dataset": cfg.dataset, "train_file": cfg.train_file, "train_samples": len(examples), "groups": G,
             "seed": cfg.seed, "grouping": cfg.grouping,
             "per_group": [c | {"mean_relevance": mean_rel[g], "base_loss": float(L[g])} for g, c in enumerate(comp)],
             "q": {f"{t:g}": Q[t].tolist() for t in own.taus},
-            "exp_H_Q": {f"{t:g}": effective_groups(Q[t]) for t in own.taus}, "loss_spread": spread})
+            "exp_H_Q": {f"{t:g}": effective[t] for t in own.taus}, "loss_spread": spread})
         print(f"numbers in {own.json}")
     return {"composition": comp, "mean_relevance": mean_rel, "base_loss": L, "q": Q}
 
