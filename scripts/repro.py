@@ -246,9 +246,11 @@ class Plan:
 
     def done(self, s: Stage) -> bool:
         if s.name == "figures":   # redrawn whenever the rows present differ from those it drew
+            from repro_figures import tested_rows
             from repro_report import row_names
             f = Path(self.a.figures) / "analysis.json"
-            return f.exists() and json.loads(f.read_text()).get("rows") == row_names(self.a)
+            drawn = json.loads(f.read_text()) if f.exists() else {}
+            return drawn.get("rows") == row_names(self.a) and drawn.get("tested") == tested_rows(self.docs)
         return s.name != "report" and all(p.exists() for p in self.outputs(s))
 
     # -- collection into docs/repro/<row> --------------------------------------------------------

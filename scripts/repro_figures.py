@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from nanogdrt import files, grouping, metrics, plots, relevance
-from repro import best_valid, gdrt_row, parse_grid
+from repro import best_valid, gdrt_row, parse_grid, sha256
 from repro_data import dataset_of, load_model, template_of
 from repro_report import row_names
 from repro_robust import weight_points
@@ -159,9 +159,34 @@ def figures(a):
         numbers["group_weight_vs_fairness"] = pts
     numbers["group_composition"] = composition(a, labels, docs, a.dataset, a.data_dir)
 
-    runs = analyze_runs(a, labels, Path(a.runs) / "analyze", docs / "test_users.json", item_group, ds)
-    if runs:
-        analyze.analyze(runs, figs / "analyze", model=a.model, dataset=a.dataset, data_dir=a.data_dir,
-                        examples=a.examples, device=a.device, heatmap_users=3)
+    # nanogdrt.analyze is most of this stage's time (attribution of --examples users under three
+    # models); it depends on the SFT and GDRT adapters only, so it is kept while they are unchanged.
+    inputs = analyze_inputs(a, labels)
+    marker = figs / "analysis.json"
+    kept = (marker.exists() and (figs / "analyze" / "analysis.json").exists()
+            and json.loads(marker.read_text()).get("analyze_inputs") == inputs)
+    if kept:
+        print("analyze: SFT and GDRT adapters unchanged since the last draw; its figures are kept", flush=True)
+    else:
+        runs = analyze_runs(a, labels, Path(a.runs) / "analyze", docs / "test_users.json", item_group, ds)
+        if runs:
+            analyze.analyze(runs, figs / "analyze", model=a.model, dataset=a.dataset, data_dir=a.data_dir,
+                            examples=a.examples, device=a.device, heatmap_users=3)
     files.write_json(figs / "figures.json", numbers)
-    files.write_json(figs / "analysis.json", {"figures": "analyze/analysis.json", "rows": labels})
+    files.write_json(marker, {"figures": "analyze/analysis.json", "rows": labels, "tested": tested_rows(docs),
+                              "analyze_inputs": inputs})
+
+
+def tested_rows(docs: Path) -> list[str]:
+    """Every docs/repro folder with test predictions: the figures stage is redrawn when it changes
+    (a new seed or control moves the dose figure and Fig. 11 without changing the report's rows)."""
+    return sorted(f.parent.name for f in docs.glob("*/test_predictions.jsonl"))
+
+
+def analyze_inputs(a, labels) -> dict:
+    """What nanogdrt.analyze's output depends on: the SFT and GDRT folders and their adapters'
+    checksums, and the number of examples."""
+    docs = Path(a.docs)
+    return {"examples": a.examples, **{label: [labels[label], sha256(docs / labels[label] / "adapter" /
+                                                                      "adapter_model.safetensors")]
+                                       for label in ("SFT", "GDRT") if label in labels}}

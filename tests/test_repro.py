@@ -19,7 +19,7 @@ import repro  # noqa: E402
 import repro_robust  # noqa: E402
 import repro_stats  # noqa: E402
 
-from nanogdrt import metrics  # noqa: E402
+from nanogdrt import files, metrics  # noqa: E402
 
 
 def _users(n, hit_rate, seed):
@@ -267,6 +267,19 @@ def test_figures(staged):
                 "fig11_sensitivity_tau_test_DGU5.png", "group_weight_vs_fairness.png",
                 "q_effective_groups.png", "analyze/fig2_attribution_ratios.png", "analyze/heatmap/heatmap.html"):
         assert (figs / png).stat().st_size > 500, png
+    # A new tested folder redraws the figures; analyze (the slow part) is kept while SFT's and GDRT's
+    # adapters are unchanged, and redone when one changes.
+    marker = json.loads((figs / "analysis.json").read_text())
+    assert marker["tested"] == sorted(p.parent.name for p in (tmp / "docs").glob("*/test_predictions.jsonl"))
+    analysis = figs / "analyze" / "analysis.json"
+    before = analysis.stat().st_mtime_ns
+    files.write_json(figs / "analysis.json", {**marker, "tested": []})
+    repro.main(args + ["--only", "figures"])
+    assert analysis.stat().st_mtime_ns == before
+    assert json.loads((figs / "analysis.json").read_text())["tested"] == marker["tested"]
+    files.write_json(figs / "analysis.json", {**marker, "tested": [], "analyze_inputs": {}})
+    repro.main(args + ["--only", "figures"])
+    assert analysis.stat().st_mtime_ns != before
 
 
 # ----------------------------------------------------------------------------- shipped adapters
