@@ -33,7 +33,11 @@ def group_distribution(bars: dict[str, list[float]], path, title="Top-1 recommen
     ax.set_ylabel("share of items")
     ax.set_title(title)
     ax.set_xticks(np.arange(1, len(next(iter(bars.values()))) + 1))
-    ax.legend()
+    if n > 4:   # many rows: the legend goes beside the axes, where it hides no bar
+        fig.set_size_inches(9, 3.8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    else:
+        ax.legend()
     _save(fig, path)
 
 
@@ -261,14 +265,31 @@ def labelled_scatter(points: list[dict], path, xlabel, ylabel, title, reference:
     _save(fig, path)
 
 
-def effective_groups(curves: dict[str, tuple[list, list]], n_groups: int, path):
-    """exp(H(Q)) per optimizer step, one curve per run; 1 = all weight on one group, G = uniform."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    for label, (x, y) in curves.items():
-        ax.plot(x, y, label=label, linewidth=1)
-    ax.set_ylim(0.9, n_groups + 0.1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("effective groups exp(H(Q))")
-    ax.set_title("What GDRT trains on: the effective number of token groups", fontsize=10)
-    ax.legend(fontsize=7)
+def moving_average(y, window: int) -> tuple[np.ndarray, int]:
+    """Mean over `window` consecutive values (shorter series: the whole series); NaN-free input."""
+    y = np.asarray(y, dtype=float)
+    w = max(1, min(window, len(y)))
+    return np.convolve(y, np.ones(w) / w, mode="valid"), w
+
+
+def effective_groups(curves: dict[str, tuple[list, list]], groups: dict[str, int], path, window: int = 10):
+    """exp(H(Q)) per optimizer step, one curve per run and one panel per number of token groups
+    (`groups`: run label -> its G); 1 = all weight on one group, G = uniform. Q moves with every
+    batch, so each curve is a moving average over `window` steps: a dozen raw curves are noise."""
+    sizes = sorted(set(groups.values()))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.2 * len(sizes) + 1.5, 3.8), squeeze=False)
+    for ax, G in zip(axes[0], sizes):
+        labels = [k for k in curves if groups[k] == G]
+        colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))[:max(len(labels), 1)]
+        for color, label in zip(colors, labels):
+            x, y = curves[label]
+            smooth, w = moving_average(y, window)
+            ax.plot(np.asarray(x)[w - 1:], smooth, label=label, linewidth=1.3, color=color)
+        ax.set_ylim(0.9, G + 0.1)
+        ax.axhline(G, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"G = {G}", fontsize=10)
+        ax.set_xlabel(f"optimizer step (moving average of {window})")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    axes[0, 0].set_ylabel("effective groups exp(H(Q))\n(1 = one group, dotted: uniform)")
+    fig.suptitle("What GDRT trains on: the effective number of token groups", fontsize=10)
     _save(fig, path)

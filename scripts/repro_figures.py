@@ -144,8 +144,8 @@ def figures(a):
             steps = json.loads((f / "train_results.json").read_text())["steps"]
             curves[f.name] = ([s["step"] for s in steps], q_entropy(steps))
     if curves:
-        n_groups = max(len(json.loads((docs / k / "train_results.json").read_text())["steps"][0]["q"]) for k in curves)
-        plots.effective_groups(curves, n_groups, figs / "q_effective_groups.png")
+        groups = {k: len(json.loads((docs / k / "train_results.json").read_text())["steps"][0]["q"]) for k in curves}
+        plots.effective_groups(curves, groups, figs / "q_effective_groups.png")
         numbers["q_effective_groups"] = {k: {"step": x, "exp_H_Q": y, "mean": float(np.nanmean(y))}
                                          for k, (x, y) in curves.items()}
     pts = weight_points(a, docs, loaded)

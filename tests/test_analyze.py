@@ -11,7 +11,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from nanogdrt import analyze, attribution
+from nanogdrt import analyze, attribution, plots
 from nanogdrt.analyze import FIGURES, cooccurrence_rates
 from nanogdrt.llama import Llama
 from nanogdrt.prompt import PromptIds
@@ -178,7 +178,6 @@ def test_toy_reports_the_papers_numbers(tiny_model_dir, toy_dir, tmp_path):
 def test_fig2_axis_fits_bars_and_stars_not_an_outlier_dot(tmp_path):
     """One per-example mean of -20.5 (a tiny interaction drop) must not squash the bars: the axis
     spans the bars, the paper's stars and 1, and the dot is drawn at the edge."""
-    from nanogdrt import plots
 
     panel = {"title": "segment", "xticks": ("task", "prefix"),
              "bars": {"base": (0.30, 0.20), "SFT": (0.30, 0.19)},
@@ -188,3 +187,15 @@ def test_fig2_axis_fits_bars_and_stars_not_an_outlier_dot(tmp_path):
     assert lo == 0.0 and 4.69 < hi < 6.0
     plots.attribution_ratios([panel], tmp_path / "fig2.png", n_examples=100, split="test")
     assert (tmp_path / "fig2.png").stat().st_size > 1000
+
+
+def test_moving_average_and_effective_groups_panels(tmp_path):
+    smooth, w = plots.moving_average([1, 2, 3, 4, 5], 2)
+    np.testing.assert_allclose(smooth, [1.5, 2.5, 3.5, 4.5])
+    assert w == 2 and plots.moving_average([1, 3], 10)[0].tolist() == [2.0]   # shorter: the whole series
+    steps = list(range(1, 31))
+    curves = {"g2": (steps, [1.0 + (s % 2) for s in steps]), "g5": (steps, [4.0] * 30), "g5b": (steps, [1.0] * 30)}
+    plots.effective_groups(curves, {"g2": 2, "g5": 5, "g5b": 5}, tmp_path / "q.png")
+    assert (tmp_path / "q.png").stat().st_size > 1000
+    plots.group_distribution({f"row {i}": [0.2] * 5 for i in range(10)}, tmp_path / "bars.png")   # legend outside
+    assert (tmp_path / "bars.png").stat().st_size > 1000
