@@ -26,7 +26,7 @@ from repro import TABLE_KEYS, best_valid, gdrt_row, parse_grid  # noqa: E402
 from repro_data import dataset_of  # noqa: E402
 from repro_robust import (grid_section, seed_differences, seed_values, seed_verdicts, seeds_section,  # noqa: E402
                           trains_on_section, weight_section)
-from repro_stats import Rows, bootstrap, fmt, interval, paired, verdict, weights  # noqa: E402
+from repro_stats import Rows, bootstrap, fmt, interval, paired, verdict_cell, weights  # noqa: E402
 # The paper's Toy numbers (Table 2, Llama-3.2-3B) that this report quotes; its other cells are not
 # transcribed here. Its abstract's summary over the three datasets: GDRT +24.29% NDCG@10 on average.
 PAPER_TOY = {"SFT": {"NDCG@10": 0.0158, "DGU@5": 0.612}, "GDRT": {"NDCG@10": 0.0203, "DGU@5": 0.403}}
@@ -76,7 +76,7 @@ def report(a):
     for A, Bn in CLAIMS:
         if A in rows and Bn in rows:
             d = paired(rows[A], rows[Bn], a.bootstrap, 0)
-            L.append(f"| {A} beats {Bn} | " + " | ".join(f"{verdict(d[k], k)} ({d[k][0]:+.4f})" for k in TABLE_KEYS) + " |")
+            L.append(f"| {A} beats {Bn} | " + " | ".join(verdict_cell(d[k], k) for k in TABLE_KEYS) + " |")
         else:
             L.append(f"| {A} beats {Bn} | " + " | ".join("not resolved (row missing)" for _ in TABLE_KEYS) + " |")
     seeds = seed_values(a, docs, loaded)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from repro import SELECT_KEYS, TABLE_KEYS, best_valid, control_row, gdrt_row, parse_grid
-from repro_stats import (effect_word, fmt, group_weight, paired, point, q_entropy, q_summary, spearman, verdict,
-                         welch_interval)
+from repro_stats import (effect_word, fmt, group_weight, paired, point, q_entropy, q_summary, spearman,
+                         verdict_cell, welch_interval)
 
 
 CONTROL = "uniform Q (control)"
@@ -47,7 +47,7 @@ def seed_verdicts(seeds) -> list[str]:
     if d is None:
         return []
     return [f"| GDRT beats SFT over training seeds ({len(seeds['GDRT'])} vs {len(seeds['SFT'])}; Welch interval of "
-            "the seed means) | " + " | ".join(f"{verdict(d[k], k)} ({d[k][0]:+.4f})" for k in TABLE_KEYS) + " |"]
+            "the seed means) | " + " | ".join(verdict_cell(d[k], k) for k in TABLE_KEYS) + " |"]
 
 
 def seeds_section(a, seeds):

@@ -137,6 +137,12 @@ def verdict(point_lo_hi, metric) -> str:
     return "not resolved at this scale"
 
 
+def verdict_cell(c, metric) -> str:
+    """A Verdicts cell: the verdict, then the difference and its interval, so that a reader (and
+    README) can quote the interval the verdict rests on."""
+    return f"{verdict(c, metric)} ({c[0]:+.4f} [{c[1]:+.4f}, {c[2]:+.4f}])"
+
+
 def q_entropy(steps) -> list[float]:
     """exp(H(Q)) per logged step: the effective number of groups GDRT trains on."""
     out = []

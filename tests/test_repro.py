@@ -119,7 +119,7 @@ def test_welch_interval_against_scipy_and_the_seed_verdict():
     seeds = {"SFT": [{k: 0.0 for k in repro.TABLE_KEYS} | {"DGU@5": x} for x in sft],
              "GDRT": [{k: 0.0 for k in repro.TABLE_KEYS} | {"DGU@5": x} for x in gdrt]}
     row = repro_robust.seed_verdicts(seeds)[0]
-    assert "reproduced (-0.0997)" in row                      # lower DGU@5 is better
+    assert f"reproduced (-0.0997 [{lo:+.4f}, {hi:+.4f}])" in row   # lower DGU@5 is better
     assert repro_robust.seed_verdicts({"SFT": seeds["SFT"], "GDRT": seeds["GDRT"][:1]}) == []   # one seed: no spread
     seeds[repro_robust.CONTROL] = seeds["SFT"]                # any pair of rows: A - B, Welch
     flipped = repro_robust.seed_differences(seeds, "SFT", "GDRT")["DGU@5"]
