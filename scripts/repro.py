@@ -245,7 +245,7 @@ class Plan:
         return [self.docs / row / "test_predictions.jsonl"]
 
     def done(self, s: Stage) -> bool:
-        if s.name == "figures":   # redrawn whenever the rows present differ from those it drew
+        if s.name == "figures":   # redrawn when the report's rows or the tested folders differ from those it drew
             from repro_figures import tested_rows
             from repro_report import row_names
             f = Path(self.a.figures) / "analysis.json"

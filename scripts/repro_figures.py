@@ -1,7 +1,8 @@
 """The reproduction's figures, from docs/repro/ (PNG + the same numbers in JSON, into --figures).
 
     analyze/      nanogdrt.analyze on SFT and the chosen GDRT: Fig. 2/7 under both attribution
-                  definitions, Fig. 3/8, 4/9, 5, 6, and Fig. 1-style token heat maps (3 users)
+                  definitions, Fig. 3/8, 4/9, 5, 6, and Fig. 1-style token heat maps (3 users);
+                  kept while those two adapters and --examples are unchanged (analysis.json)
     fig3_rows_top1_groups.png   top-1 item groups of every row beside the test targets
     fig10_sensitivity_G.png / fig11_sensitivity_tau.png   the GDRT grid against the SFT line
     fig11_sensitivity_tau_test_DGU5.png   the same for fairness, with SFT's seed range and our

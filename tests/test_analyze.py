@@ -178,7 +178,6 @@ def test_toy_reports_the_papers_numbers(tiny_model_dir, toy_dir, tmp_path):
 def test_fig2_axis_fits_bars_and_stars_not_an_outlier_dot(tmp_path):
     """One per-example mean of -20.5 (a tiny interaction drop) must not squash the bars: the axis
     spans the bars, the paper's stars and 1, and the dot is drawn at the edge."""
-
     panel = {"title": "segment", "xticks": ("task", "prefix"),
              "bars": {"base": (0.30, 0.20), "SFT": (0.30, 0.19)},
              "dots": {"base": (-20.5, 0.25), "SFT": (0.31, 0.18)},
