@@ -162,11 +162,8 @@ def figures(a):
 
     # nanogdrt.analyze is most of this stage's time (attribution of --examples users under three
     # models); it depends on the SFT and GDRT adapters only, so it is kept while they are unchanged.
-    inputs = analyze_inputs(a, labels)
-    marker = figs / "analysis.json"
-    kept = (marker.exists() and (figs / "analyze" / "analysis.json").exists()
-            and json.loads(marker.read_text()).get("analyze_inputs") == inputs)
-    if kept:
+    inputs, marker = analyze_inputs(a, labels), figs / "analysis.json"
+    if analyze_kept(a, labels):
         print("analyze: SFT and GDRT adapters unchanged since the last draw; its figures are kept", flush=True)
     else:
         runs = analyze_runs(a, labels, Path(a.runs) / "analyze", docs / "test_users.json", item_group, ds)
@@ -182,6 +179,15 @@ def tested_rows(docs: Path) -> list[str]:
     """Every docs/repro folder with test predictions: the figures stage is redrawn when it changes
     (a new seed or control moves the dose figure and Fig. 11 without changing the report's rows)."""
     return sorted(f.parent.name for f in docs.glob("*/test_predictions.jsonl"))
+
+
+def analyze_kept(a, labels) -> bool:
+    """True when the committed analyze/ output was made from the SFT and GDRT adapters (and the
+    --examples) that the figures stage would use now."""
+    figs = Path(a.figures)
+    marker = figs / "analysis.json"
+    return (marker.exists() and (figs / "analyze" / "analysis.json").exists()
+            and json.loads(marker.read_text()).get("analyze_inputs") == analyze_inputs(a, labels))
 
 
 def analyze_inputs(a, labels) -> dict:

@@ -253,7 +253,7 @@ def test_sasrec_stage(staged):
     assert (docs / "sasrec" / "results.json").exists() and (docs / "sasrec" / "test_predictions.jsonl").exists()
 
 
-def test_figures(staged):
+def test_figures(staged, capsys):
     tmp, args = staged
     repro.main(args + ["--only", "figures"])
     figs = tmp / "figs"
@@ -274,6 +274,9 @@ def test_figures(staged):
     analysis = figs / "analyze" / "analysis.json"
     before = analysis.stat().st_mtime_ns
     files.write_json(figs / "analysis.json", {**marker, "tested": []})
+    capsys.readouterr()
+    repro.main(args + ["--list", "--only", "figures"])
+    assert "todo  figures    figures                      ~    2 min" in capsys.readouterr().out   # analyze kept
     repro.main(args + ["--only", "figures"])
     assert analysis.stat().st_mtime_ns == before
     assert json.loads((figs / "analysis.json").read_text())["tested"] == marker["tested"]
