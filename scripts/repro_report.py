@@ -25,7 +25,7 @@ from nanogdrt import files  # noqa: E402
 from repro import TABLE_KEYS, best_valid, gdrt_row, parse_grid  # noqa: E402
 from repro_data import dataset_of  # noqa: E402
 from repro_robust import (grid_section, seed_differences, seed_values, seed_verdicts, seeds_section,  # noqa: E402
-                          trains_on_section, weight_section)
+                          title_length_section, trains_on_section, weight_section)
 from repro_stats import Rows, bootstrap, fmt, interval, paired, verdict_cell, weights  # noqa: E402
 # The paper's Toy numbers (Table 2, Llama-3.2-3B) that this report quotes; its other cells are not
 # transcribed here. Its abstract's summary over the three datasets: GDRT +24.29% NDCG@10 on average.
@@ -85,6 +85,8 @@ def report(a):
     L += seeds_section(a, seeds) + trains_on_section(a, docs)
     L += grid_section(a, docs, loaded, rows.get("SFT"), seeds)
     L += weight_section(a, docs, loaded)
+    index = json.loads((docs / "test_users.json").read_text())["index"]
+    L += title_length_section(a, docs, labels, ds.titles, item_group, [ds.test[i].target for i in index])
     L += figures_section(a)
     L += times_section(docs)
     L += gpu_section(Path(a.results).parent / "gpu" / "protocol" / "report.md")   # docs/gpu/protocol

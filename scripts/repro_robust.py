@@ -1,6 +1,6 @@
 """The robustness part of the reproduction's report (docs/results.md): training seeds, what GDRT
 trains on (Q over training, the loss spread, the token groups' composition), the G x tau grid
-against SFT, and our uniform-Q control against GDRT. scripts/repro_report.py assembles the report.
+against SFT, our uniform-Q control against GDRT, and the item groups' link to title length. scripts/repro_report.py assembles the report.
 """
 
 import json
@@ -269,4 +269,44 @@ def weight_section(a, docs, rows) -> list[str]:
           f"{rho['DGU@5']:+.2f}; against NDCG@10: {rho['NDCG@10']:+.2f}. Runs of one seed each apart from SFT and "
           "GDRT at the robust tau, so the table's seed rows show how much of an ordering training noise alone "
           "can make."]
+    return L
+
+
+def title_length_section(a, docs, labels, titles, item_group, targets) -> list[str]:
+    """Item groups and title length (our measurement): Eq. 2 averages a title's token relevance, and
+    the later tokens of a long title are easy to predict from its prefix, so the item groups of
+    MGU/DGU also sort the catalogue by title length. A row's fairness can move with the length of
+    the titles it ranks first, which this section lets a reader check. `targets`: the test users'
+    target items, the first row of the second table."""
+    from nanogdrt.checkpoint import ensure_embedded_checkpoint
+    from nanogdrt.metrics import N_ITEM_GROUPS
+    from nanogdrt.tokenizer import Tokenizer
+    tokenizer = Tokenizer(Path(a.model) if a.model else ensure_embedded_checkpoint())
+    length = {i: len(tokenizer.encode(titles[i])) for i in item_group}
+    groups = range(1, N_ITEM_GROUPS + 1)
+    L = ["", "## Item groups and title length (our measurement)", "",
+         "Eq. 2 averages the relevance of a title's tokens to the auxiliary tokens, and the later tokens of a long "
+         "title are easy to predict from its first ones; so the item groups also sort the catalogue by length "
+         "(title tokens, without quotes and EOS):", "",
+         "| item group | " + " | ".join(str(g) for g in groups) + " |", "|---" * (N_ITEM_GROUPS + 1) + "|",
+         "| catalogue items | " + " | ".join(str(sum(v == g for v in item_group.values())) for g in groups) + " |",
+         "| mean title tokens | " + " | ".join(f"{np.mean([length[i] for i, v in item_group.items() if v == g]):.1f}"
+                                             for g in groups) + " |",
+         "", "Each row's top-1 recommendations on its test users: their mean title length and where they fall.", "",
+         f"| row | top-1 mean title tokens | top-1 in item group 1 | top-1 in item group {N_ITEM_GROUPS} |",
+         "|---|---|---|---|"]
+    shown = {"test targets (the same users)": targets}
+    for label, folder in labels.items():
+        shown[f"{label} ({folder})"] = [r["topk_item_ids"][0] for r in map(json.loads, (
+            docs / folder / "test_predictions.jsonl").read_text().splitlines()) if r["topk_item_ids"]]
+    mean_length = {}
+    for name, items in shown.items():
+        items = [i for i in items if i in item_group]
+        share = lambda g: np.mean([item_group[i] == g for i in items])  # noqa: E731
+        mean_length[name.split(" (")[0]] = np.mean([length[i] for i in items])
+        L.append(f"| {name} | {mean_length[name.split(' (')[0]]:.1f} | {share(1):.0%} | {share(N_ITEM_GROUPS):.0%} |")
+    if "SFT" in mean_length and "GDRT" in mean_length:
+        longer = mean_length["GDRT"] - mean_length["SFT"]
+        L += ["", f"GDRT's top-1 titles minus SFT's, in mean title tokens: {longer:+.1f}. A fairness change that "
+              "came from ranking shorter titles (as D3's unnormalised scores do) would make this negative."]
     return L

@@ -190,7 +190,8 @@ def test_stages_run_collect_checksum_and_skip(staged, capsys):
     report = (tmp / "results.md").read_text()
     for needle in ("| SFT (sft-s0) | 6 |", "| GDRT (gdrt-G5-tau0.5-s0) | 6 |", "GDRT - SFT", "| GDRT beats SFT |",
                    "| 5 | 0.5 |", "train:sft-s0", "## Setup", "## What GDRT trains on", "Why Q goes one-hot",
-                   "The paper's effect size at our scale", "| NDCG@10 | 0.0158 -> 0.0203 | +28.5% |"):
+                   "The paper's effect size at our scale", "| NDCG@10 | 0.0158 -> 0.0203 | +28.5% |",
+                   "## Item groups and title length", "| test targets (the same users) |", "GDRT's top-1 titles minus SFT's"):
         assert needle in report
     capsys.readouterr()
     repro.main(args + ["--stages", "data,robust"])            # everything done: all skipped
