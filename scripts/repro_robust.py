@@ -5,6 +5,7 @@ against SFT, our uniform-Q control against GDRT, and the item groups' link to ti
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -265,10 +266,11 @@ def weight_section(a, docs, rows) -> list[str]:
     L += [f"| {p['run']} ({p['kind']}) | {p['weight']:.2f} | {p['train_loss']:.2f} | {p['DGU@5']:.4f} | "
           f"{p['MGU@5']:.4f} | {p['NDCG@10']:.4f} |" for p in pts]
     rho = {k: spearman([p["weight"] for p in pts], [p[k] for p in pts]) for k in ("DGU@5", "NDCG@10")}
+    seeded = Counter(p["kind"] for p in pts)
     L += ["", f"Spearman rank correlation over these {len(pts)} runs, weight on group {G} against test DGU@5: "
-          f"{rho['DGU@5']:+.2f}; against NDCG@10: {rho['NDCG@10']:+.2f}. Runs of one seed each apart from SFT and "
-          "GDRT at the robust tau, so the table's seed rows show how much of an ordering training noise alone "
-          "can make."]
+          f"{rho['DGU@5']:+.2f}; against NDCG@10: {rho['NDCG@10']:+.2f}. Runs of one seed each apart from "
+          f"{', '.join(k for k, n in seeded.items() if n > 1) or 'none'}, whose seed rows show how much of an "
+          "ordering training noise alone can make."]
     return L
 
 
