@@ -1,6 +1,7 @@
 """The robustness part of the reproduction's report (docs/results.md): training seeds, what GDRT
 trains on (Q over training, the loss spread, the token groups' composition), the G x tau grid
-against SFT, our uniform-Q control against GDRT, and the item groups' link to title length. scripts/repro_report.py assembles the report.
+against SFT, our uniform-Q control against GDRT, and the item groups' link to title length.
+scripts/repro_report.py assembles the report.
 """
 
 import json
