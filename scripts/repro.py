@@ -247,9 +247,9 @@ class Plan:
     def minutes(self, s: Stage) -> float:
         """The stage's estimate; the figures stage is a few minutes when its analyze part is kept."""
         if s.name == "figures":
-            from repro_figures import analyze_kept
+            from repro_figures import analyze_inputs, analyze_kept
             from repro_report import row_names
-            if analyze_kept(self.a, row_names(self.a)):
+            if analyze_kept(Path(self.a.figures), analyze_inputs(self.a, row_names(self.a))):
                 return 2
         return s.minutes
 

@@ -25,7 +25,7 @@ from repro import best_valid, gdrt_row, parse_grid, sha256
 from repro_data import dataset_of, load_model, template_of
 from repro_report import row_names
 from repro_robust import weight_points
-from repro_stats import Rows, group_composition, q_entropy
+from repro_stats import Rows, group_composition, q_entropy, top1_items
 
 
 def analyze_runs(a, labels, out: Path, users_file: Path, item_group, ds) -> list[Path]:
@@ -128,9 +128,7 @@ def figures(a):
     index = json.loads((docs / "test_users.json").read_text())["index"]
     bars = {"test targets": metrics.group_distribution([ds.test[i].target for i in index], item_group).tolist()}
     for label, folder in labels.items():
-        recs = [json.loads(x) for x in (docs / folder / "test_predictions.jsonl").read_text().splitlines()]
-        bars[f"{label} top-1"] = metrics.group_distribution([r["topk_item_ids"][0] for r in recs
-                                                             if r["topk_item_ids"]], item_group).tolist()
+        bars[f"{label} top-1"] = metrics.group_distribution(top1_items(docs, folder), item_group).tolist()
     plots.group_distribution(bars, figs / "fig3_rows_top1_groups.png")
     numbers["top1_group_distribution"] = bars
 
@@ -163,7 +161,7 @@ def figures(a):
     # nanogdrt.analyze is most of this stage's time (attribution of --examples users under three
     # models); it depends on the SFT and GDRT adapters only, so it is kept while they are unchanged.
     inputs, marker = analyze_inputs(a, labels), figs / "analysis.json"
-    if analyze_kept(a, labels):
+    if analyze_kept(figs, inputs):
         print("analyze: SFT and GDRT adapters unchanged since the last draw; its figures are kept", flush=True)
     else:
         runs = analyze_runs(a, labels, Path(a.runs) / "analyze", docs / "test_users.json", item_group, ds)
@@ -181,13 +179,12 @@ def tested_rows(docs: Path) -> list[str]:
     return sorted(f.parent.name for f in docs.glob("*/test_predictions.jsonl"))
 
 
-def analyze_kept(a, labels) -> bool:
-    """True when the committed analyze/ output was made from the SFT and GDRT adapters (and the
-    --examples) that the figures stage would use now."""
-    figs = Path(a.figures)
+def analyze_kept(figs: Path, inputs: dict) -> bool:
+    """True when the committed analyze/ output in `figs` was made from `inputs` (analyze_inputs:
+    the SFT and GDRT adapters and --examples that the figures stage would use now)."""
     marker = figs / "analysis.json"
     return (marker.exists() and (figs / "analyze" / "analysis.json").exists()
-            and json.loads(marker.read_text()).get("analyze_inputs") == analyze_inputs(a, labels))
+            and json.loads(marker.read_text()).get("analyze_inputs") == inputs)
 
 
 def analyze_inputs(a, labels) -> dict:

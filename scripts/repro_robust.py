@@ -13,7 +13,7 @@ import numpy as np
 
 from repro import SELECT_KEYS, TABLE_KEYS, best_valid, control_row, gdrt_row, parse_grid
 from repro_stats import (effect_word, fmt, group_weight, paired, point, q_entropy, q_summary, spearman,
-                         verdict_cell, welch_interval)
+                         top1_items, verdict_cell, welch_interval)
 
 
 CONTROL = "uniform Q (control)"
@@ -282,10 +282,14 @@ def title_length_section(a, docs, labels, titles, item_group, targets) -> list[s
     the titles it ranks first, which this section lets a reader check. `targets`: the test users'
     target items, the first row of the second table."""
     from nanogdrt.checkpoint import ensure_embedded_checkpoint
-    from nanogdrt.metrics import N_ITEM_GROUPS
+    from nanogdrt.metrics import N_ITEM_GROUPS, group_distribution
+    from nanogdrt.prompt import PromptBuilder
+    from nanogdrt.relevance import title_token_mask
     from nanogdrt.tokenizer import Tokenizer
+    from repro_data import template_of
     tokenizer = Tokenizer(Path(a.model) if a.model else ensure_embedded_checkpoint())
-    length = {i: len(tokenizer.encode(titles[i])) for i in item_group}
+    builder = PromptBuilder(tokenizer, template_of(a.dataset))
+    length = {i: int(title_token_mask(builder, titles[i]).sum()) for i in item_group}   # the tokens Eq. 2 averages
     groups = range(1, N_ITEM_GROUPS + 1)
     L = ["", "## Item groups and title length (our measurement)", "",
          "Eq. 2 averages the relevance of a title's tokens to the auxiliary tokens, and the later tokens of a long "
@@ -298,16 +302,14 @@ def title_length_section(a, docs, labels, titles, item_group, targets) -> list[s
          "", "Each row's top-1 recommendations on its test users: their mean title length and where they fall.", "",
          f"| row | top-1 mean title tokens | top-1 in item group 1 | top-1 in item group {N_ITEM_GROUPS} |",
          "|---|---|---|---|"]
-    shown = {"test targets (the same users)": targets}
-    for label, folder in labels.items():
-        shown[f"{label} ({folder})"] = [r["topk_item_ids"][0] for r in map(json.loads, (
-            docs / folder / "test_predictions.jsonl").read_text().splitlines()) if r["topk_item_ids"]]
+    shown = {"test targets": ("test targets (the same users)", targets)}
+    shown |= {label: (f"{label} ({folder})", top1_items(docs, folder)) for label, folder in labels.items()}
     mean_length = {}
-    for name, items in shown.items():
+    for key, (name, items) in shown.items():
         items = [i for i in items if i in item_group]
-        share = lambda g: np.mean([item_group[i] == g for i in items])  # noqa: E731
-        mean_length[name.split(" (")[0]] = np.mean([length[i] for i in items])
-        L.append(f"| {name} | {mean_length[name.split(' (')[0]]:.1f} | {share(1):.0%} | {share(N_ITEM_GROUPS):.0%} |")
+        share = group_distribution(items, item_group)
+        mean_length[key] = np.mean([length[i] for i in items])
+        L.append(f"| {name} | {mean_length[key]:.1f} | {share[0]:.0%} | {share[-1]:.0%} |")
     if "SFT" in mean_length and "GDRT" in mean_length:
         longer = mean_length["GDRT"] - mean_length["SFT"]
         L += ["", f"GDRT's top-1 titles minus SFT's, in mean title tokens: {longer:+.1f}. A fairness change that "

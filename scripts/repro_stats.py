@@ -137,6 +137,13 @@ def verdict(point_lo_hi, metric) -> str:
     return "not resolved at this scale"
 
 
+def top1_items(docs, folder) -> list[int]:
+    """The first recommendation of each user in docs/repro/<folder>/test_predictions.jsonl (users
+    with an empty list skipped)."""
+    lines = (Path(docs) / folder / "test_predictions.jsonl").read_text().splitlines()
+    return [r["topk_item_ids"][0] for r in map(json.loads, lines) if r["topk_item_ids"]]
+
+
 def verdict_cell(c, metric) -> str:
     """A Verdicts cell: the verdict, then the difference and its interval, so that a reader (and
     README) can quote the interval the verdict rests on."""
