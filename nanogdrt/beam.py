@@ -53,6 +53,8 @@ D3 (Bao et al. 2024, "Decoding Matters"; nanogdrt/d3.py says what its code does)
 of the same search, `scoring`: ghost tokens (p_LM > a threshold) are counted per hypothesis and
 left out of its length, and an assistant's token log-probabilities enter every step's scores
 with weight alpha. With `Scoring()` (the default) none of this runs: the search is the CBS above.
+`Scoring(normaliser="allowed")` is a diagnostic, not the lineage's rule: every step's softmax
+runs over the trie's allowed tokens only, the distribution MSL's loss trains (at tau 1).
 
 The loop (`_search`) is a row of small steps over one state object (`Slots`): `_candidates`
 (2. above), `_finalise` (3.), `_continue` (4.), `_stop_finished` (5.), `_shrink`, `_feed` (run
@@ -159,15 +161,22 @@ def _prefill(model, prompts: list[list[int]], head: KVCache | None):
     return cache, hidden[torch.arange(N, device=device), lengths - h - 1], lengths
 
 
-def _allowed_log_probs(model, hidden, allowed, alive):
-    """hidden (M, C) -> full-vocabulary log-probabilities of the allowed tokens (M, K), -inf on padding.
+def _allowed_log_probs(model, hidden, allowed, alive, normaliser="vocab"):
+    """hidden (M, C) -> log-probabilities of the allowed tokens (M, K), -inf on padding.
 
+    normaliser "vocab": the softmax over the full vocabulary (transformers'); "allowed": the
+    softmax over the row's allowed tokens only (a diagnostic, see `Scoring.normaliser`).
     Only the `alive` rows (M,) go through the LM head: dead beams and empty slots cost nothing.
     """
     rows = alive.nonzero().flatten()
-    logits = model.logits(hidden[rows]).float()                       # (m, V): the full normaliser
+    logits = model.logits(hidden[rows]).float()                       # (m, V)
+    picked = logits.gather(1, allowed.tokens[rows])                   # (m, K)
+    if normaliser == "vocab":
+        norm = logits.logsumexp(-1, keepdim=True)
+    else:   # every live beam has at least one allowed token (EOS at a leaf)
+        norm = picked.masked_fill(~allowed.mask[rows], float("-inf")).logsumexp(-1, keepdim=True)
     logp = torch.full(allowed.tokens.shape, float("-inf"), device=hidden.device)
-    logp[rows] = logits.gather(1, allowed.tokens[rows]) - logits.logsumexp(-1, keepdim=True)
+    logp[rows] = picked - norm
     return logp.masked_fill(~allowed.mask, float("-inf"))
 
 
@@ -288,7 +297,8 @@ def _candidates(model, trie: Trie, s: Slots, scoring: Scoring = Scoring()) -> Ca
     alive = s.scores > NEG_INF                                                   # (S, B)
     allowed = trie.allowed(s.nodes.flatten(), active=alive.flatten())            # (S*B, K)
     K = allowed.tokens.shape[1]
-    logp = _allowed_log_probs(model, s.hidden.view(S * B, -1), allowed, alive.flatten())
+    logp = _allowed_log_probs(model, s.hidden.view(S * B, -1), allowed, alive.flatten(),
+                              scoring.normaliser)
     step = logp
     if scoring.uses_assistant:   # D3's (1 - alpha) log p_LM + alpha log p_assistant
         step = (1 - scoring.alpha) * logp + scoring.alpha * assistant_log_probs(s.mass, allowed)

@@ -40,6 +40,7 @@ import torch
 GHOST_THRESHOLD = 0.99   # p_LM above which a decoded token counts as a ghost token (our choice)
 ASSISTANT_EPS = 1e-20    # added to each child's assistant mass before renormalising (D3's code)
 DECODINGS = ("cbs", "d3")
+NORMALISERS = ("vocab", "allowed")   # the softmax a step's log-probabilities come from (Scoring.normaliser)
 LENGTH_PENALTY = {"cbs": 1.0, "d3": 0.0}   # default of each: transformers' (the lineage's) / D3's code
 
 
@@ -53,6 +54,11 @@ class Scoring:
     ghost_threshold: float | None = None  # count tokens with p_LM > this; left out of the length
     alpha: float = 0.0                     # (1 - alpha) log p_LM + alpha log p_assistant
     assistant: Callable[[list[int]], torch.Tensor] | None = None
+    # "vocab": log p_LM under the softmax over the whole vocabulary (transformers', the lineage's,
+    # MSL's own inference). "allowed": under the softmax over the trie's allowed tokens only, the
+    # distribution MSL's loss trains at tau 1; a token that is the only continuation then scores
+    # log 1 = 0. Not a decoding of any paper: a diagnostic of what the normaliser does.
+    normaliser: str = "vocab"
 
     def __post_init__(self):
         if not 0.0 <= self.alpha < 1.0:
@@ -61,6 +67,8 @@ class Scoring:
             raise ValueError("alpha > 0 needs an assistant (e.g. a SASRec folder)")
         if self.ghost_threshold is not None and self.ghost_threshold <= 0:
             raise ValueError(f"ghost_threshold must be positive, got {self.ghost_threshold}")
+        if self.normaliser not in NORMALISERS:
+            raise ValueError(f"normaliser must be one of {NORMALISERS}, got {self.normaliser!r}")
 
     @property
     def uses_assistant(self) -> bool:
@@ -102,19 +110,20 @@ def sasrec_assistant(model, histories: list[list[int]], item_ids) -> Callable[[l
 
 
 def scoring(decoding: str, alpha: float = 0.0, assistant=None, histories=None, item_ids=None,
-            ghost_threshold: float = GHOST_THRESHOLD) -> Scoring:
+            ghost_threshold: float = GHOST_THRESHOLD, normaliser: str = "vocab") -> Scoring:
     """`--decoding cbs|d3` -> the search's Scoring. d3: ghost tokens counted, and with alpha > 0
-    the SASRec `assistant` (it needs the users' `histories` and the catalogue's `item_ids`)."""
+    the SASRec `assistant` (it needs the users' `histories` and the catalogue's `item_ids`).
+    `normaliser`: Scoring.normaliser, with either decoding."""
     if decoding not in DECODINGS:
         raise ValueError(f"decoding must be one of {DECODINGS}, got {decoding!r}")
     if decoding == "cbs":
         if alpha:
             raise ValueError("alpha (the assistant's weight) is an option of --decoding d3")
-        return Scoring()
+        return Scoring(normaliser=normaliser)
     if alpha > 0 and assistant is None:
         raise ValueError("--decoding d3 with alpha > 0 needs an assistant (a SASRec folder)")
     fn = sasrec_assistant(assistant, histories, item_ids) if alpha > 0 else None
-    return Scoring(ghost_threshold, alpha, fn)
+    return Scoring(ghost_threshold, alpha, fn, normaliser)
 
 
 def ghost_share(records: list[dict]) -> float | None:

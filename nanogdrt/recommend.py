@@ -30,23 +30,24 @@ def build_trie(builder, titles: dict[int, str]) -> Trie:
 
 def recommend(model, builder, trie, interactions, titles, beams=10, top_k=10, batch_size=32,
               length_penalty=None, progress=False, dist=None, decoding="cbs", assistant=None,
-              alpha=0.0, ghost_threshold=d3.GHOST_THRESHOLD) -> list[dict]:
+              alpha=0.0, ghost_threshold=d3.GHOST_THRESHOLD, normaliser="vocab") -> list[dict]:
     """One record per interaction: prompt ids, target, ranked top-K item ids with scores.
 
     `decoding`: "cbs" (constrained beam search) or "d3" (nanogdrt/d3.py; `assistant` a SASRec
     weighted by `alpha`; records also get each title's ghost and total token counts).
-    `length_penalty`: None takes the decoding's (cbs 1.0, d3 0.0).
+    `length_penalty`: None takes the decoding's (cbs 1.0, d3 0.0). `normaliser`: "vocab"
+    (transformers') or "allowed" (the softmax over the trie's allowed tokens; a diagnostic).
     `dist` (a `nanogdrt.distributed.Dist`): each data-parallel rank decodes its share of the
     users and every rank gets all records back, in the order of `interactions`."""
     if dist is not None and dist.enabled:
         mine = dist.shard(interactions)
         records = recommend(model, builder, trie, mine, titles, beams, top_k, batch_size, length_penalty,
                             progress and dist.main, None, decoding, assistant, alpha,
-                            ghost_threshold) if mine else []
+                            ghost_threshold, normaliser) if mine else []
         return dist.gather(records, len(interactions))
     prompts = [builder.for_interaction(x, titles, with_target=False).ids for x in interactions]
     scoring = d3.scoring(decoding, alpha, assistant, [x.history for x in interactions],
-                         [i for its in trie.leaf_items.values() for i in its], ghost_threshold)
+                         [i for its in trie.leaf_items.values() for i in its], ghost_threshold, normaliser)
     if length_penalty is None:
         length_penalty = d3.LENGTH_PENALTY[decoding]
     results = beam_search(model, prompts, trie, beams=beams, top_k=min(top_k, beams),
@@ -115,6 +116,9 @@ def main(argv=None):
                    help="d3: step score (1 - alpha) log p_LM + alpha log p_assistant (D3's code: 0)")
     p.add_argument("--ghost-threshold", type=validate.number(float, above=0), default=d3.GHOST_THRESHOLD,
                    help="d3: tokens with p_LM above this are ghost tokens (counted; out of the length)")
+    p.add_argument("--normaliser", default="vocab", choices=d3.NORMALISERS,
+                   help="each step's softmax: over the whole vocabulary (transformers', the lineage's) or over "
+                        "the trie's allowed tokens only (what MSL's loss trains; a diagnostic)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
     p.add_argument("--no-fairness", action="store_true", help="skip item groups (MGU/DGU)")
@@ -151,7 +155,7 @@ def main(argv=None):
     records = recommend(model, builder, build_trie(builder, dataset.titles), interactions, dataset.titles,
                         beams=args.beams, batch_size=args.batch_size, length_penalty=args.length_penalty,
                         progress=True, dist=dist, decoding=args.decoding, assistant=assistant,
-                        alpha=args.alpha, ghost_threshold=args.ghost_threshold)
+                        alpha=args.alpha, ghost_threshold=args.ghost_threshold, normaliser=args.normaliser)
     seconds = time.perf_counter() - start
     if not dist.main:
         return

@@ -19,6 +19,7 @@ time, machine and the sha256 of its outputs. A stage whose outputs exist is skip
 command continues on any machine that has the committed folder. Training state (runs/repro/) is
 not committed: an interrupted training resumes (--resume) on the same machine, restarts elsewhere.
 Phases, in order: data, robust (SFT, GDRT x seeds; base), sweep (the grid), baselines, sweeptest,
+diagnose (our diagnostic of MSL's unfairness: the decoding's softmax, scripts/repro_normaliser.py),
 figures, report (docs/results.md, built by scripts/repro_report.py).
 """
 
@@ -46,7 +47,7 @@ from nanogdrt import files  # noqa: E402
 # Minutes on an idle 2-core CPU, measured on the Toy stages (docs/results.md's wall-time table):
 # training 1,000 windows, one beam-search user (valid or test), and a stage's start (load, caches).
 RATES = {"train_1000": 13.5, "user": 0.7 / 60, "start": 1.0}
-PHASES = ["data", "robust", "sweep", "baselines", "sweeptest", "figures", "report"]
+PHASES = ["data", "robust", "sweep", "baselines", "sweeptest", "diagnose", "figures", "report"]
 SELECT_KEYS = ("NDCG@5", "NDCG@10", "HR@10")
 
 
@@ -133,10 +134,11 @@ class Plan:
                 "--valid-users", str(a.valid_users), "--test-users", "1", "--out", str(self.runs / row),
                 *(["--train-file", a.train_file] if a.train_file else []), *extra, *a.train_extra]
 
-    def decode_argv(self, row, n, adapter=True):
+    def decode_argv(self, row, n, adapter=True, source=None, extra=()):
+        """Decode into docs/repro/<row>/ with the adapter of `source` (default: the row's own)."""
         return [sys.executable, "scripts/repro_data.py", "decode", *self.data_args(),
                 "--users-file", str(self.docs / "test_users.json"), "--n", str(n),
-                *(["--adapter", str(self.docs / row / "adapter")] if adapter else []),
+                *(["--adapter", str(self.docs / (source or row) / "adapter")] if adapter else []), *extra,
                 "--out", str(self.docs / row / "test_predictions.jsonl")]
 
     def chosen(self, prefix="gdrt") -> str:
@@ -214,6 +216,15 @@ class Plan:
                 self.add_test("sweeptest", gdrt_row(g, tau), a.other_test_users)
         for seed in range(a.control_seeds if a.control_groups else 0):
             self.add_test("sweeptest", control_row(a.control_groups, seed), a.other_test_users)
+        # Our diagnostic of MSL's unfairness, not the paper's (scripts/repro_normaliser.py): the MSL row
+        # and SFT decoded with each step's softmax over the trie's allowed tokens, the distribution MSL's
+        # loss trains, instead of over the whole vocabulary (transformers', MSL's own inference).
+        allowed = ["--normaliser", "allowed"]
+        self.stages.append(Stage("test:msl-allowed", "diagnose", lambda plan: plan.decode_argv(
+            "msl-allowed", a.other_test_users, source=plan.chosen("msl"), extra=allowed),
+            [docs / "msl-allowed" / "test_predictions.jsonl"], self.test_minutes(a.other_test_users)))
+        self.add_test("diagnose", "sft-allowed", a.other_test_users, argv=self.decode_argv(
+            "sft-allowed", a.other_test_users, source="sft-s0", extra=allowed))
         self.stages.append(Stage("figures", "figures", [
             sys.executable, "scripts/repro_report.py", "figures", *self.report_args(),
             "--examples", str(a.examples)], [Path(a.figures) / "analysis.json"], 60))

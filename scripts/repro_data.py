@@ -82,7 +82,7 @@ def decode(a):
     builder = PromptBuilder(tokenizer, template_of(a.dataset))
     start = time.perf_counter()
     records = recommend(model, builder, build_trie(builder, ds.titles), interactions, ds.titles,
-                        beams=a.beams, batch_size=a.batch_size, progress=True)
+                        beams=a.beams, batch_size=a.batch_size, progress=True, normaliser=a.normaliser)
     seconds = time.perf_counter() - start
     for r in records:
         r.pop("prompt_ids")                                 # rebuilt from the row when needed
@@ -104,6 +104,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beams", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--normaliser", default="vocab", choices=["vocab", "allowed"],
+                   help="decode: each step's softmax (nanogdrt.d3.Scoring.normaliser; allowed is a diagnostic)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", required=True)

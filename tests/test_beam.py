@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nanogdrt.beam import beam_search
+from nanogdrt.d3 import Scoring
 from nanogdrt.llama import Llama, LlamaConfig
 from nanogdrt.trie import Trie
 from tests.references import hf_constrained_beam_search
@@ -46,8 +47,11 @@ def tiny_catalogue():
     return items
 
 
-def brute_force(model, prompt, items, length_penalty):
-    """Every distinct title scored by one full forward pass: [(score, ids, item ids)], best first."""
+def brute_force(model, prompt, items, length_penalty, normaliser="vocab"):
+    """Every distinct title scored by one full forward pass: [(score, ids, item ids)], best first.
+
+    normaliser "allowed": each position's softmax over the tokens that continue some title with
+    the same prefix (found by listing the titles, not through the trie)."""
     by_title = {}
     for item, ids in items.items():
         by_title.setdefault(tuple(ids), []).append(item)
@@ -55,7 +59,14 @@ def brute_force(model, prompt, items, length_penalty):
     for ids, its in by_title.items():
         seq = torch.tensor([prompt + list(ids)])
         with torch.no_grad():
-            logp = F.log_softmax(model(seq)[0, len(prompt) - 1:-1].float(), dim=-1)
+            logits = model(seq)[0, len(prompt) - 1:-1].float()
+        if normaliser == "allowed":
+            for i in range(len(ids)):
+                allowed = sorted({t[i] for t in by_title if len(t) > i and t[:i] == ids[:i]})
+                blocked = torch.ones(logits.shape[1], dtype=torch.bool)
+                blocked[allowed] = False
+                logits[i, blocked] = float("-inf")
+        logp = F.log_softmax(logits, dim=-1)
         total = logp.gather(1, torch.tensor(ids)[:, None]).sum().item()
         ranked.append((total / len(ids) ** length_penalty, list(ids), sorted(its)))
     return sorted(ranked, key=lambda r: -r[0])
@@ -82,6 +93,21 @@ def test_wide_beam_equals_exhaustive_ranking(tiny, tiny_catalogue, length_penalt
         assert_same_ranking(rec.item_ids, rec.scores, [r[2][0] for r in ref], [r[0] for r in ref])
         for ids, its in zip(rec.token_ids, rec.all_item_ids):
             assert tuple(tiny_catalogue[its[0]]) == tuple(ids) and list(its) == sorted(its)
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.0])
+def test_allowed_normaliser_equals_exhaustive_ranking(tiny, tiny_catalogue, length_penalty):
+    """Scoring(normaliser="allowed"): the softmax over each step's allowed tokens, as brute force."""
+    trie = Trie.from_token_ids(tiny_catalogue, EOS)
+    n = len(trie)
+    prompts = [[1, 9, 12, 30, 7], [1, 3]]
+    recs = beam_search(tiny, prompts, trie, beams=n, top_k=n, length_penalty=length_penalty, batch_size=2,
+                       scoring=Scoring(normaliser="allowed"))
+    for prompt, rec in zip(prompts, recs):
+        ref = brute_force(tiny, prompt, tiny_catalogue, length_penalty, normaliser="allowed")
+        assert_same_ranking(rec.item_ids, rec.scores, [r[2][0] for r in ref], [r[0] for r in ref])
+        vocab = brute_force(tiny, prompt, tiny_catalogue, length_penalty)
+        assert max(abs(a[0] - b[0]) for a, b in zip(sorted(ref, key=lambda r: r[1]), sorted(vocab, key=lambda r: r[1]))) > 0.1
 
 
 def test_batched_equals_one_user_at_a_time(tiny, tiny_catalogue):

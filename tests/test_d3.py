@@ -154,7 +154,10 @@ def test_scoring_options_are_checked():
         d3.scoring("cbs", alpha=0.5)
     with pytest.raises(ValueError, match="assistant"):
         d3.scoring("d3", alpha=0.5)
+    with pytest.raises(ValueError, match="normaliser"):
+        Scoring(normaliser="trie")
     assert d3.scoring("cbs") == Scoring() and d3.scoring("d3").ghost_threshold == d3.GHOST_THRESHOLD
+    assert d3.scoring("cbs", normaliser="allowed").normaliser == d3.scoring("d3", normaliser="allowed").normaliser == "allowed"
     assert d3.ghost_share([{"ghost_tokens": [1, 0], "title_tokens": [4, 4]}, {"ghost_tokens": [2],
                            "title_tokens": [2]}]) == 0.3
     assert d3.ghost_share([{"topk_item_ids": [1]}]) is None
