@@ -49,6 +49,12 @@ from nanogdrt import files  # noqa: E402
 RATES = {"train_1000": 13.5, "user": 0.7 / 60, "start": 1.0}
 PHASES = ["data", "robust", "sweep", "baselines", "sweeptest", "diagnose", "figures", "report"]
 SELECT_KEYS = ("NDCG@5", "NDCG@10", "HR@10")
+# The diagnose phase: (folder, adapter source: "msl" = the chosen MSL row, decode options).
+DIAGNOSE = [("msl-allowed", "msl", ["--normaliser", "allowed"]),
+            ("sft-allowed", "sft-s0", ["--normaliser", "allowed"]),
+            ("msl-lp0", "msl", ["--length-penalty", "0"]),
+            ("msl-allowed-lp0", "msl", ["--normaliser", "allowed", "--length-penalty", "0"]),
+            ("sft-allowed-lp0", "sft-s0", ["--normaliser", "allowed", "--length-penalty", "0"])]
 
 
 @dataclass
@@ -218,13 +224,13 @@ class Plan:
             self.add_test("sweeptest", control_row(a.control_groups, seed), a.other_test_users)
         # Our diagnostic of MSL's unfairness, not the paper's (scripts/repro_normaliser.py): the MSL row
         # and SFT decoded with each step's softmax over the trie's allowed tokens, the distribution MSL's
-        # loss trains, instead of over the whole vocabulary (transformers', MSL's own inference).
-        allowed = ["--normaliser", "allowed"]
-        self.stages.append(Stage("test:msl-allowed", "diagnose", lambda plan: plan.decode_argv(
-            "msl-allowed", a.other_test_users, source=plan.chosen("msl"), extra=allowed),
-            [docs / "msl-allowed" / "test_predictions.jsonl"], self.test_minutes(a.other_test_users)))
-        self.add_test("diagnose", "sft-allowed", a.other_test_users, argv=self.decode_argv(
-            "sft-allowed", a.other_test_users, source="sft-s0", extra=allowed))
+        # loss trains, instead of over the whole vocabulary (transformers', MSL's own inference); each
+        # with and without length normalisation (SFT's vocabulary decode without it is sft-d3).
+        for row, source, extra in DIAGNOSE:
+            self.stages.append(Stage(f"test:{row}", "diagnose", lambda plan, row=row, source=source, extra=extra:
+                                     plan.decode_argv(row, a.other_test_users, extra=extra,
+                                                      source=plan.chosen("msl") if source == "msl" else source),
+                                     [docs / row / "test_predictions.jsonl"], self.test_minutes(a.other_test_users)))
         self.stages.append(Stage("figures", "figures", [
             sys.executable, "scripts/repro_report.py", "figures", *self.report_args(),
             "--examples", str(a.examples)], [Path(a.figures) / "analysis.json"], 60))

@@ -53,6 +53,14 @@ def load_model(model, adapter=None, device="cpu", dtype="float32"):
     return model_dir, llama, Tokenizer(model_dir), PromptBuilder
 
 
+def prompt_builder(model, dataset):
+    """The PromptBuilder of `model`'s tokenizer (default: the embedded checkpoint); no weights loaded."""
+    from nanogdrt.checkpoint import ensure_embedded_checkpoint
+    from nanogdrt.prompt import PromptBuilder
+    from nanogdrt.tokenizer import Tokenizer
+    return PromptBuilder(Tokenizer(Path(model) if model else ensure_embedded_checkpoint()), template_of(dataset))
+
+
 def draw_test_users(n_split: int, n: int, seed: int) -> list[int]:
     """Split indices of n seeded test users, in draw order (nanogdrt.data._subsample's draw)."""
     return random.Random(f"{seed}:test").sample(range(n_split), min(n, n_split))
@@ -82,7 +90,8 @@ def decode(a):
     builder = PromptBuilder(tokenizer, template_of(a.dataset))
     start = time.perf_counter()
     records = recommend(model, builder, build_trie(builder, ds.titles), interactions, ds.titles,
-                        beams=a.beams, batch_size=a.batch_size, progress=True, normaliser=a.normaliser)
+                        beams=a.beams, batch_size=a.batch_size, progress=True, normaliser=a.normaliser,
+                        length_penalty=a.length_penalty)
     seconds = time.perf_counter() - start
     for r in records:
         r.pop("prompt_ids")                                 # rebuilt from the row when needed
@@ -104,6 +113,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beams", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="decode: score = sum log p / len^lp (1: the lineage's; 0: the plain sum)")
     p.add_argument("--normaliser", default="vocab", choices=["vocab", "allowed"],
                    help="decode: each step's softmax (nanogdrt.d3.Scoring.normaliser; allowed is a diagnostic)")
     p.add_argument("--device", default="cpu")

@@ -22,10 +22,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from nanogdrt import files  # noqa: E402
+from nanogdrt.trie import Trie  # noqa: E402
 from repro import TABLE_KEYS, best_valid, gdrt_row, parse_grid  # noqa: E402
-from repro_data import dataset_of  # noqa: E402
+from repro_data import dataset_of, prompt_builder  # noqa: E402
+from repro_normaliser import normaliser_section  # noqa: E402
 from repro_robust import (grid_section, seed_differences, seed_values, seed_verdicts, seeds_section,  # noqa: E402
-                          title_length_section, trains_on_section, weight_section)
+                          title_length_section, title_lengths, trains_on_section, weight_section)
 from repro_stats import Rows, bootstrap, fmt, interval, paired, verdict_cell, weights  # noqa: E402
 # The paper's Toy numbers (Table 2, Llama-3.2-3B) that this report quotes; its other cells are not
 # transcribed here. Its abstract's summary over the three datasets: GDRT +24.29% NDCG@10 on average.
@@ -86,7 +88,10 @@ def report(a):
     L += grid_section(a, docs, loaded, rows.get("SFT"), seeds)
     L += weight_section(a, docs, loaded)
     index = json.loads((docs / "test_users.json").read_text())["index"]
-    L += title_length_section(a, docs, labels, ds.titles, item_group, [ds.test[i].target for i in index])
+    builder = prompt_builder(a.model, a.dataset)
+    length = title_lengths(builder, ds.titles, item_group)
+    L += title_length_section(docs, labels, item_group, length, [ds.test[i].target for i in index])
+    L += normaliser_section(a, docs, loaded, labels, item_group, length, Trie.from_titles(ds.titles, builder))
     L += figures_section(a)
     L += times_section(docs)
     L += gpu_section(Path(a.results).parent / "gpu" / "protocol" / "report.md")   # docs/gpu/protocol

@@ -275,21 +275,19 @@ def weight_section(a, docs, rows) -> list[str]:
     return L
 
 
-def title_length_section(a, docs, labels, titles, item_group, targets) -> list[str]:
+def title_lengths(builder, titles, item_group) -> dict[int, int]:
+    """item -> its title's tokens without quotes and EOS: the tokens Eq. 2 averages."""
+    from nanogdrt.relevance import title_token_mask
+    return {i: int(title_token_mask(builder, titles[i]).sum()) for i in item_group}
+
+
+def title_length_section(docs, labels, item_group, length, targets) -> list[str]:
     """Item groups and title length (our measurement): Eq. 2 averages a title's token relevance, and
     the later tokens of a long title are easy to predict from its prefix, so the item groups of
     MGU/DGU also sort the catalogue by title length. A row's fairness can move with the length of
-    the titles it ranks first, which this section lets a reader check. `targets`: the test users'
-    target items, the first row of the second table."""
-    from nanogdrt.checkpoint import ensure_embedded_checkpoint
+    the titles it ranks first, which this section lets a reader check. `length`: title_lengths;
+    `targets`: the test users' target items, the first row of the second table."""
     from nanogdrt.metrics import N_ITEM_GROUPS, group_distribution
-    from nanogdrt.prompt import PromptBuilder
-    from nanogdrt.relevance import title_token_mask
-    from nanogdrt.tokenizer import Tokenizer
-    from repro_data import template_of
-    tokenizer = Tokenizer(Path(a.model) if a.model else ensure_embedded_checkpoint())
-    builder = PromptBuilder(tokenizer, template_of(a.dataset))
-    length = {i: int(title_token_mask(builder, titles[i]).sum()) for i in item_group}   # the tokens Eq. 2 averages
     groups = range(1, N_ITEM_GROUPS + 1)
     L = ["", "## Item groups and title length (our measurement)", "",
          "Eq. 2 averages the relevance of a title's tokens to the auxiliary tokens, and the later tokens of a long "

@@ -286,6 +286,41 @@ def test_figures(staged, capsys):
     assert analysis.stat().st_mtime_ns != before
 
 
+def test_forced_share_counts_single_continuations_per_item_group():
+    """Titles (EOS = 2) a: [5, 6, 2], b: [5, 7, 2], c: [8, 2]: the root has children 5 and 8, after
+    5 come 6 or 7, every other prefix has one continuation (EOS). a and b: 1 of 3 positions
+    forced; c: 1 of 2."""
+    import repro_normaliser
+    from nanogdrt.trie import Trie
+    trie = Trie.from_token_ids({10: [5, 6, 2], 11: [5, 7, 2], 12: [8, 2]}, eos_id=2)
+    share = repro_normaliser.forced_share(trie, {10: 1, 11: 2, 12: 2})
+    assert share == pytest.approx({1: 1 / 3, 2: (1 / 3 + 1 / 2) / 2})
+
+
+def test_normaliser_diagnostic_decodes_msl_and_sft_and_is_reported(staged):
+    """Phase diagnose: the chosen MSL row and SFT decoded with --normaliser allowed into their own
+    folders, on the same users; the report pairs each with its vocabulary-softmax decode."""
+    tmp, args = staged
+    repro.main(args + ["--stages", "data,robust"])            # skipped when the tests above ran
+    repro.main(args + ["--only", "train:msl-tau4.5-s0,test:msl,test:msl-allowed,test:sft-allowed,"
+                                 "test:msl-lp0,test:msl-allowed-lp0,test:sft-allowed-lp0,report"])
+    docs = tmp / "docs"
+    manifest = json.loads((docs / "manifest.json").read_text())
+    for row, source, options in (("msl-allowed", "msl-tau4.5-s0", "--normaliser allowed"),
+                                 ("sft-allowed", "sft-s0", "--normaliser allowed"),
+                                 ("msl-lp0", "msl-tau4.5-s0", "--length-penalty 0"),
+                                 ("sft-allowed-lp0", "sft-s0", "--normaliser allowed --length-penalty 0")):
+        command = manifest[f"test:{row}"]["command"]
+        assert f"--adapter {docs / source / 'adapter'} {options} --out" in command
+        rows = lambda f: [json.loads(x)["row"] for x in (docs / f / "test_predictions.jsonl").read_text().splitlines()]  # noqa: E731
+        assert rows(row) == rows(source)[:len(rows(row))] and len(rows(row)) == 4
+    report = (tmp / "results.md").read_text()
+    assert "## Why MSL is the least fair LLM row: the decoding's softmax" in report
+    assert "| forced positions |" in report and "| MSL (msl-tau4.5-s0) | vocabulary | 1 |" in report
+    assert "| SFT (sft-allowed-lp0) | allowed tokens | 0 |" in report and "| MSL, lp 0: allowed - vocabulary |" in report
+    assert "| MSL - SFT, allowed tokens softmax, lp 0 |" in report
+
+
 # ----------------------------------------------------------------------------- shipped adapters
 
 SHIPPED = sorted(p.parent.parent.name for p in (ROOT / "docs" / "repro").glob("*/adapter/adapter_model.safetensors"))

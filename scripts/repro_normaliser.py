@@ -1,0 +1,101 @@
+"""Why is MSL the least fair LLM row? The softmax its decoding scores with (our diagnostic, not the paper's).
+
+MSL's loss (nanogdrt/baseline_losses.py) is the cross-entropy of a softmax over the trie's allowed
+tokens. Where a title's prefix has a single continuation, that softmax gives the token probability
+1 whatever the logits are: the loss there is 0 and nothing is learnt at that position. MSL's own
+inference (its inference.py: transformers' generate with prefix_allowed_tokens_fn), like every row
+of the report, scores a token by the softmax over the whole vocabulary instead. At the untrained
+positions a title's score is then the prior the model kept from pre-training, and that prior is
+what Eq. 2 measures (how predictable a title's tokens are from the auxiliary tokens alone): the
+prior would favour item group 1, the titles most relevant to the auxiliary tokens.
+
+The test: the phase `diagnose` of scripts/repro.py decodes the chosen MSL row and SFT again on
+the same test users with `--normaliser allowed` (nanogdrt.d3.Scoring): every step's softmax over
+the allowed tokens, the distribution MSL's loss trains (at tau 1), so a forced token scores log 1 = 0
+and only the branching positions rank the titles. Length normalisation interferes: with the
+lineage's length_penalty 1 a title's score is a mean over its tokens, and zero-cost forced tokens
+then lift long titles (item group 1 has the most forced positions). So each softmax is decoded with
+length_penalty 1 and 0 (the plain sum: the title's probability as a chain of the trained softmaxes).
+SFT's vocabulary decode with length_penalty 0 is the SFT+D3 row (alpha 0, so the same ranking).
+If the prior at the forced positions makes MSL unfair, MSL - SFT on DGU@5 shrinks toward 0 under
+`allowed`; if it stays, MSL's trained choices at the branching positions carry the unfairness.
+"""
+
+import numpy as np
+
+from repro import TABLE_KEYS
+from repro_stats import effect_word, fmt, paired, top1_items
+
+# row label -> {(softmax, length_penalty): docs/repro folder}; (vocab, 1) is the report's own row.
+DECODES = {"MSL": {("allowed", 1): "msl-allowed", ("vocab", 0): "msl-lp0", ("allowed", 0): "msl-allowed-lp0"},
+           "SFT": {("allowed", 1): "sft-allowed", ("vocab", 0): "sft-d3", ("allowed", 0): "sft-allowed-lp0"}}
+SOFTMAX = {"vocab": "vocabulary", "allowed": "allowed tokens"}
+
+
+
+def forced_share(trie, item_group) -> dict[int, float]:
+    """item group -> mean share, over its titles, of the target positions (quotes and EOS
+    included, as MSL's loss counts them) whose prefix has a single continuation in the trie."""
+    n_children = (trie.child_ptr[1:] - trie.child_ptr[:-1]).tolist()
+    share = {}
+    for leaf, items in trie.leaf_items.items():
+        path = trie.prefix_nodes(trie.tokens_of(leaf))   # the node before each target token
+        s = float(np.mean([n_children[n] == 1 for n in path]))
+        for i in items:
+            share[i] = s
+    groups = sorted(set(item_group.values()))
+    return {g: float(np.mean([share[i] for i, v in item_group.items() if v == g and i in share])) for g in groups}
+
+
+def normaliser_section(a, docs, rows, labels, item_group, length, trie) -> list[str]:
+    """The report's section: MSL and SFT under each softmax and length normalisation, paired on
+    the same users.
+
+    rows: repro_stats.Rows; labels: report label -> folder; length: item -> title tokens (Eq. 2's);
+    trie: the catalogue's trie (for the share of forced positions per item group)."""
+    from nanogdrt.metrics import N_ITEM_GROUPS, group_distribution
+    folders = {label: {("vocab", 1): labels[label], **{k: f for k, f in decodes.items()
+                                                       if (docs / f / "test_predictions.jsonl").exists()}}
+               for label, decodes in DECODES.items() if label in labels}
+    if not any(len(f) > 1 for f in folders.values()):
+        return []
+    forced = forced_share(trie, item_group)
+    groups = range(1, N_ITEM_GROUPS + 1)
+    L = ["", "## Why MSL is the least fair LLM row: the decoding's softmax (our diagnostic)", "",
+         "MSL's loss is a softmax over the trie's allowed tokens, so a position whose prefix has one continuation "
+         "costs 0 and is not trained; MSL's own inference (transformers' generate with the trie), like every row "
+         "above, scores tokens with the softmax over the whole vocabulary, where such a position scores whatever "
+         "prior the model kept. Here the MSL row and SFT are decoded again on the same test users with each step's "
+         "softmax over the allowed tokens (`--normaliser allowed`: a forced token scores 0), with the lineage's "
+         "length normalisation (lp 1: the mean over a title's tokens) and without it (lp 0: the sum). A diagnostic, "
+         "not a decoding of any paper; scripts/repro_normaliser.py says what each outcome would mean.", "",
+         "Share of target positions with a single continuation (quotes and EOS included, as MSL's loss counts "
+         "them), mean over each item group's titles:", "",
+         "| item group | " + " | ".join(str(g) for g in groups) + " |", "|---" * (N_ITEM_GROUPS + 1) + "|",
+         "| forced positions | " + " | ".join(f"{forced[g]:.0%}" for g in groups) + " |", "",
+         f"| row | softmax | lp | {' | '.join(TABLE_KEYS)} | top-1 mean title tokens | top-1 in item group 1 "
+         f"| top-1 in item group {N_ITEM_GROUPS} |", "|---" * (len(TABLE_KEYS) + 6) + "|"]
+    for label, decodes in folders.items():
+        for (softmax, lp), folder in sorted(decodes.items(), key=lambda kv: (-kv[0][1], kv[0][0] != "vocab")):
+            c = rows.point(folder)
+            items = [i for i in top1_items(docs, folder) if i in item_group]
+            share = group_distribution(items, item_group)
+            L.append(f"| {label} ({folder}) | {SOFTMAX[softmax]} | {lp} | " + " | ".join(f"{c[k]:.4f}" for k in TABLE_KEYS)
+                     + f" | {np.mean([length[i] for i in items]):.1f} | {share[0]:.0%} | {share[-1]:.0%} |")
+    L += ["", f"Paired on the same users ({a.bootstrap} bootstrap resamples); 'A better'/'A worse' when the 95% "
+          "interval excludes 0:", "", "| A - B | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 1) + "|"]
+    words = {"helps": "A better", "hurts": "A worse"}
+
+    def line(name, A, B):
+        d = paired(rows.users(A), rows.users(B), a.bootstrap, 0)
+        L.append(f"| {name} | " + " | ".join(f"{fmt(d[k])}: {words.get(effect_word(d[k], k), effect_word(d[k], k))}"
+                                            for k in TABLE_KEYS) + " |")
+    for label, decodes in folders.items():
+        for lp in (1, 0):
+            if ("allowed", lp) in decodes and ("vocab", lp) in decodes:
+                line(f"{label}, lp {lp}: allowed - vocabulary", decodes[("allowed", lp)], decodes[("vocab", lp)])
+    if len(folders) == 2:
+        msl, sft = folders["MSL"], folders["SFT"]
+        for key in sorted(set(msl) & set(sft), key=lambda k: (-k[1], k[0] != "vocab")):
+            line(f"MSL - SFT, {SOFTMAX[key[0]]} softmax, lp {key[1]}", msl[key], sft[key])
+    return L
