@@ -73,15 +73,18 @@ def normaliser_section(a, docs, rows, labels, item_group, length, trie) -> list[
          "them), mean over each item group's titles:", "",
          "| item group | " + " | ".join(str(g) for g in groups) + " |", "|---" * (N_ITEM_GROUPS + 1) + "|",
          "| forced positions | " + " | ".join(f"{forced[g]:.0%}" for g in groups) + " |", "",
+         "Top-1 columns: each user's first recommendation; 'distinct top-1' counts the different items among "
+         "them (a low count: many users get the same few items).", "",
          f"| row | softmax | lp | {' | '.join(TABLE_KEYS)} | top-1 mean title tokens | top-1 in item group 1 "
-         f"| top-1 in item group {N_ITEM_GROUPS} |", "|---" * (len(TABLE_KEYS) + 6) + "|"]
+         f"| top-1 in item group {N_ITEM_GROUPS} | distinct top-1 |", "|---" * (len(TABLE_KEYS) + 7) + "|"]
     for label, decodes in folders.items():
         for (softmax, lp), folder in sorted(decodes.items(), key=lambda kv: (-kv[0][1], kv[0][0] != "vocab")):
             c = rows.point(folder)
             items = [i for i in top1_items(docs, folder) if i in item_group]
             share = group_distribution(items, item_group)
             L.append(f"| {label} ({folder}) | {SOFTMAX[softmax]} | {lp} | " + " | ".join(f"{c[k]:.4f}" for k in TABLE_KEYS)
-                     + f" | {np.mean([length[i] for i in items]):.1f} | {share[0]:.0%} | {share[-1]:.0%} |")
+                     + f" | {np.mean([length[i] for i in items]):.1f} | {share[0]:.0%} | {share[-1]:.0%} "
+                     f"| {len(set(items))} of {len(items)} |")
     L += ["", f"Paired on the same users ({a.bootstrap} bootstrap resamples); 'A better'/'A worse' when the 95% "
           "interval excludes 0:", "", "| A - B | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 1) + "|"]
     words = {"helps": "A better", "hurts": "A worse"}
