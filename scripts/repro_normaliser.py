@@ -9,6 +9,12 @@ positions a title's score is then the prior the model kept from pre-training, an
 what Eq. 2 measures (how predictable a title's tokens are from the auxiliary tokens alone): the
 prior would favour item group 1, the titles most relevant to the auxiliary tokens.
 
+The two softmaxes differ by one term. At target position t with allowed set A_t,
+log p_vocab(y_t) = log p_allowed(y_t) + log P_vocab(A_t): the allowed-set softmax plus the log of
+the mass the full softmax puts on the allowed set. MSL's loss cannot see the second term (a softmax
+over A_t is unchanged by any logit outside A_t and by a common shift of those inside), while SFT's
+loss pushes it toward 0 on every training title. At a forced position it is the whole score.
+
 The test: the phase `diagnose` of scripts/repro.py decodes the chosen MSL row and SFT again on
 the same test users with `--normaliser allowed` (nanogdrt.d3.Scoring): every step's softmax over
 the allowed tokens, the distribution MSL's loss trains (at tau 1), so a forced token scores log 1 = 0
@@ -62,10 +68,12 @@ def normaliser_section(a, docs, rows, labels, item_group, length, trie) -> list[
     forced = forced_share(trie, item_group)
     groups = range(1, N_ITEM_GROUPS + 1)
     L = ["", "## Why MSL is the least fair LLM row: the decoding's softmax (our diagnostic)", "",
-         "MSL's loss is a softmax over the trie's allowed tokens, so a position whose prefix has one continuation "
-         "costs 0 and is not trained; MSL's own inference (transformers' generate with the trie), like every row "
-         "above, scores tokens with the softmax over the whole vocabulary, where such a position scores whatever "
-         "prior the model kept. Here the MSL row and SFT are decoded again on the same test users with each step's "
+         "MSL's loss is a softmax over the trie's allowed tokens A_t; MSL's own inference (transformers' generate "
+         "with the trie), like every row above, scores tokens with the softmax over the whole vocabulary. The two "
+         "differ by one term: log p_vocab(y_t) = log p_allowed(y_t) + log P_vocab(A_t), the log of the mass the full "
+         "softmax puts on the allowed set. MSL's loss cannot see that term (it is 0 loss at a position with one "
+         "continuation, and unchanged by any logit outside A_t elsewhere); SFT's loss pushes it toward 0 on every "
+         "training title. Here the MSL row and SFT are decoded again on the same test users with each step's "
          "softmax over the allowed tokens (`--normaliser allowed`: a forced token scores 0), with the lineage's "
          "length normalisation (lp 1: the mean over a title's tokens) and without it (lp 0: the sum). A diagnostic, "
          "not a decoding of any paper; scripts/repro_normaliser.py says what each outcome would mean.", "",
