@@ -231,6 +231,11 @@ class Plan:
                                      plan.decode_argv(row, a.other_test_users, extra=extra,
                                                       source=plan.chosen("msl") if source == "msl" else source),
                                      [docs / row / "test_predictions.jsonl"], self.test_minutes(a.other_test_users)))
+        self.stages.append(Stage("mass", "diagnose", lambda plan: [   # the term itself, on the test targets
+            sys.executable, "scripts/repro_normaliser.py", "mass", *plan.data_args(), "--docs", str(docs),
+            "--rows", f"base,sft-s0,{plan.chosen('msl')}", "--users-file", str(docs / "test_users.json"),
+            "--n", str(a.other_test_users), "--out", str(docs / "allowed_mass.json")],
+            [docs / "allowed_mass.json"], 3 * (RATES["start"] + a.other_test_users * 0.3 / 60)))
         self.stages.append(Stage("figures", "figures", [
             sys.executable, "scripts/repro_report.py", "figures", *self.report_args(),
             "--examples", str(a.examples)], [Path(a.figures) / "analysis.json"], 60))

@@ -27,10 +27,23 @@ If the prior at the forced positions makes MSL unfair, MSL - SFT on DGU@5 shrink
 `allowed`; if it stays, MSL's trained choices at the branching positions carry the unfairness.
 """
 
-import numpy as np
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
 
-from repro import TABLE_KEYS
-from repro_stats import effect_word, fmt, paired, top1_items
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from nanogdrt import files  # noqa: E402
+from nanogdrt.loss import target_logits  # noqa: E402
+from repro import TABLE_KEYS  # noqa: E402
+from repro_stats import effect_word, fmt, paired, top1_items  # noqa: E402
 
 # row label -> {(softmax, length_penalty): docs/repro folder}; (vocab, 1) is the report's own row.
 DECODES = {"MSL": {("allowed", 1): "msl-allowed", ("vocab", 0): "msl-lp0", ("allowed", 0): "msl-allowed-lp0"},
@@ -51,6 +64,62 @@ def forced_share(trie, item_group) -> dict[int, float]:
             share[i] = s
     groups = sorted(set(item_group.values()))
     return {g: float(np.mean([share[i] for i, v in item_group.items() if v == g and i in share])) for g in groups}
+
+
+@torch.no_grad()
+def allowed_mass(model, builder, trie, interactions, titles, batch_size=16, progress=False) -> dict:
+    """The term MSL's loss cannot see, on each interaction's target title (teacher-forced):
+    sum over target positions t of log P_vocab(A_t) = logsumexp of the allowed logits - logsumexp
+    of all logits, summed apart over forced positions (|A_t| = 1: there it is the token's whole
+    score) and branching ones. Returns {"rows", "forced", "branching", "n_forced", "n_branching"}."""
+    from tqdm import tqdm
+    device = model.lm_head.weight.device
+    trie.to(device)
+    out = {"rows": [x.row for x in interactions], "forced": [], "branching": [], "n_forced": [], "n_branching": []}
+    examples = [builder.for_interaction(x, titles, with_target=True) for x in interactions]
+    for start in tqdm(range(0, len(examples), batch_size), desc="allowed mass", disable=not progress):
+        batch = examples[start:start + batch_size]
+        ids = torch.full((len(batch), max(len(e.ids) for e in batch)), builder.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+        for row, e in enumerate(batch):      # right padding: causal attention never sees it
+            ids[row, :len(e.ids)] = torch.tensor(e.ids)
+            mask[row, e.target[0]:e.target[1]] = True
+        ids, mask = ids.to(device), mask.to(device)
+        t = target_logits(model.logits, model.hidden_states(ids), ids, mask)
+        allowed = trie.allowed(trie.target_nodes(ids, mask))
+        inside = t.logits.gather(1, allowed.tokens).masked_fill(~allowed.mask, float("-inf")).logsumexp(-1)
+        term = (inside - t.logits.logsumexp(-1)).double()                   # (N,) log P_vocab(A_t)
+        forced = allowed.mask.sum(-1) == 1
+        for row in range(len(batch)):
+            mine = t.rows == row
+            out["forced"].append(float(term[mine & forced].sum()))
+            out["branching"].append(float(term[mine & ~forced].sum()))
+            out["n_forced"].append(int((mine & forced).sum()))
+            out["n_branching"].append(int((mine & ~forced).sum()))
+    return out
+
+
+def mass_section(docs, item_group, by_row) -> list[str]:
+    """The measured term per target item group (docs/repro/allowed_mass.json, `mass` command)."""
+    from nanogdrt.metrics import N_ITEM_GROUPS
+    f = Path(docs) / "allowed_mass.json"
+    if not f.exists():
+        return []
+    mass = json.loads(f.read_text())
+    groups = range(1, N_ITEM_GROUPS + 1)
+    L = ["", "The term itself, on the test users' target titles (teacher-forced; `python scripts/repro_normaliser.py "
+         "mass`): the mean over users of sum_t log P_vocab(A_t), in nats, at the forced positions and at the "
+         "branching ones, by the target's item group. 0 means the model puts all its mass on catalogue "
+         "continuations; the more negative, the more a title's score loses to it under the vocabulary softmax.", "",
+         "| model | positions | " + " | ".join(f"group {g}" for g in groups) + " | all |",
+         "|---" * (N_ITEM_GROUPS + 3) + "|"]
+    for folder, m in mass["models"].items():
+        g = np.array([item_group.get(by_row[r].target, 0) for r in m["rows"]])
+        for kind in ("forced", "branching"):
+            v = np.array(m[kind])
+            L.append(f"| {folder} | {kind} | " + " | ".join(f"{v[g == k].mean():.2f}" for k in groups)
+                     + f" | {v.mean():.2f} |")
+    return L
 
 
 def normaliser_section(a, docs, rows, labels, item_group, length, trie) -> list[str]:
@@ -109,4 +178,45 @@ def normaliser_section(a, docs, rows, labels, item_group, length, trie) -> list[
         msl, sft = folders["MSL"], folders["SFT"]
         for key in sorted(set(msl) & set(sft), key=lambda k: (-k[1], k[0] != "vocab")):
             line(f"MSL - SFT, {SOFTMAX[key[0]]} softmax, lp {key[1]}", msl[key], sft[key])
-    return L
+    return L + mass_section(docs, item_group, rows.by_row)
+
+
+def mass(a):
+    """The `mass` command: allowed_mass of each --rows folder's adapter ("base": none) on the
+    first --n users of test_users.json, into one JSON file."""
+    from nanogdrt.trie import Trie
+    from repro_data import dataset_of, load_model, template_of
+    ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size)
+    users = json.loads(Path(a.users_file).read_text())
+    interactions = [ds.test[i] for i in users["index"][:a.n]]
+    out = {"users": len(interactions), "models": {}}
+    for row in a.rows.split(","):
+        adapter = None if row == "base" else Path(a.docs) / row / "adapter"
+        _, model, tokenizer, PromptBuilder = load_model(a.model, adapter, a.device, a.dtype)
+        builder = PromptBuilder(tokenizer, template_of(a.dataset))
+        start = time.perf_counter()
+        out["models"][row] = allowed_mass(model, builder, Trie.from_titles(ds.titles, builder), interactions,
+                                          ds.titles, progress=True)
+        print(f"{row}: {len(interactions)} users in {time.perf_counter() - start:.0f} s")
+    files.write_json(a.out, out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The term MSL's loss cannot see, measured on the test targets.")
+    p.add_argument("command", choices=["mass"])
+    p.add_argument("--dataset", default="toy")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--synthetic-size", default="full", choices=["full", "small"])
+    p.add_argument("--model", default=None, help="base model folder (default: embedded SmolLM2-135M)")
+    p.add_argument("--docs", default="docs/repro", help="the row folders (<row>/adapter)")
+    p.add_argument("--rows", required=True, help="comma-separated row folders; base = no adapter")
+    p.add_argument("--users-file", required=True, help="test_users.json")
+    p.add_argument("--n", type=int, default=None, help="the first n users of the draw")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", required=True)
+    mass(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
