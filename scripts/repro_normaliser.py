@@ -117,7 +117,8 @@ def mass_section(docs, item_group, by_row) -> list[str]:
         g = np.array([item_group.get(by_row[r].target, 0) for r in m["rows"]])
         for kind in ("forced", "branching"):
             v = np.array(m[kind])
-            L.append(f"| {folder} | {kind} | " + " | ".join(f"{v[g == k].mean():.2f}" for k in groups)
+            L.append(f"| {folder} | {kind} | " + " | ".join(f"{v[g == k].mean():.2f}" if (g == k).any() else "-"
+                                                        for k in groups)
                      + f" | {v.mean():.2f} |")
     return L
 

@@ -297,13 +297,43 @@ def test_forced_share_counts_single_continuations_per_item_group():
     assert share == pytest.approx({1: 1 / 3, 2: (1 / 3 + 1 / 2) / 2})
 
 
+def test_allowed_mass_against_one_forward_per_target_position(tiny_model_dir):
+    """allowed_mass (batched, right-padded, teacher-forced) against a forward pass per target
+    position, with each allowed set found by listing the titles that share the prefix."""
+    import repro_normaliser
+    from nanogdrt.llama import Llama
+    from nanogdrt.prompt import PromptBuilder
+    from nanogdrt.tokenizer import Tokenizer
+    from nanogdrt.trie import Trie
+    model = Llama.from_pretrained(tiny_model_dir).eval()
+    builder = PromptBuilder(Tokenizer(tiny_model_dir), "synthetic")
+    titles = {1: "Red Ball", 2: "Red Ball Deluxe", 3: "Red Car", 4: "Blue Car", 5: "Toy Robot Deluxe"}
+    users = [SimpleNamespace(history=[1, 2], target=3, row=7), SimpleNamespace(history=[4], target=5, row=8),
+             SimpleNamespace(history=[3, 5, 4], target=2, row=9)]
+    got = repro_normaliser.allowed_mass(model, builder, Trie.from_titles(titles, builder), users, titles, batch_size=2)
+    targets = [builder.target_ids(t) for t in titles.values()]
+    assert got["rows"] == [7, 8, 9]
+    for u, x in enumerate(users):
+        ex = builder.for_interaction(x, titles, with_target=True)
+        y = ex.ids[ex.target[0]:ex.target[1]]
+        sums = {"forced": 0.0, "branching": 0.0}
+        for j in range(len(y)):
+            allowed = sorted({t[j] for t in targets if len(t) > j and list(t[:j]) == y[:j]})
+            with torch.no_grad():
+                logp = model.logits(model.hidden_states(torch.tensor([ex.ids[:ex.target[0] + j]])))[0, -1].log_softmax(-1)
+            sums["forced" if len(allowed) == 1 else "branching"] += float(logp[allowed].logsumexp(-1))
+        assert got["forced"][u] == pytest.approx(sums["forced"], abs=1e-4)
+        assert got["branching"][u] == pytest.approx(sums["branching"], abs=1e-4)
+        assert got["n_forced"][u] + got["n_branching"][u] == len(y)
+
+
 def test_normaliser_diagnostic_decodes_msl_and_sft_and_is_reported(staged):
     """Phase diagnose: the chosen MSL row and SFT decoded with --normaliser allowed into their own
     folders, on the same users; the report pairs each with its vocabulary-softmax decode."""
     tmp, args = staged
     repro.main(args + ["--stages", "data,robust"])            # skipped when the tests above ran
     repro.main(args + ["--only", "train:msl-tau4.5-s0,test:msl,test:msl-allowed,test:sft-allowed,"
-                                 "test:msl-lp0,test:msl-allowed-lp0,test:sft-allowed-lp0,report"])
+                                 "test:msl-lp0,test:msl-allowed-lp0,test:sft-allowed-lp0,mass,report"])
     docs = tmp / "docs"
     manifest = json.loads((docs / "manifest.json").read_text())
     for row, source, options in (("msl-allowed", "msl-tau4.5-s0", "--normaliser allowed"),
@@ -319,6 +349,9 @@ def test_normaliser_diagnostic_decodes_msl_and_sft_and_is_reported(staged):
     assert "| forced positions |" in report and "| MSL (msl-tau4.5-s0) | vocabulary | 1 |" in report
     assert "| SFT (sft-allowed-lp0) | allowed tokens | 0 |" in report and "| MSL, lp 0: allowed - vocabulary |" in report
     assert "| MSL - SFT, allowed tokens softmax, lp 0 |" in report
+    mass = json.loads((docs / "allowed_mass.json").read_text())
+    assert list(mass["models"]) == ["base", "sft-s0", "msl-tau4.5-s0"] and mass["users"] == 4
+    assert "| msl-tau4.5-s0 | forced |" in report
 
 
 # ----------------------------------------------------------------------------- shipped adapters
