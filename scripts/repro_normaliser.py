@@ -100,26 +100,31 @@ def allowed_mass(model, builder, trie, interactions, titles, batch_size=16, prog
 
 
 def mass_section(docs, item_group, by_row) -> list[str]:
-    """The measured term per target item group (docs/repro/allowed_mass.json, `mass` command)."""
+    """The measured term per target item group (docs/repro/allowed_mass.json, `mass` command), in
+    nats per position: under length_penalty 1 a title's score is a mean over its positions."""
     from nanogdrt.metrics import N_ITEM_GROUPS
     f = Path(docs) / "allowed_mass.json"
     if not f.exists():
         return []
     mass = json.loads(f.read_text())
     groups = range(1, N_ITEM_GROUPS + 1)
-    L = ["", "The term itself, on the test users' target titles (teacher-forced; `python scripts/repro_normaliser.py "
-         "mass`): the mean over users of sum_t log P_vocab(A_t), in nats, at the forced positions and at the "
-         "branching ones, by the target's item group. 0 means the model puts all its mass on catalogue "
-         "continuations; the more negative, the more a title's score loses to it under the vocabulary softmax.", "",
+    L = ["", f"The term itself, on the test users' target titles ({mass['users']} users, teacher-forced; `python "
+         "scripts/repro_normaliser.py mass`): log P_vocab(A_t) in nats per position, pooled over the users whose "
+         "target is in each item group, at forced and at branching positions. 0: all of the model's mass is on "
+         "catalogue continuations; the more negative, the more a title's vocabulary-softmax score loses to it.", "",
          "| model | positions | " + " | ".join(f"group {g}" for g in groups) + " | all |",
          "|---" * (N_ITEM_GROUPS + 3) + "|"]
+    counts = {}
     for folder, m in mass["models"].items():
         g = np.array([item_group.get(by_row[r].target, 0) for r in m["rows"]])
         for kind in ("forced", "branching"):
-            v = np.array(m[kind])
-            L.append(f"| {folder} | {kind} | " + " | ".join(f"{v[g == k].mean():.2f}" if (g == k).any() else "-"
-                                                        for k in groups)
-                     + f" | {v.mean():.2f} |")
+            v, n = np.array(m[kind]), np.array(m[f"n_{kind}"])
+            counts[kind] = [f"{n[g == k].mean():.1f}" if (g == k).any() else "-" for k in groups] + [f"{n.mean():.1f}"]
+            L.append(f"| {folder} | {kind} | " + " | ".join(f"{v[g == k].sum() / max(n[g == k].sum(), 1):.2f}"
+                                                        if (g == k).any() else "-" for k in groups)
+                     + f" | {v.sum() / max(n.sum(), 1):.2f} |")
+    for kind, c in counts.items():
+        L.append(f"| (positions per title) | {kind} | " + " | ".join(c) + " |")
     return L
 
 
