@@ -326,6 +326,7 @@ def _versions() -> dict:
 
 
 def main(argv=None):
+    from nanogdrt import synthetic
     from nanogdrt.data import load_dataset
 
     N = validate.number
@@ -337,6 +338,8 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None, help="dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
     p.add_argument("--train-file", default=None,
                    help="training CSV in the folder (default: train.csv, else the largest train*.csv)")
+    p.add_argument("--synthetic-size", default="full", choices=["full", "small"],
+                   help="synthetic only: full (2,000 items) or small (120 items), as train.py's")
     p.add_argument("--loss", default="ce", choices=["bce", "ce"], help="bce: SASRec; ce: SASRec++ (full softmax)")
     p.add_argument("--out", required=True, help="output folder: model, config, test records, results.json")
     p.add_argument("--hidden", type=N(int, min=1), default=50)
@@ -361,8 +364,10 @@ def main(argv=None):
 
     start = time.perf_counter()
     torch.manual_seed(args.seed)
+    small = args.dataset == "synthetic" and args.synthetic_size == "small"
     ds = load_dataset(args.dataset, data_dir=args.data_dir, train_file=args.train_file,
-                      valid_samples=args.valid_samples, test_samples=args.test_samples, seed=args.seed)
+                      valid_samples=args.valid_samples, test_samples=args.test_samples, seed=args.seed,
+                      synthetic=synthetic.SMALL if small else None)
     item_group = ({int(k): int(v) for k, v in json.loads(Path(args.item_groups).read_text()).items()}
                   if args.item_groups else None)
     cfg = SASRecConfig(len(ds.titles), args.hidden, args.blocks, args.heads, args.maxlen, args.dropout)

@@ -45,8 +45,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from nanogdrt import files  # noqa: E402
 
 # Minutes on an idle 2-core CPU, measured on the Toy stages (docs/results.md's wall-time table):
-# training 1,000 windows, one beam-search user (valid or test), and a stage's start (load, caches).
-RATES = {"train_1000": 13.5, "user": 0.7 / 60, "start": 1.0}
+# training 1,000 windows, one beam-search user (valid or test), one teacher-forced user of the
+# mass stage, and a stage's start (load, caches).
+RATES = {"train_1000": 13.5, "user": 0.7 / 60, "mass_user": 0.3 / 60, "start": 1.0}
 PHASES = ["data", "robust", "sweep", "baselines", "sweeptest", "diagnose", "figures", "report"]
 SELECT_KEYS = ("NDCG@5", "NDCG@10", "HR@10")
 # The diagnose phase: (folder, adapter source: "msl" = the chosen MSL row, decode options).
@@ -206,7 +207,8 @@ class Plan:
         for row, loss in (("sasrec", "bce"), ("sasrec-pp", "ce")):
             self.stages.append(Stage(row, "baselines", [
                 sys.executable, "-m", "nanogdrt.sasrec", "--dataset", a.dataset,
-                *(["--data-dir", a.data_dir] if a.data_dir else []), "--loss", loss,
+                *(["--data-dir", a.data_dir] if a.data_dir else []),
+                *(["--synthetic-size", a.synthetic_size] if a.dataset == "synthetic" else []), "--loss", loss,
                 "--test-samples", str(a.other_test_users), "--seed", "0", "--device", a.device,
                 "--item-groups", str(docs / "item_groups.json"), "--out", str(docs / row), *a.sasrec_extra],
                 [docs / row / "results.json"], 15, collect=lambda row=row: self.collect_sasrec(row)))
@@ -235,7 +237,7 @@ class Plan:
             sys.executable, "scripts/repro_normaliser.py", "mass", *plan.data_args(), "--docs", str(docs),
             "--rows", f"base,sft-s0,{plan.chosen('msl')}", "--users-file", str(docs / "test_users.json"),
             "--n", str(a.other_test_users), "--out", str(docs / "allowed_mass.json")],
-            [docs / "allowed_mass.json"], 3 * (RATES["start"] + a.other_test_users * 0.3 / 60)))
+            [docs / "allowed_mass.json"], 3 * (RATES["start"] + a.other_test_users * RATES["mass_user"])))
         self.stages.append(Stage("figures", "figures", [
             sys.executable, "scripts/repro_report.py", "figures", *self.report_args(),
             "--examples", str(a.examples)], [Path(a.figures) / "analysis.json"], 60))

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nanogdrt import files, grouping, relevance, synthetic  # noqa: E402
+from nanogdrt import d3, files, grouping, relevance, synthetic  # noqa: E402
 from nanogdrt.data import load_dataset  # noqa: E402
 
 
@@ -115,7 +115,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="decode: score = sum log p / len^lp (1: the lineage's; 0: the plain sum)")
-    p.add_argument("--normaliser", default="vocab", choices=["vocab", "allowed"],
+    p.add_argument("--normaliser", default="vocab", choices=list(d3.NORMALISERS),
                    help="decode: each step's softmax (nanogdrt.d3.Scoring.normaliser; allowed is a diagnostic)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

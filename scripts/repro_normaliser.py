@@ -1,5 +1,9 @@
 """Why is MSL the least fair LLM row? The softmax its decoding scores with (our diagnostic, not the paper's).
 
+    python scripts/repro.py --data-dir ../shared/data/toy --stages diagnose    # the decodes and `mass`
+    python scripts/repro_normaliser.py mass --dataset toy --data-dir ../shared/data/toy \
+        --rows base,sft-s0,msl-tau1-s0 --users-file docs/repro/test_users.json --out docs/repro/allowed_mass.json
+
 MSL's loss (nanogdrt/baseline_losses.py) is the cross-entropy of a softmax over the trie's allowed
 tokens. Where a title's prefix has a single continuation, that softmax gives the token probability
 1 whatever the logits are: the loss there is 0 and nothing is learnt at that position. MSL's own
