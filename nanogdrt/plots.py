@@ -265,6 +265,27 @@ def labelled_scatter(points: list[dict], path, xlabel, ylabel, title, reference:
     _save(fig, path)
 
 
+def interval_bars(groups: dict[str, dict[str, tuple[float, float, float]]], path, ylabel, title):
+    """groups: x label -> {series: (point, lo, hi)}; grouped bars with 95% interval whiskers."""
+    series = list(dict.fromkeys(name for g in groups.values() for name in g))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / max(len(series), 1)
+    for i, name in enumerate(series):
+        at = [(j, g[name]) for j, g in enumerate(groups.values()) if name in g]
+        x = [j + (i - (len(series) - 1) / 2) * width for j, _ in at]
+        point = [c[0] for _, c in at]
+        bars = ax.bar(x, point, width=width, label=name)
+        ax.errorbar(x, point, yerr=[[c[0] - c[1] for _, c in at], [c[2] - c[0] for _, c in at]], fmt="none",
+                    color="black", capsize=3, linewidth=1)
+        _label_bars(ax, bars)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels(list(groups), fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    _save(fig, path)
+
+
 def moving_average(y, window: int) -> tuple[np.ndarray, int]:
     """Mean over `window` consecutive values (shorter series: the whole series); NaN-free input."""
     y = np.asarray(y, dtype=float)

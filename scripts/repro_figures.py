@@ -10,6 +10,8 @@
     q_effective_groups.png      exp(H(Q)) per step of every GDRT run
     group_weight_vs_fairness.png   test DGU@5 of every SFT / GDRT / control run against the share
                                 of its loss weight on the last token group (repro_robust.weight_points)
+    msl_softmax_DGU5.png        MSL and SFT decoded with each softmax and length normalisation
+                                (scripts/repro_normaliser.py), test DGU@5 with 95% intervals
     figures.json                all of the above numbers, and the token groups' composition
 Definitions: scripts/repro_stats.py's docstring.
 """
@@ -25,7 +27,7 @@ from repro import best_valid, gdrt_row, parse_grid, sha256
 from repro_data import dataset_of, load_model, template_of
 from repro_report import row_names
 from repro_robust import weight_points
-from repro_stats import Rows, group_composition, q_entropy, top1_items
+from repro_stats import Rows, group_composition, interval, q_entropy, top1_items, weights
 
 
 def analyze_runs(a, labels, out: Path, users_file: Path, item_group, ds) -> list[Path]:
@@ -115,6 +117,27 @@ def composition(a, labels, docs, ds_name, data_dir) -> list[dict] | None:
     return group_composition(make_examples(builder, ds.train, ds.titles), groups, cfg["groups"], tokenizer)
 
 
+def softmax_figure(a, docs, rows, labels, figs) -> dict | None:
+    """The diagnose phase at a glance: test DGU@5 of MSL and SFT under each decoding, with 95%
+    bootstrap intervals (each row on its own users)."""
+    from repro_normaliser import DECODES, SOFTMAX
+    groups = {}
+    for (softmax, lp) in (("vocab", 1), ("vocab", 0), ("allowed", 1), ("allowed", 0)):
+        cells = {}
+        for label, decodes in DECODES.items():
+            folder = labels.get(label) if (softmax, lp) == ("vocab", 1) else decodes[(softmax, lp)]
+            if folder and (docs / folder / "test_predictions.jsonl").exists():
+                u = rows.users(folder)
+                cells[label] = interval(u.table(weights(len(u.rows), a.bootstrap, 0))["DGU@5"])
+        if cells:
+            groups[f"{SOFTMAX[softmax]} softmax\nlp {lp}" + (" (the lineage's)" if (softmax, lp) == ("vocab", 1) else "")] = cells
+    if len(groups) < 2:
+        return None
+    plots.interval_bars(groups, figs / "msl_softmax_DGU5.png", "test DGU@5 (lower = fairer)",
+                        "MSL and SFT under each decoding softmax (our diagnostic)")
+    return {k.replace("\n", ", "): v for k, v in groups.items()}
+
+
 def figures(a):
     from nanogdrt import analyze
     docs, figs = Path(a.docs), Path(a.figures)
@@ -157,6 +180,7 @@ def figures(a):
                                f"(dashed: uniform, 1/{G})", reference=1 / G)
         numbers["group_weight_vs_fairness"] = pts
     numbers["group_composition"] = composition(a, labels, docs, a.dataset, a.data_dir)
+    numbers["msl_softmax_DGU5"] = softmax_figure(a, docs, loaded, labels, figs)
 
     # nanogdrt.analyze is most of this stage's time (attribution of --examples users under three
     # models); it depends on the SFT and GDRT adapters only, so it is kept while they are unchanged.

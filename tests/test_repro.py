@@ -333,7 +333,7 @@ def test_normaliser_diagnostic_decodes_msl_and_sft_and_is_reported(staged):
     tmp, args = staged
     repro.main(args + ["--stages", "data,robust"])            # skipped when the tests above ran
     repro.main(args + ["--only", "train:msl-tau4.5-s0,test:msl,test:msl-allowed,test:sft-allowed,"
-                                 "test:msl-lp0,test:msl-allowed-lp0,test:sft-allowed-lp0,mass,report"])
+                                 "test:msl-lp0,test:msl-allowed-lp0,test:sft-allowed-lp0,mass,figures,report"])
     docs = tmp / "docs"
     manifest = json.loads((docs / "manifest.json").read_text())
     for row, source, options in (("msl-allowed", "msl-tau4.5-s0", "--normaliser allowed"),
@@ -352,6 +352,9 @@ def test_normaliser_diagnostic_decodes_msl_and_sft_and_is_reported(staged):
     mass = json.loads((docs / "allowed_mass.json").read_text())
     assert list(mass["models"]) == ["base", "sft-s0", "msl-tau4.5-s0"] and mass["users"] == 4
     assert "| msl-tau4.5-s0 | forced |" in report
+    drawn = json.loads((tmp / "figs" / "figures.json").read_text())["msl_softmax_DGU5"]
+    assert set(drawn["allowed tokens softmax, lp 0"]) == {"MSL", "SFT"} and "vocabulary softmax, lp 0" in drawn  # SFT: none
+    assert (tmp / "figs" / "msl_softmax_DGU5.png").stat().st_size > 500 and "msl_softmax_DGU5.png" in report
 
 
 # ----------------------------------------------------------------------------- shipped adapters
