@@ -274,10 +274,12 @@ def interval_bars(groups: dict[str, dict[str, tuple[float, float, float]]], path
         at = [(j, g[name]) for j, g in enumerate(groups.values()) if name in g]
         x = [j + (i - (len(series) - 1) / 2) * width for j, _ in at]
         point = [c[0] for _, c in at]
-        bars = ax.bar(x, point, width=width, label=name)
+        ax.bar(x, point, width=width, label=name)
         ax.errorbar(x, point, yerr=[[c[0] - c[1] for _, c in at], [c[2] - c[0] for _, c in at]], fmt="none",
                     color="black", capsize=3, linewidth=1)
-        _label_bars(ax, bars)
+        for xi, (_, c) in zip(x, at):   # the value above its whisker, where it hides nothing
+            ax.annotate(f"{c[0]:.2f}", (xi, c[2]), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
+                        textcoords="offset points")
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(list(groups), fontsize=8)
     ax.set_ylabel(ylabel)
