@@ -9,9 +9,10 @@ tokens. Where a title's prefix has a single continuation, that softmax gives the
 1 whatever the logits are: the loss there is 0 and nothing is learnt at that position. MSL's own
 inference (its inference.py: transformers' generate with prefix_allowed_tokens_fn), like every row
 of the report, scores a token by the softmax over the whole vocabulary instead. At the untrained
-positions a title's score is then the prior the model kept from pre-training, and that prior is
-what Eq. 2 measures (how predictable a title's tokens are from the auxiliary tokens alone): the
-prior would favour item group 1, the titles most relevant to the auxiliary tokens.
+positions a title's score is then whatever the model assigns there: the pre-trained prior, moved
+only as a side effect of training the other positions. A prior of that kind is akin to what Eq. 2
+measures (how predictable a title's tokens are from the auxiliary tokens alone), so it would
+favour item group 1, the titles most relevant to the auxiliary tokens.
 
 The two softmaxes differ by one term. At target position t with allowed set A_t,
 log p_vocab(y_t) = log p_allowed(y_t) + log P_vocab(A_t): the allowed-set softmax plus the log of
@@ -27,8 +28,10 @@ lineage's length_penalty 1 a title's score is a mean over its tokens, and zero-c
 then lift long titles (item group 1 has the most forced positions). So each softmax is decoded with
 length_penalty 1 and 0 (the plain sum: the title's probability as a chain of the trained softmaxes).
 SFT's vocabulary decode with length_penalty 0 is the SFT+D3 row (alpha 0, so the same ranking).
-If the prior at the forced positions makes MSL unfair, MSL - SFT on DGU@5 shrinks toward 0 under
-`allowed`; if it stays, MSL's trained choices at the branching positions carry the unfairness.
+If the untrained term makes MSL unfair, MSL - SFT on DGU@5 shrinks toward 0 under `allowed`; if it
+stays, MSL's trained choices at the branching positions carry the unfairness. On Toy it shrinks to
+no resolved difference (docs/results.md). The `mass` command measures the term itself on the test
+targets (teacher-forced), per item group of the target.
 """
 
 import argparse
@@ -53,7 +56,6 @@ from repro_stats import effect_word, fmt, paired, top1_items  # noqa: E402
 DECODES = {"MSL": {("allowed", 1): "msl-allowed", ("vocab", 0): "msl-lp0", ("allowed", 0): "msl-allowed-lp0"},
            "SFT": {("allowed", 1): "sft-allowed", ("vocab", 0): "sft-d3", ("allowed", 0): "sft-allowed-lp0"}}
 SOFTMAX = {"vocab": "vocabulary", "allowed": "allowed tokens"}
-
 
 
 def forced_share(trie, item_group) -> dict[int, float]:
