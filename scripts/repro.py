@@ -50,12 +50,15 @@ from nanogdrt import files  # noqa: E402
 RATES = {"train_1000": 13.5, "user": 0.7 / 60, "mass_user": 0.3 / 60, "start": 1.0}
 PHASES = ["data", "robust", "sweep", "baselines", "sweeptest", "diagnose", "figures", "report"]
 SELECT_KEYS = ("NDCG@5", "NDCG@10", "HR@10")
-# The diagnose phase: (folder, adapter source: "msl" = the chosen MSL row, decode options).
+# The diagnose phase: (folder, adapter source: "msl" / "gdrt" = the chosen MSL / GDRT row, decode options).
 DIAGNOSE = [("msl-allowed", "msl", ["--normaliser", "allowed"]),
             ("sft-allowed", "sft-s0", ["--normaliser", "allowed"]),
             ("msl-lp0", "msl", ["--length-penalty", "0"]),
             ("msl-allowed-lp0", "msl", ["--normaliser", "allowed", "--length-penalty", "0"]),
-            ("sft-allowed-lp0", "sft-s0", ["--normaliser", "allowed", "--length-penalty", "0"])]
+            ("sft-allowed-lp0", "sft-s0", ["--normaliser", "allowed", "--length-penalty", "0"]),
+            ("gdrt-allowed", "gdrt", ["--normaliser", "allowed"]),          # does GDRT's gain over SFT
+            ("gdrt-lp0", "gdrt", ["--length-penalty", "0"]),                # survive every decoding?
+            ("gdrt-allowed-lp0", "gdrt", ["--normaliser", "allowed", "--length-penalty", "0"])]
 
 
 @dataclass
@@ -231,7 +234,8 @@ class Plan:
         for row, source, extra in DIAGNOSE:
             self.stages.append(Stage(f"test:{row}", "diagnose", lambda plan, row=row, source=source, extra=extra:
                                      plan.decode_argv(row, a.other_test_users, extra=extra,
-                                                      source=plan.chosen("msl") if source == "msl" else source),
+                                                      source=plan.chosen(source) if source in ("msl", "gdrt")
+                                                      else source),
                                      [docs / row / "test_predictions.jsonl"], self.test_minutes(a.other_test_users)))
         self.stages.append(Stage("mass", "diagnose", lambda plan: [   # the term itself, on the test targets
             sys.executable, "scripts/repro_normaliser.py", "mass", *plan.data_args(), "--docs", str(docs),
