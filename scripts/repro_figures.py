@@ -10,7 +10,7 @@
     q_effective_groups.png      exp(H(Q)) per step of every GDRT run
     group_weight_vs_fairness.png   test DGU@5 of every SFT / GDRT / control run against the share
                                 of its loss weight on the last token group (repro_robust.weight_points)
-    msl_softmax_DGU5.png        MSL and SFT decoded with each softmax and length normalisation
+    msl_softmax_DGU5.png        MSL, SFT and GDRT decoded with each softmax and length normalisation
                                 (scripts/repro_normaliser.py), test DGU@5 with 95% intervals
     figures.json                all of the above numbers, and the token groups' composition
 Definitions: scripts/repro_stats.py's docstring.
@@ -118,7 +118,7 @@ def composition(a, labels, docs, ds_name, data_dir) -> list[dict] | None:
 
 
 def softmax_figure(a, docs, rows, labels, figs) -> dict | None:
-    """The diagnose phase at a glance: test DGU@5 of MSL and SFT under each decoding, with 95%
+    """The diagnose phase at a glance: test DGU@5 of MSL, SFT and GDRT under each decoding, with 95%
     bootstrap intervals (each row on its own users)."""
     from repro_normaliser import DECODES, SOFTMAX
     groups = {}
@@ -134,7 +134,7 @@ def softmax_figure(a, docs, rows, labels, figs) -> dict | None:
     if len(groups) < 2:
         return None
     plots.interval_bars(groups, figs / "msl_softmax_DGU5.png", "test DGU@5 (lower = fairer)",
-                        "MSL and SFT under each decoding softmax (our diagnostic)")
+                        "MSL, SFT and GDRT under each decoding softmax (our diagnostic)")
     return {k.replace("\n", ", "): v for k, v in groups.items()}
 
 

@@ -54,7 +54,9 @@ from repro_stats import effect_word, fmt, paired, top1_items  # noqa: E402
 
 # row label -> {(softmax, length_penalty): docs/repro folder}; (vocab, 1) is the report's own row.
 DECODES = {"MSL": {("allowed", 1): "msl-allowed", ("vocab", 0): "msl-lp0", ("allowed", 0): "msl-allowed-lp0"},
-           "SFT": {("allowed", 1): "sft-allowed", ("vocab", 0): "sft-d3", ("allowed", 0): "sft-allowed-lp0"}}
+           "SFT": {("allowed", 1): "sft-allowed", ("vocab", 0): "sft-d3", ("allowed", 0): "sft-allowed-lp0"},
+           "GDRT": {("allowed", 1): "gdrt-allowed", ("vocab", 0): "gdrt-lp0", ("allowed", 0): "gdrt-allowed-lp0"}}
+CONTRASTS = [("MSL", "SFT"), ("GDRT", "SFT")]   # A - B under each decoding both have
 SOFTMAX = {"vocab": "vocabulary", "allowed": "allowed tokens"}
 
 
@@ -154,7 +156,8 @@ def normaliser_section(a, docs, rows, labels, item_group, length, trie) -> list[
          "differ by one term: log p_vocab(y_t) = log p_allowed(y_t) + log P_vocab(A_t), the log of the mass the full "
          "softmax puts on the allowed set. MSL's loss cannot see that term (it is 0 loss at a position with one "
          "continuation, and unchanged by any logit outside A_t elsewhere); SFT's loss pushes it toward 0 on every "
-         "training title. Here the MSL row and SFT are decoded again on the same test users with each step's "
+         "training title. Here the MSL row and SFT (and GDRT, to see whether its gain over SFT depends on the "
+         "decoding) are decoded again on the same test users with each step's "
          "softmax over the allowed tokens (`--normaliser allowed`: a forced token scores 0), with the lineage's "
          "length normalisation (lp 1: the mean over a title's tokens) and without it (lp 0: the sum). A diagnostic, "
          "not a decoding of any paper; scripts/repro_normaliser.py says what each outcome would mean.", "",
@@ -186,10 +189,10 @@ def normaliser_section(a, docs, rows, labels, item_group, length, trie) -> list[
         for lp in (1, 0):
             if ("allowed", lp) in decodes and ("vocab", lp) in decodes:
                 line(f"{label}, lp {lp}: allowed - vocabulary", decodes[("allowed", lp)], decodes[("vocab", lp)])
-    if len(folders) == 2:
-        msl, sft = folders["MSL"], folders["SFT"]
-        for key in sorted(set(msl) & set(sft), key=lambda k: (-k[1], k[0] != "vocab")):
-            line(f"MSL - SFT, {SOFTMAX[key[0]]} softmax, lp {key[1]}", msl[key], sft[key])
+    for A, B in CONTRASTS:   # GDRT - SFT: does GDRT's fairness gain survive every decoding?
+        if A in folders and B in folders:
+            for key in sorted(set(folders[A]) & set(folders[B]), key=lambda k: (-k[1], k[0] != "vocab")):
+                line(f"{A} - {B}, {SOFTMAX[key[0]]} softmax, lp {key[1]}", folders[A][key], folders[B][key])
     return L + mass_section(docs, item_group, rows.by_row)
 
 

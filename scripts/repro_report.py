@@ -198,7 +198,7 @@ def figures_section(a) -> list[str]:
              ("fairness over tau: test DGU@5 against SFT's seeds and the uniform-Q control",
               "fig11_sensitivity_tau_test_DGU5.png"),
              ("fairness against the loss weight on the last token group, every run", "group_weight_vs_fairness.png"),
-             ("MSL and SFT under each decoding softmax: test DGU@5 (our diagnostic)", "msl_softmax_DGU5.png")]
+             ("MSL, SFT and GDRT under each decoding softmax: test DGU@5 (our diagnostic)", "msl_softmax_DGU5.png")]
     drawn += [(f"{k} (nanogdrt.analyze)", f"analyze/{v}") for k, v in an.get("figures", {}).items()]
     drawn += [("token heat maps, base vs SFT vs GDRT (Fig. 1 style; open the HTML page in a browser)",
                "analyze/heatmap/heatmap.html")]

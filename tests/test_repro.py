@@ -328,12 +328,14 @@ def test_allowed_mass_against_one_forward_per_target_position(tiny_model_dir):
 
 
 def test_normaliser_diagnostic_decodes_msl_and_sft_and_is_reported(staged):
-    """Phase diagnose: the chosen MSL row and SFT decoded with --normaliser allowed into their own
-    folders, on the same users; the report pairs each with its vocabulary-softmax decode."""
+    """Phase diagnose: the chosen MSL row, SFT and the chosen GDRT row decoded with --normaliser
+    allowed and/or --length-penalty 0 into their own folders, on the same users; the report pairs
+    each with its vocabulary-softmax decode, and MSL and GDRT with SFT under each decoding."""
     tmp, args = staged
     repro.main(args + ["--stages", "data,robust"])            # skipped when the tests above ran
     repro.main(args + ["--only", "train:msl-tau4.5-s0,test:msl,test:msl-allowed,test:sft-allowed,"
-                                 "test:msl-lp0,test:msl-allowed-lp0,test:sft-allowed-lp0,mass,figures,report"])
+                                 "test:msl-lp0,test:msl-allowed-lp0,test:sft-allowed-lp0,test:gdrt-allowed-lp0,"
+                                 "mass,figures,report"])
     docs = tmp / "docs"
     manifest = json.loads((docs / "manifest.json").read_text())
     for row, source, options in (("msl-allowed", "msl-tau4.5-s0", "--normaliser allowed"),
@@ -348,12 +350,13 @@ def test_normaliser_diagnostic_decodes_msl_and_sft_and_is_reported(staged):
     assert "## Why MSL is the least fair LLM row: the decoding's softmax" in report
     assert "| forced positions |" in report and "| MSL (msl-tau4.5-s0) | vocabulary | 1 |" in report
     assert "| SFT (sft-allowed-lp0) | allowed tokens | 0 |" in report and "| MSL, lp 0: allowed - vocabulary |" in report
-    assert "| MSL - SFT, allowed tokens softmax, lp 0 |" in report
+    assert "| MSL - SFT, allowed tokens softmax, lp 0 |" in report and "| GDRT - SFT, allowed tokens softmax, lp 0 |" in report
+    assert "gdrt-G5-tau0.5-s0/adapter --normaliser allowed --length-penalty 0" in manifest["test:gdrt-allowed-lp0"]["command"]
     mass = json.loads((docs / "allowed_mass.json").read_text())
     assert list(mass["models"]) == ["base", "sft-s0", "msl-tau4.5-s0"] and mass["users"] == 4
     assert "| msl-tau4.5-s0 | forced |" in report
     drawn = json.loads((tmp / "figs" / "figures.json").read_text())["msl_softmax_DGU5"]
-    assert set(drawn["allowed tokens softmax, lp 0"]) == {"MSL", "SFT"} and "vocabulary softmax, lp 0" in drawn  # SFT: none
+    assert set(drawn["allowed tokens softmax, lp 0"]) == {"MSL", "SFT", "GDRT"} and "vocabulary softmax, lp 0" in drawn
     assert (tmp / "figs" / "msl_softmax_DGU5.png").stat().st_size > 500 and "msl_softmax_DGU5.png" in report
 
 
