@@ -130,7 +130,8 @@ def softmax_figure(a, docs, rows, labels, figs) -> dict | None:
                 u = rows.users(folder)
                 cells[label] = interval(u.table(weights(len(u.rows), a.bootstrap, 0))["DGU@5"])
         if cells:
-            groups[f"{SOFTMAX[softmax]} softmax\nlp {lp}" + (" (the lineage's)" if (softmax, lp) == ("vocab", 1) else "")] = cells
+            lineage = " (the lineage's)" if (softmax, lp) == ("vocab", 1) else ""
+            groups[f"{SOFTMAX[softmax]} softmax\nlp {lp}{lineage}"] = cells
     if len(groups) < 2:
         return None
     plots.interval_bars(groups, figs / "msl_softmax_DGU5.png", "test DGU@5 (lower = fairer)",

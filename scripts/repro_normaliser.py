@@ -174,11 +174,13 @@ def normaliser_section(a, docs, rows, labels, item_group, length, trie) -> list[
             c = rows.point(folder)
             items = [i for i in top1_items(docs, folder) if i in item_group]
             share = group_distribution(items, item_group)
-            L.append(f"| {label} ({folder}) | {SOFTMAX[softmax]} | {lp} | " + " | ".join(f"{c[k]:.4f}" for k in TABLE_KEYS)
+            L.append(f"| {label} ({folder}) | {SOFTMAX[softmax]} | {lp} | "
+                     + " | ".join(f"{c[k]:.4f}" for k in TABLE_KEYS)
                      + f" | {np.mean([length[i] for i in items]):.1f} | {share[0]:.0%} | {share[-1]:.0%} "
                      f"| {len(set(items))} of {len(items)} |")
     L += ["", f"Paired on the same users ({a.bootstrap} bootstrap resamples); 'A better'/'A worse' when the 95% "
-          "interval excludes 0:", "", "| A - B | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 1) + "|"]
+          "interval excludes 0:", "", "| A - B | " + " | ".join(TABLE_KEYS) + " |",
+          "|---" * (len(TABLE_KEYS) + 1) + "|"]
     words = {"helps": "A better", "hurts": "A worse"}
 
     def line(name, A, B):
