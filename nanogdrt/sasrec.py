@@ -364,10 +364,9 @@ def main(argv=None):
 
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-    small = args.dataset == "synthetic" and args.synthetic_size == "small"
     ds = load_dataset(args.dataset, data_dir=args.data_dir, train_file=args.train_file,
                       valid_samples=args.valid_samples, test_samples=args.test_samples, seed=args.seed,
-                      synthetic=synthetic.SMALL if small else None)
+                      synthetic=synthetic.config_for(args.dataset, args.synthetic_size))
     item_group = ({int(k): int(v) for k, v in json.loads(Path(args.item_groups).read_text()).items()}
                   if args.item_groups else None)
     cfg = SASRecConfig(len(ds.titles), args.hidden, args.blocks, args.heads, args.maxlen, args.dropout)

@@ -111,6 +111,12 @@ class SyntheticConfig:
 SMALL = SyntheticConfig(n_users=200, n_brands=6, lines_per_brand=2, items_per_line=10)
 
 
+def config_for(dataset: str, size: str) -> "SyntheticConfig | None":
+    """A command's --dataset and --synthetic-size -> load_dataset's `synthetic` (None: the default;
+    the size applies to the synthetic dataset only)."""
+    return SMALL if dataset == "synthetic" and size == "small" else None
+
+
 class SyntheticData(NamedTuple):
     titles: dict[int, str]                          # item id (1..N) -> title
     sequences: dict[int, list[tuple[int, int]]]     # user -> [(item, unix time), ...], oldest first

@@ -30,8 +30,7 @@ from nanogdrt.data import load_dataset  # noqa: E402
 
 def dataset_of(name, data_dir, synthetic_size="full"):
     """The whole dataset (no split is subsampled): rows are looked up by index."""
-    small = name == "synthetic" and synthetic_size == "small"   # the size applies to synthetic data only
-    return load_dataset(name, data_dir=data_dir, synthetic=synthetic.SMALL if small else None)
+    return load_dataset(name, data_dir=data_dir, synthetic=synthetic.config_for(name, synthetic_size))
 
 
 def template_of(name):

@@ -105,10 +105,9 @@ def composition(a, labels, docs, ds_name, data_dir) -> list[dict] | None:
     from nanogdrt.batches import make_examples
     from nanogdrt.data import load_dataset
     cfg = json.loads((docs / labels["GDRT"] / "train_results.json").read_text())["config"]
-    from nanogdrt.synthetic import SMALL
+    from nanogdrt.synthetic import config_for
     ds = load_dataset(ds_name, data_dir=data_dir, train_file=cfg["train_file"], train_samples=cfg["train_samples"],
-                      seed=cfg["seed"], synthetic=SMALL if ds_name == "synthetic" and cfg["synthetic_size"] == "small"
-                      else None)
+                      seed=cfg["seed"], synthetic=config_for(ds_name, cfg["synthetic_size"]))
     _, model, tokenizer, PromptBuilder = load_model(cfg["model"], device=a.device)
     builder = PromptBuilder(tokenizer, template_of(ds_name))
     logprobs = relevance.catalogue_logprobs(model, builder, ds)
@@ -120,14 +119,13 @@ def composition(a, labels, docs, ds_name, data_dir) -> list[dict] | None:
 def softmax_figure(a, docs, rows, labels, figs) -> dict | None:
     """The diagnose phase at a glance: test DGU@5 of MSL, SFT and GDRT under each decoding, with 95%
     bootstrap intervals (each row on its own users)."""
-    from repro_normaliser import DECODES, SOFTMAX
-    groups = {}
+    from repro_normaliser import SOFTMAX, decode_folders
+    folders, groups = decode_folders(docs, labels), {}
     for (softmax, lp) in (("vocab", 1), ("vocab", 0), ("allowed", 1), ("allowed", 0)):
         cells = {}
-        for label, decodes in DECODES.items():
-            folder = labels.get(label) if (softmax, lp) == ("vocab", 1) else decodes[(softmax, lp)]
-            if folder and (docs / folder / "test_predictions.jsonl").exists():
-                u = rows.users(folder)
+        for label, decodes in folders.items():
+            if (softmax, lp) in decodes:
+                u = rows.users(decodes[(softmax, lp)])
                 cells[label] = interval(u.table(weights(len(u.rows), a.bootstrap, 0))["DGU@5"])
         if cells:
             lineage = " (the lineage's)" if (softmax, lp) == ("vocab", 1) else ""
@@ -161,13 +159,13 @@ def figures(a):
     sft_test = loaded.point("sft-s0")["NDCG@5"] if "SFT" in labels else None
     numbers["sensitivity"] = sensitivity(a, docs, loaded, sft_valid, sft_test, figs)
 
-    curves = {}
+    curves, groups = {}, {}
     for f in sorted(docs.glob("gdrt-*")) + sorted(docs.glob("msl-gdrt-*")):
         if (f / "train_results.json").exists():
             steps = json.loads((f / "train_results.json").read_text())["steps"]
             curves[f.name] = ([s["step"] for s in steps], q_entropy(steps))
+            groups[f.name] = len(steps[0]["q"])                      # the run's G
     if curves:
-        groups = {k: len(json.loads((docs / k / "train_results.json").read_text())["steps"][0]["q"]) for k in curves}
         plots.effective_groups(curves, groups, figs / "q_effective_groups.png")
         numbers["q_effective_groups"] = {k: {"step": x, "exp_H_Q": y, "mean": float(np.nanmean(y))}
                                          for k, (x, y) in curves.items()}

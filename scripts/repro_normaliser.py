@@ -60,6 +60,14 @@ CONTRASTS = [("MSL", "SFT"), ("GDRT", "SFT")]   # A - B under each decoding both
 SOFTMAX = {"vocab": "vocabulary", "allowed": "allowed tokens"}
 
 
+def decode_folders(docs, labels) -> dict[str, dict[tuple[str, int], str]]:
+    """DECODES for the rows the report has: label -> {(softmax, lp): folder}, the report's own row as
+    (vocab, 1), and only the decodes whose predictions exist."""
+    return {label: {("vocab", 1): labels[label], **{k: f for k, f in decodes.items()
+                                                   if (Path(docs) / f / "test_predictions.jsonl").exists()}}
+            for label, decodes in DECODES.items() if label in labels}
+
+
 def forced_share(trie, item_group) -> dict[int, float]:
     """item group -> mean share, over its titles, of the target positions (quotes and EOS
     included, as MSL's loss counts them) whose prefix has a single continuation in the trie."""
@@ -142,10 +150,9 @@ def normaliser_section(a, docs, rows, labels, item_group, length, trie) -> list[
 
     rows: repro_stats.Rows; labels: report label -> folder; length: item -> title tokens (Eq. 2's);
     trie: the catalogue's trie (for the share of forced positions per item group)."""
-    from nanogdrt.metrics import N_ITEM_GROUPS, group_distribution
-    folders = {label: {("vocab", 1): labels[label], **{k: f for k, f in decodes.items()
-                                                       if (docs / f / "test_predictions.jsonl").exists()}}
-               for label, decodes in DECODES.items() if label in labels}
+    from nanogdrt.metrics import N_ITEM_GROUPS
+    from repro_robust import top1_summary
+    folders = decode_folders(docs, labels)
     if not any(len(f) > 1 for f in folders.values()):
         return []
     forced = forced_share(trie, item_group)
@@ -171,13 +178,11 @@ def normaliser_section(a, docs, rows, labels, item_group, length, trie) -> list[
          f"| top-1 in item group {N_ITEM_GROUPS} | distinct top-1 |", "|---" * (len(TABLE_KEYS) + 7) + "|"]
     for label, decodes in folders.items():
         for (softmax, lp), folder in sorted(decodes.items(), key=lambda kv: (-kv[0][1], kv[0][0] != "vocab")):
-            c = rows.point(folder)
-            items = [i for i in top1_items(docs, folder) if i in item_group]
-            share = group_distribution(items, item_group)
+            c, t = rows.point(folder), top1_summary(top1_items(docs, folder), item_group, length)
             L.append(f"| {label} ({folder}) | {SOFTMAX[softmax]} | {lp} | "
                      + " | ".join(f"{c[k]:.4f}" for k in TABLE_KEYS)
-                     + f" | {np.mean([length[i] for i in items]):.1f} | {share[0]:.0%} | {share[-1]:.0%} "
-                     f"| {len(set(items))} of {len(items)} |")
+                     + f" | {t['mean_length']:.1f} | {t['share'][0]:.0%} | {t['share'][-1]:.0%} "
+                     f"| {t['distinct']} of {t['n']} |")
     L += ["", f"Paired on the same users ({a.bootstrap} bootstrap resamples); 'A better'/'A worse' when the 95% "
           "interval excludes 0:", "", "| A - B | " + " | ".join(TABLE_KEYS) + " |",
           "|---" * (len(TABLE_KEYS) + 1) + "|"]
@@ -202,18 +207,18 @@ def mass(a):
     """The `mass` command: allowed_mass of each --rows folder's adapter ("base": none) on the
     first --n users of test_users.json, into one JSON file."""
     from nanogdrt.trie import Trie
-    from repro_data import dataset_of, load_model, template_of
+    from repro_data import dataset_of, load_model, prompt_builder
     ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size)
     users = json.loads(Path(a.users_file).read_text())
     interactions = [ds.test[i] for i in users["index"][:a.n]]
+    builder = prompt_builder(a.model, a.dataset)          # the same tokenizer under every adapter
+    trie = Trie.from_titles(ds.titles, builder)
     out = {"users": len(interactions), "models": {}}
     for row in a.rows.split(","):
         adapter = None if row == "base" else Path(a.docs) / row / "adapter"
-        _, model, tokenizer, PromptBuilder = load_model(a.model, adapter, a.device, a.dtype)
-        builder = PromptBuilder(tokenizer, template_of(a.dataset))
+        model = load_model(a.model, adapter, a.device, a.dtype)[1]
         start = time.perf_counter()
-        out["models"][row] = allowed_mass(model, builder, Trie.from_titles(ds.titles, builder), interactions,
-                                          ds.titles, progress=True)
+        out["models"][row] = allowed_mass(model, builder, trie, interactions, ds.titles, progress=True)
         print(f"{row}: {len(interactions)} users in {time.perf_counter() - start:.0f} s")
     files.write_json(a.out, out)
 

@@ -281,13 +281,22 @@ def title_lengths(builder, titles, item_group) -> dict[int, int]:
     return {i: int(title_token_mask(builder, titles[i]).sum()) for i in item_group}
 
 
+def top1_summary(items, item_group, length) -> dict:
+    """Users' top-1 items (those with an item group): their mean title length (`length`: title_lengths),
+    the share in each item group, how many different items and how many in all."""
+    from nanogdrt.metrics import group_distribution
+    items = [i for i in items if i in item_group]
+    return {"mean_length": float(np.mean([length[i] for i in items])),
+            "share": group_distribution(items, item_group), "distinct": len(set(items)), "n": len(items)}
+
+
 def title_length_section(docs, labels, item_group, length, targets) -> list[str]:
     """Item groups and title length (our measurement): Eq. 2 averages a title's token relevance, and
     the later tokens of a long title are easy to predict from its prefix, so the item groups of
     MGU/DGU also sort the catalogue by title length. A row's fairness can move with the length of
     the titles it ranks first, which this section lets a reader check. `length`: title_lengths;
     `targets`: the test users' target items, the first row of the second table."""
-    from nanogdrt.metrics import N_ITEM_GROUPS, group_distribution
+    from nanogdrt.metrics import N_ITEM_GROUPS
     groups = range(1, N_ITEM_GROUPS + 1)
     L = ["", "## Item groups and title length (our measurement)", "",
          "Eq. 2 averages the relevance of a title's tokens to the auxiliary tokens, and the later tokens of a long "
@@ -304,10 +313,9 @@ def title_length_section(docs, labels, item_group, length, targets) -> list[str]
     shown |= {label: (f"{label} ({folder})", top1_items(docs, folder)) for label, folder in labels.items()}
     mean_length = {}
     for key, (name, items) in shown.items():
-        items = [i for i in items if i in item_group]
-        share = group_distribution(items, item_group)
-        mean_length[key] = np.mean([length[i] for i in items])
-        L.append(f"| {name} | {mean_length[key]:.1f} | {share[0]:.0%} | {share[-1]:.0%} |")
+        t = top1_summary(items, item_group, length)
+        mean_length[key] = t["mean_length"]
+        L.append(f"| {name} | {t['mean_length']:.1f} | {t['share'][0]:.0%} | {t['share'][-1]:.0%} |")
     if "SFT" in mean_length and "GDRT" in mean_length:
         longer = mean_length["GDRT"] - mean_length["SFT"]
         L += ["", f"GDRT's top-1 titles minus SFT's, in mean title tokens: {longer:+.1f}. A fairness change that "
