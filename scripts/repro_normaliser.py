@@ -208,13 +208,21 @@ def mass(a):
     first --n users of test_users.json, into one JSON file."""
     from nanogdrt.trie import Trie
     from repro_data import dataset_of, load_model, prompt_builder
+    rows = a.rows.split(",")
+    for path in [Path(a.users_file)] + [Path(a.docs) / r / "adapter" for r in rows if r != "base"]:
+        if not path.exists():   # before loading data or any model
+            raise SystemExit(f"error: {path} does not exist (--users-file / --rows / --docs)")
+    try:
+        files.check_writable(a.out, "file")
+    except files.OutputError as e:
+        raise SystemExit(f"error: {e}") from None
     ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size)
     users = json.loads(Path(a.users_file).read_text())
     interactions = [ds.test[i] for i in users["index"][:a.n]]
     builder = prompt_builder(a.model, a.dataset)          # the same tokenizer under every adapter
     trie = Trie.from_titles(ds.titles, builder)
     out = {"users": len(interactions), "models": {}}
-    for row in a.rows.split(","):
+    for row in rows:
         adapter = None if row == "base" else Path(a.docs) / row / "adapter"
         model = load_model(a.model, adapter, a.device, a.dtype)[1]
         start = time.perf_counter()
@@ -237,7 +245,10 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", required=True)
-    mass(p.parse_args(argv))
+    try:
+        mass(p.parse_args(argv))
+    except (FileNotFoundError, ValueError) as e:   # bad input: the message names the file or field
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

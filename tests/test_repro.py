@@ -327,6 +327,16 @@ def test_allowed_mass_against_one_forward_per_target_position(tiny_model_dir):
         assert got["n_forced"][u] + got["n_branching"][u] == len(y)
 
 
+def test_mass_command_names_a_missing_adapter_before_any_work(tmp_path):
+    import repro_normaliser
+    users = tmp_path / "test_users.json"
+    users.write_text('{"index": [0]}')
+    with pytest.raises(SystemExit, match="nosuch/adapter does not exist"):
+        repro_normaliser.main(["mass", "--dataset", "synthetic", "--docs", str(tmp_path), "--rows", "base,nosuch",
+                               "--users-file", str(users), "--out", str(tmp_path / "m.json")])
+    assert not (tmp_path / "m.json").exists()
+
+
 def test_normaliser_diagnostic_decodes_msl_and_sft_and_is_reported(staged):
     """Phase diagnose: the chosen MSL row, SFT and the chosen GDRT row decoded with --normaliser
     allowed and/or --length-penalty 0 into their own folders, on the same users; the report pairs
