@@ -10,7 +10,7 @@ The script follows §3 of the paper, top to bottom:
      Eq. 2: every item's relevance (mean over its tokens), for the fairness groups of the metrics
   3. §3.2: 1-D k-means over the target tokens' relevance -> G token groups
   4. LoRA fine-tuning; each step weights the group losses L(g) by Q = softmax(L(g) / tau) (Eq. 5)
-     (--method also runs the baselines MSL, MSL+GDRT and IFairLRS's Reweight: nanogdrt/methods.py)
+     (--method also runs the baselines MSL, MSL+GDRT and IFairLRS's Reweight: nanogdrt/baselines/methods.py)
   5. each epoch: NDCG@5 on validation by constrained beam search; the best adapter is kept
   6. the best adapter is tested: NDCG/HR@5,10, MGU/DGU@5,10, top-1 item-group distribution
 Everything lands in <out>/: results.json, best_adapter/ (PEFT format), PNG figures, and state/
@@ -28,19 +28,23 @@ import torch
 from tqdm import tqdm
 
 import nanogdrt
-from nanogdrt import d3, distributed, files, grouping, methods, metrics, plots, relevance, sasrec, synthetic
+from nanogdrt import files, grouping, metrics, relevance, synthetic
+from nanogdrt.baselines import d3, methods, sasrec
+from nanogdrt.infra import distributed
+from nanogdrt.analysis import plots
 from nanogdrt.batches import epoch_batches, make_examples
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
-from nanogdrt.config import parse_args
+from nanogdrt.infra.config import parse_args
 from nanogdrt.data import load_dataset
 from nanogdrt.llama import Llama, compile_blocks
 from nanogdrt.lora import LoRAConfig, inject_lora, load_adapter, lora_parameters, save_adapter
-from nanogdrt.methods import GROUP_WEIGHTINGS, METHODS, TargetLoss
+from nanogdrt.baselines.methods import GROUP_WEIGHTINGS, METHODS, TargetLoss
 from nanogdrt.prompt import PromptBuilder
-from nanogdrt.recommend import build_trie, recommend, score
-from nanogdrt.step import StepData, train_step
+from nanogdrt.recommend import Decoding, recommend, score
+from nanogdrt.trie import Trie
+from nanogdrt.infra.step import StepData, train_step
 from nanogdrt.tokenizer import Tokenizer
-from nanogdrt.train_state import StopOnSigterm, claim_run_folder, load_state, save_state
+from nanogdrt.infra.resume import StopOnSigterm, claim_run_folder, load_state, save_state
 
 
 # ----------------------------------------------------------------------------- method, evaluation
@@ -76,16 +80,14 @@ def method_setup(cfg, dataset, examples, trie, item_group, say):
     return nodes, weight, log
 
 
-def evaluate(model, builder, trie, interactions, titles, item_group, beams, batch_size, desc,
-             dist=distributed.Dist(), decoding="cbs", assistant=None, alpha=0.0):
-    """Top-K for every user (split across data-parallel ranks, gathered in order on all) + metrics.
-    `decoding`, `assistant` (a SASRec) and `alpha`: see nanogdrt.recommend.recommend."""
+def evaluate(model, builder, trie, interactions, titles, item_group, decoding: Decoding, desc,
+             dist=distributed.Dist()):
+    """Top-K for every user (split across data-parallel ranks, gathered in order on all) + metrics."""
     model.eval()                                           # no LoRA dropout while decoding
     # --compile is for the training step: decoding's cached, ever-changing shapes would only
     # recompile, so compiled blocks run eagerly here (a no-op when nothing is compiled).
     with torch.compiler.set_stance("force_eager"):
-        records = recommend(model, builder, trie, interactions, titles, beams=beams, batch_size=batch_size,
-                            progress=dist.main, dist=dist, decoding=decoding, assistant=assistant, alpha=alpha)
+        records = recommend(model, builder, trie, interactions, titles, decoding, progress=dist.main, dist=dist)
     model.train()
     result = score(records, interactions, titles, item_group)
     top1 = [r["topk_item_ids"][0] for r in records if r["topk_item_ids"]]
@@ -97,8 +99,8 @@ def evaluate(model, builder, trie, interactions, titles, item_group, beams, batc
 
 def validate(model, builder, trie, dataset, item_group, cfg, epoch, state, dist) -> bool:
     """The metrics on validation after `epoch`, logged in `state`; True when NDCG@5 is the best yet."""
-    result, _ = evaluate(model, builder, trie, dataset.valid, dataset.titles, item_group, cfg.beams,
-                         cfg.eval_batch_size, f"epoch {epoch + 1} valid", dist)
+    result, _ = evaluate(model, builder, trie, dataset.valid, dataset.titles, item_group,
+                         Decoding(beams=cfg.beams, batch_size=cfg.eval_batch_size), f"epoch {epoch + 1} valid", dist)
     state["epochs"].append({"epoch": epoch + 1, "step": state["step"], "valid": result,
                             "top1_group1_share": result["top1_group_distribution"][0]})
     if state["best"] is None or result["NDCG@5"] > state["best"]["NDCG@5"]:   # ties keep the earlier epoch
@@ -112,11 +114,7 @@ def validate(model, builder, trie, dataset, item_group, cfg, epoch, state, dist)
 def relevance_groups(model, builder, dataset, n_groups, method, seed, cached=True, dist=None):
     """Eq. 2/3 under `model`: the token groups of every training example (§3.2), the item groups
     of the fairness metrics, and each training example's token relevance."""
-    logprobs = relevance.catalogue_logprobs(model, builder, dataset, cached=cached, shard=dist)
-    # With the history masked, Eq. 3 depends on the target item only: a lookup per example.
-    token_rel = relevance.token_relevance(logprobs, [x.target for x in dataset.train])
-    token_groups = grouping.token_groups(token_rel, n_groups, method=method, seed=seed)
-    return token_groups, grouping.item_groups(relevance.item_scores(logprobs)), token_rel
+    return relevance.dataset_groups(model, builder, dataset, n_groups, method, seed, cached=cached, shard=dist)
 
 
 def regroup_or_restore(model, builder, dataset, cfg, state, token_groups, token_rel, dist):
@@ -149,13 +147,12 @@ def load_data_and_model(cfg, say):
     model_dir = Path(cfg.model) if cfg.model else ensure_embedded_checkpoint()
     model = Llama.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     tokenizer = Tokenizer(model_dir)
-    # A dataset without a template of its own (e.g. synthetic) gets the Toy wording.
-    builder = PromptBuilder(tokenizer, cfg.dataset if cfg.dataset in ("toy", "book", "clothing") else "synthetic")
+    builder = PromptBuilder(tokenizer, dataset.name)
     say(f"{cfg.dataset}: {len(dataset.titles)} items, {len(dataset.train)} train / {len(dataset.valid)} "
         f"valid / {len(dataset.test)} test windows; model {model_dir}; method {cfg.method}")
     # D3's text-free assistant (a SASRec) for the test; bad D3 options fail here, before training.
     assistant = sasrec.load(cfg.assistant, device=cfg.device) if cfg.assistant else None
-    d3.scoring(cfg.decoding, cfg.alpha, assistant, [], list(dataset.titles))
+    d3.decoding(cfg.decoding, cfg.alpha, assistant, list(dataset.titles))
     return dataset, model_dir, model, tokenizer, builder, assistant
 
 
@@ -203,8 +200,9 @@ def test_best(model, out, builder, trie, dataset, item_group, cfg, assistant, di
     """The test split's metrics and per-user records under the best epoch's adapter."""
     dist.barrier()                                          # rank 0 has written best_adapter/
     load_adapter(model, out / "best_adapter")
-    return evaluate(model, builder, trie, dataset.test, dataset.titles, item_group, cfg.beams,
-                    cfg.eval_batch_size, "test", dist, cfg.decoding, assistant, cfg.alpha)
+    decoding = d3.decoding(cfg.decoding, cfg.alpha, assistant, trie.item_ids(), beams=cfg.beams,
+                           batch_size=cfg.eval_batch_size)
+    return evaluate(model, builder, trie, dataset.test, dataset.titles, item_group, decoding, "test", dist)
 
 
 def start_or_resume(out, cfg, model, optimizer, dist, say) -> dict:
@@ -273,7 +271,7 @@ def print_table(cfg, test, times):
 # ----------------------------------------------------------------------------- the run
 
 def main(argv=None):
-    cfg = parse_args(argv, __doc__.split("\n\n")[0])   # every option: nanogdrt/config.py
+    cfg = parse_args(argv, __doc__.split("\n\n")[0])   # every option: nanogdrt/infra/config.py
     dist = distributed.init(cfg.device)                    # torchrun: one rank of N; else rank 0 of 1
     cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, dist))   # cuda -> cuda:<local rank>
     say = print if dist.main else (lambda *args, **kwargs: None)
@@ -292,7 +290,7 @@ def main(argv=None):
                                                            cfg.seed, dist=dist)
     times["grouping_s"] = time.perf_counter() - t
     examples = make_examples(builder, dataset.train, dataset.titles)
-    trie = build_trie(builder, dataset.titles)
+    trie = Trie.from_titles(dataset.titles, builder)
 
     # Step 4: LoRA on the frozen model; only its parameters are trained, by the method's loss.
     lora, data, net, optimizer, method_log = setup_training(cfg, model, dataset, examples, trie, item_group,

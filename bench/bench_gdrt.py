@@ -2,7 +2,7 @@
 
 1. Training step: the same LoRA step (forward, backward, AdamW) on the same batches of real
    prompts, with the SFT loss (Eq. 1), the GDRT loss (Eq. 5), MSL's masked softmax and MSL with
-   GDRT's group weights (nanogdrt.methods). Goals: GDRT <= 1.05x SFT; MSL and MSL+GDRT within
+   GDRT's group weights (nanogdrt.baselines.methods). Goals: GDRT <= 1.05x SFT; MSL and MSL+GDRT within
    1.15x of SFT (the comparison of the paper's Fig. 12).
 2. Grouping: Eq. 3 relevance of every training target token (+ 1-D k-means), against one plain
    no-grad forward pass over the training examples. Goal: grouping <= 1 forward pass.
@@ -22,9 +22,9 @@ from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.data import load_dataset
 from nanogdrt.llama import Llama
 from nanogdrt.lora import LoRAConfig, inject_lora, lora_parameters
-from nanogdrt.methods import METHODS, TargetLoss, method_loss, target_nodes_of, totals
+from nanogdrt.baselines.methods import METHODS, TargetLoss, method_loss, target_nodes_of, totals
 from nanogdrt.prompt import PromptBuilder
-from nanogdrt.recommend import build_trie
+from nanogdrt.trie import Trie
 from nanogdrt.tokenizer import Tokenizer
 
 
@@ -95,7 +95,7 @@ def main():
     print(f"grouping (Eq. 3 + k-means): {t_group:6.1f} s   one forward pass over the examples: "
           f"{t_forward:6.1f} s   ratio {t_group / t_forward:.2f}")
 
-    trie = build_trie(builder, ds.titles)
+    trie = Trie.from_titles(ds.titles, builder)
     nodes = target_nodes_of(trie, examples)                 # once per run in train.py, not per step
     inject_lora(model, LoRAConfig())
     model.train()

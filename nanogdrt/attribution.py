@@ -33,7 +33,7 @@ All ablations of one example (plus the unablated prompt) run as one forward pass
 unablated tokens before its span, so only its suffix is computed, packed beside the others
 (`PackedAttention`); the LM head is applied only at the target positions.
 
-Ratios (Fig. 2 / Fig. 7), two definitions, both reported by nanogdrt.analyze.
+Ratios (Fig. 2 / Fig. 7), two definitions, both reported by nanogdrt.analysis.analyze.
 
 "segment (paper)": what Captum's `LLMAttribution(FeatureAblation)` over a `TextTemplateInput`
 computes, the tool the paper cites (its refs [34, 47]). Two features, each ablated whole (text

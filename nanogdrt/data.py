@@ -3,7 +3,7 @@
 The paper (GDRT, §4.1.1) follows BIGRec and MSL: each user's items in time order are cut into
 sliding windows of at most 10 history items + 1 target, and all windows, sorted by the target's
 timestamp, are split 8:1:1 into train / valid / test. make_windows and split_by_time below do that
-cut, for nanogdrt.prepare (raw Amazon files -> a dataset folder) and for the embedded synthetic
+cut, for nanogdrt.infra.prepare (raw Amazon files -> a dataset folder) and for the embedded synthetic
 sequences (nanogdrt.synthetic) alike.
 
 A window needs at least MIN_HISTORY = 4 history items: the real Toy files have 5 to 11 item ids per
@@ -22,7 +22,7 @@ skipped and counted in RecDataset.skipped instead. File-level problems are never
 with no data rows, a missing or repeated column, an id2name.json key that is not a plain decimal
 integer or that names an id twice ("7" and "07" would be the same item). A UTF-8 BOM is dropped.
 
-Build a folder from the raw Amazon 2014 files with `python -m nanogdrt.prepare toy [--raw-dir DIR]`.
+Build a folder from the raw Amazon 2014 files with `python -m nanogdrt.infra.prepare toy [--raw-dir DIR]`.
 """
 
 import ast
@@ -71,7 +71,7 @@ class RecDataset:
 
 
 # ----------------------------------------------------------------------------- windows and splits
-# Shared by nanogdrt.prepare (real data) and the synthetic dataset, so both are cut the same way.
+# Shared by nanogdrt.infra.prepare (real data) and the synthetic dataset, so both are cut the same way.
 
 def make_windows(sequences):
     """sequences: user -> [(item, time), ...] in time order. Returns [(user, history, target, time)]."""
@@ -115,7 +115,7 @@ def find_dataset_dir(name, data_dir=None):
     if not (folder / "id2name.json").is_file():
         raise FileNotFoundError(
             f"dataset {name!r} not found: {folder} has no id2name.json. Build it from the Amazon 2014 "
-            f"files with `python -m nanogdrt.prepare {name}` (downloads, or takes them from --raw-dir), "
+            f"files with `python -m nanogdrt.infra.prepare {name}` (downloads, or takes them from --raw-dir), "
             f"point to an existing folder with --data-dir DIR (or $NANOGDRT_DATA), "
             f"or use --dataset synthetic for the embedded offline dataset.")
     return folder

@@ -7,7 +7,7 @@ The data path is three visible steps, each a pure function of tensors (no models
     gdrt / sft     per-group mean losses L(g) -> Q = softmax(L / tau), loss = sum_g Q(g) L(g)
 
 The baselines' losses (MSL's masked softmax, IFairLRS's reweighting) live in
-`nanogdrt.baseline_losses` and share `target_logits`' token order.
+`nanogdrt.baselines.msl` and `nanogdrt.baselines.reweight` and share `target_logits`' token order.
 
 Group ids are 1..G as `nanogdrt.grouping` returns them (group 1 = the tokens most relevant to
 the auxiliary tokens, i.e. the most context-biased ones).

@@ -1,58 +1,53 @@
-"""Top-K recommendations and their metrics for a model (+ optional LoRA adapter) on a data split.
+"""Top-K recommendations for every user of a split, and their metrics (the paper's §4.1.4).
 
-Evaluation protocol of the paper (§4.1.4): for each user, trie-constrained beam search (beam
-10) over all catalogue titles gives a ranked list of items; NDCG@K and HR@K measure accuracy,
-MGU@K and DGU@K how far the recommended item groups stray from the users' histories, with the
-N_ITEM_GROUPS = 5 item groups formed by item relevance (Eq. 2) under the *base* model.
+For each user, trie-constrained beam search (beam 10) over all catalogue titles gives a ranked
+list of items; NDCG@K and HR@K measure accuracy, MGU@K and DGU@K how far the recommended item
+groups stray from the users' histories, with the N_ITEM_GROUPS = 5 item groups formed by item
+relevance (Eq. 2) under the *base* model.
 
-    python -m nanogdrt.recommend --dataset toy --split test --users 100 --out recs.jsonl
-    python -m nanogdrt.recommend --dataset synthetic --adapter runs/gdrt/best_adapter --out recs.jsonl
-    torchrun --nproc_per_node=2 -m nanogdrt.recommend ...     # users split across ranks, gathered
-
-Writes one JSON line per user (row index in the split, the prompt ids decoded from, the target,
-the top-K item ids and their scores) and prints the metrics.
+`Decoding` holds every knob of the search, its scoring hook included (`beam.Scoring`: plain CBS
+by default; D3 fills it, `nanogdrt.baselines.d3.decoding`). The command line is `recommend.py`
+at the repository root.
 """
 
-import argparse
-import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
-import torch
-
-from nanogdrt import d3, files, grouping, metrics, relevance, validate
-from nanogdrt.beam import beam_search
-from nanogdrt.trie import Trie
+from nanogdrt import metrics
+from nanogdrt.beam import Scoring, beam_search
 
 
-def build_trie(builder, titles: dict[int, str]) -> Trie:
-    """Trie of every catalogue title exactly as the model generates it (prompt.target_ids)."""
-    return Trie.from_titles(titles, builder)
+def cbs_scoring(histories: Sequence[Sequence[int]]) -> Scoring:
+    """Plain constrained beam search: nothing but the LM's log-probabilities."""
+    return Scoring()
 
 
-def recommend(model, builder, trie, interactions, titles, beams=10, top_k=10, batch_size=32,
-              length_penalty=None, progress=False, dist=None, decoding="cbs", assistant=None,
-              alpha=0.0, ghost_threshold=d3.GHOST_THRESHOLD, normaliser="vocab") -> list[dict]:
-    """One record per interaction: prompt ids, target, ranked top-K item ids with scores.
+@dataclass(frozen=True)
+class Decoding:
+    """How `recommend` decodes. `scoring(histories)` builds the search's Scoring for the users
+    decoded (D3's assistant needs their histories), so data-parallel shards build their own."""
+    beams: int = 10                 # the paper's beam width
+    top_k: int = 10                 # items kept per user (at most `beams`)
+    batch_size: int = 32            # users decoded at once (slots refilled as users finish)
+    length_penalty: float = 1.0     # score = sum log p / len^lp: transformers' default, the lineage's
+    scoring: Callable[[Sequence[Sequence[int]]], Scoring] = field(default=cbs_scoring)
 
-    `decoding`: "cbs" (constrained beam search) or "d3" (nanogdrt/d3.py; `assistant` a SASRec
-    weighted by `alpha`; records also get each title's ghost and total token counts).
-    `length_penalty`: None takes the decoding's (cbs 1.0, d3 0.0). `normaliser`: "vocab"
-    (transformers') or "allowed" (the softmax over the trie's allowed tokens; a diagnostic).
-    `dist` (a `nanogdrt.distributed.Dist`): each data-parallel rank decodes its share of the
-    users and every rank gets all records back, in the order of `interactions`."""
+
+def recommend(model, builder, trie, interactions, titles, decoding: Decoding = Decoding(),
+              progress: bool = False, dist=None) -> list[dict]:
+    """One record per interaction: prompt ids, target, ranked top-K item ids with scores (and,
+    when the scoring counts ghost tokens, each title's ghost and total token counts).
+
+    `dist` (a `nanogdrt.infra.distributed.Dist`): each data-parallel rank decodes its share of
+    the users and every rank gets all records back, in the order of `interactions`."""
     if dist is not None and dist.enabled:
         mine = dist.shard(interactions)
-        records = recommend(model, builder, trie, mine, titles, beams, top_k, batch_size, length_penalty,
-                            progress and dist.main, None, decoding, assistant, alpha,
-                            ghost_threshold, normaliser) if mine else []
+        records = recommend(model, builder, trie, mine, titles, decoding, progress and dist.main) if mine else []
         return dist.gather(records, len(interactions))
     prompts = [builder.for_interaction(x, titles, with_target=False).ids for x in interactions]
-    scoring = d3.scoring(decoding, alpha, assistant, [x.history for x in interactions],
-                         [i for its in trie.leaf_items.values() for i in its], ghost_threshold, normaliser)
-    if length_penalty is None:
-        length_penalty = d3.LENGTH_PENALTY[decoding]
-    results = beam_search(model, prompts, trie, beams=beams, top_k=min(top_k, beams),
-                          batch_size=batch_size,
-                          length_penalty=length_penalty, progress=progress, scoring=scoring)
+    results = beam_search(model, prompts, trie, beams=decoding.beams, top_k=min(decoding.top_k, decoding.beams),
+                          batch_size=decoding.batch_size, length_penalty=decoding.length_penalty,
+                          progress=progress, scoring=decoding.scoring([x.history for x in interactions]))
     records = [{"row": x.row, "prompt_ids": p, "target_item_id": x.target,
                 "topk_item_ids": r.item_ids, "scores": r.scores}
                for x, p, r in zip(interactions, prompts, results)]
@@ -62,117 +57,20 @@ def recommend(model, builder, trie, interactions, titles, beams=10, top_k=10, ba
     return records
 
 
+def ghost_share(records: list[dict]) -> float | None:
+    """Share of ghost tokens among the tokens of all recommended titles (records of a scoring
+    that counts them, e.g. D3's), else None."""
+    ghosts = sum(sum(r.get("ghost_tokens") or []) for r in records)
+    tokens = sum(sum(r.get("title_tokens") or []) for r in records)
+    return ghosts / tokens if tokens and any("ghost_tokens" in r for r in records) else None
+
+
 def score(records, interactions, titles, item_group=None) -> dict:
-    """Metrics dict (NDCG/HR@5,10, and MGU/DGU@5,10 when item groups are given; D3: ghost_share,
-    the share of ghost tokens among the recommended titles' tokens)."""
+    """Metrics dict (NDCG/HR@5,10, and MGU/DGU@5,10 when item groups are given; ghost_share,
+    the share of ghost tokens among the recommended titles' tokens, when they were counted)."""
     result = metrics.evaluate([r["topk_item_ids"] for r in records], [x.target for x in interactions],
                               [x.history for x in interactions], item_group=item_group, titles=titles)
-    share = d3.ghost_share(records)
+    share = ghost_share(records)
     if share is not None:
         result["ghost_share"] = share
     return result
-
-
-def parse_rows(spec: str) -> slice:
-    """--rows START:END (either may be left out): 0 <= START <= END. An argparse type, so a bad
-    value is refused at start-up with the flag's name."""
-    try:
-        start, end = (int(s) if s else None for s in spec.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{spec!r}: expected START:END, e.g. 0:100") from None
-    if (start is not None and start < 0) or (end is not None and end < 0):
-        raise argparse.ArgumentTypeError(f"{spec!r}: START and END must be >= 0")
-    if start is not None and end is not None and start >= end:
-        raise argparse.ArgumentTypeError(f"{spec!r}: START must be < END (no rows otherwise)")
-    return slice(start, end)
-
-
-def main(argv=None):
-    from nanogdrt.checkpoint import ensure_embedded_checkpoint
-    from nanogdrt.data import load_dataset
-    from nanogdrt.llama import Llama
-    from nanogdrt.lora import load_adapter
-    from nanogdrt.prompt import PromptBuilder
-    from nanogdrt.tokenizer import Tokenizer
-
-    p = argparse.ArgumentParser(description="Recommend with constrained beam search and print metrics.")
-    p.add_argument("--model", default=None, help="Hugging Face Llama folder (default: embedded SmolLM2-135M)")
-    p.add_argument("--adapter", default=None, help="PEFT/nanogdrt LoRA adapter folder (default: base model)")
-    p.add_argument("--dataset", default="synthetic", help="toy | clothing | book | synthetic")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
-    p.add_argument("--split", default="test", choices=["valid", "test"])
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--users", type=validate.number(int, min=1), default=None, help="evaluate a seeded sample of N users")
-    g.add_argument("--rows", type=parse_rows, default=None, help="evaluate rows START:END of the split")
-    p.add_argument("--seed", type=validate.number(int, min=0), default=0, help="seed of the --users sample")
-    p.add_argument("--beams", type=validate.number(int, min=1), default=10, help="beam width (the paper: 10)")
-    p.add_argument("--batch-size", type=validate.number(int, min=1), default=32, help="users decoded at once (slots refilled as users finish)")
-    p.add_argument("--length-penalty", type=validate.number(float), default=None,
-                   help="score = sum log p / len^lp (default: cbs 1.0, the paper lineage; d3 0.0, a plain sum)")
-    p.add_argument("--decoding", default="cbs", choices=d3.DECODINGS,
-                   help="cbs: constrained beam search; d3: Bao et al. 2024 (nanogdrt/d3.py)")
-    p.add_argument("--assistant", default=None, help="d3: SASRec folder (python -m nanogdrt.sasrec) for alpha > 0")
-    p.add_argument("--alpha", type=validate.number(float, min=0, max=1), default=0.0,
-                   help="d3: step score (1 - alpha) log p_LM + alpha log p_assistant (D3's code: 0)")
-    p.add_argument("--ghost-threshold", type=validate.number(float, above=0), default=d3.GHOST_THRESHOLD,
-                   help="d3: tokens with p_LM above this are ghost tokens (counted; out of the length)")
-    p.add_argument("--normaliser", default="vocab", choices=d3.NORMALISERS,
-                   help="each step's softmax: over the whole vocabulary (transformers', the lineage's) or over "
-                        "the trie's allowed tokens only (what MSL's loss trains; a diagnostic)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
-    p.add_argument("--no-fairness", action="store_true", help="skip item groups (MGU/DGU)")
-    p.add_argument("--out", required=True, help="JSON-lines file to write")
-    args = p.parse_args(argv)                     # every range checked here, before any work
-    validate.check_output(p, args.out, "file")
-    from nanogdrt import distributed
-    dist = distributed.init(args.device)          # under torchrun: this rank's share of the users
-    args.device = distributed.rank_device(args.device, dist)
-
-    kwargs = {f"{args.split}_samples": args.users}
-    dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed, **kwargs)
-    interactions = getattr(dataset, args.split)
-    if args.rows:
-        interactions = interactions[args.rows]
-        if not interactions:
-            raise SystemExit(f"error: --rows selects no row ({args.split} has "
-                             f"{len(getattr(dataset, args.split))} rows)")
-    model_dir = args.model or ensure_embedded_checkpoint()
-    model = Llama.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
-    builder = PromptBuilder(Tokenizer(model_dir), args.dataset)
-    item_group = None
-    if not args.no_fairness:  # groups come from the base model, before any adapter
-        logprobs = relevance.catalogue_logprobs(model, builder, dataset, shard=dist)
-        item_group = grouping.item_groups(relevance.item_scores(logprobs))
-    if args.adapter:
-        load_adapter(model, args.adapter)
-        model.eval()
-    assistant = None
-    if args.assistant:
-        from nanogdrt import sasrec
-        assistant = sasrec.load(args.assistant, device=args.device)
-    start = time.perf_counter()
-    records = recommend(model, builder, build_trie(builder, dataset.titles), interactions, dataset.titles,
-                        beams=args.beams, batch_size=args.batch_size, length_penalty=args.length_penalty,
-                        progress=True, dist=dist, decoding=args.decoding, assistant=assistant,
-                        alpha=args.alpha, ghost_threshold=args.ghost_threshold, normaliser=args.normaliser)
-    seconds = time.perf_counter() - start
-    if not dist.main:
-        return
-    files.write_jsonl(args.out, records)
-    result = score(records, interactions, dataset.titles, item_group)
-    print(f"{len(records)} users of {args.dataset}/{args.split} in {seconds:.1f} s "
-          f"({seconds / max(len(records), 1):.3f} s/user) -> {args.out}")
-    print("  ".join(f"{k} {v:.4f}" for k, v in result.items()))
-
-
-if __name__ == "__main__":
-    from nanogdrt.distributed import shutdown
-    clean = False
-    try:
-        main()
-        clean = True
-    except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file, line or field
-        raise SystemExit(f"error: {e}") from None
-    finally:
-        shutdown(clean)

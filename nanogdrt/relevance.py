@@ -40,11 +40,12 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
 
+from nanogdrt import grouping
 from nanogdrt.files import atomic_path
 from nanogdrt.kv_cache import SharedPrefixCache
 
@@ -127,7 +128,7 @@ def item_token_logprobs(model, builder, titles: Sequence[str], batch_size: int =
     """Eq. 3 for the target ids (quoted title + EOS) of each title, in the order given.
 
     Titles that tokenize identically (the same title under two item ids) are scored once.
-    `shard` (a `nanogdrt.distributed.Dist`) splits the titles across data-parallel ranks and
+    `shard` (a `nanogdrt.infra.distributed.Dist`) splits the titles across data-parallel ranks and
     gathers the scores, so every rank returns the whole list."""
     targets = [tuple(builder.target_ids(t)) for t in titles]
     distinct = list(dict.fromkeys(targets))
@@ -278,10 +279,36 @@ def catalogue_logprobs(model, builder, dataset, cached: bool = True, shard=None,
 
     `cached`: read from / written to `cache_dir()` (keyed by model, dataset and titles); off when
     the model changes during training (--regroup-every-epoch), as no later run could reuse it.
-    `shard` (a `nanogdrt.distributed.Dist`) splits the work across data-parallel ranks."""
+    `shard` (a `nanogdrt.infra.distributed.Dist`) splits the work across data-parallel ranks."""
     items = sorted(dataset.titles)
     titles = [dataset.titles[i] for i in items]
     progress = progress and (shard is None or shard.main)
     logprobs = (load_or_compute(model, builder, dataset.name, titles, cache_dir(), shard=shard, progress=progress)
                 if cached else item_token_logprobs(model, builder, titles, shard=shard, progress=progress))
     return CatalogueLogprobs(dict(zip(items, logprobs)), dict(zip(items, title_token_masks(builder, titles))))
+
+
+# ----------------------------------------------------------------------------- scores -> groups
+
+class DatasetGroups(NamedTuple):
+    """What §3.2 and the metrics take from the relevance scores of a dataset under one model."""
+    token_groups: list[torch.Tensor]     # per training example: (n_targets,) token group 1..G (Eq. 3 + k-means)
+    item_group: dict[int, int]           # item id -> item group 1..5 of MGU/DGU (Eq. 2)
+    token_relevance: list[torch.Tensor]  # per training example: (n_targets,) Eq. 3 relevance
+
+
+def dataset_groups(model, builder, dataset, n_groups: int, method: str = "kmeans", seed: int = 0,
+                   cached: bool = True, shard=None, progress: bool = True) -> DatasetGroups:
+    """Eq. 2/3 under `model`, then the groups: the one way every entry point builds them.
+    With the history masked, Eq. 3 depends on the target item only: a lookup per example."""
+    logprobs = catalogue_logprobs(model, builder, dataset, cached=cached, shard=shard, progress=progress)
+    token_rel = token_relevance(logprobs, [x.target for x in dataset.train])
+    token_groups = grouping.token_groups(token_rel, n_groups, method=method, seed=seed)
+    return DatasetGroups(token_groups, grouping.item_groups(item_scores(logprobs)), token_rel)
+
+
+def dataset_item_groups(model, builder, dataset, cached: bool = True, shard=None,
+                        progress: bool = True) -> dict[int, int]:
+    """The item groups of MGU/DGU only (Eq. 2), for evaluations that train nothing."""
+    logprobs = catalogue_logprobs(model, builder, dataset, cached=cached, shard=shard, progress=progress)
+    return grouping.item_groups(item_scores(logprobs))

@@ -95,6 +95,10 @@ class Trie:
         """Number of distinct titles (leaves)."""
         return len(self.leaf_items)
 
+    def item_ids(self) -> list[int]:
+        """Every item id the trie decodes to (several per leaf where titles repeat)."""
+        return [i for items in self.leaf_items.values() for i in items]
+
     @property
     def n_nodes(self) -> int:
         return self.parent.shape[0]

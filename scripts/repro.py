@@ -209,14 +209,14 @@ class Plan:
             plan.chosen(), a.test_users), [], self.test_minutes(a.test_users)))
         for row, loss in (("sasrec", "bce"), ("sasrec-pp", "ce")):
             self.stages.append(Stage(row, "baselines", [
-                sys.executable, "-m", "nanogdrt.sasrec", "--dataset", a.dataset,
+                sys.executable, "-m", "nanogdrt.baselines.sasrec", "--dataset", a.dataset,
                 *(["--data-dir", a.data_dir] if a.data_dir else []),
                 *(["--synthetic-size", a.synthetic_size] if a.dataset == "synthetic" else []), "--loss", loss,
                 "--test-samples", str(a.other_test_users), "--seed", "0", "--device", a.device,
                 "--item-groups", str(docs / "item_groups.json"), "--out", str(docs / row), *a.sasrec_extra],
                 [docs / row / "results.json"], 15, collect=lambda row=row: self.collect_sasrec(row)))
         # D3 as its code runs it (DecodingMatters' scripts): no length normalisation, alpha 0, so
-        # no assistant (nanogdrt/d3.py, docs/d3.md). Ghost tokens are counted.
+        # no assistant (nanogdrt/baselines/d3.py, docs/d3.md). Ghost tokens are counted.
         self.add_test("baselines", "sft-d3", a.other_test_users, adapter=False, argv=[
             sys.executable, "-m", "nanogdrt.recommend", *self.data_args(), "--split", "test",
             "--users", str(a.other_test_users), "--seed", "0", "--adapter", str(docs / "sft-s0" / "adapter"),
@@ -415,7 +415,7 @@ def parser():
     p.add_argument("--reweight-power", type=float, default=1.0, help="Reweight strength (IFairLRS: 1)")
     p.add_argument("--train-extra", type=shlex.split, default=[], help="more train.py flags for every LLM row, "
                                                                         "one string, e.g. '--batch-size 16'")
-    p.add_argument("--sasrec-extra", type=shlex.split, default=[], help="more nanogdrt.sasrec flags, one string")
+    p.add_argument("--sasrec-extra", type=shlex.split, default=[], help="more nanogdrt.baselines.sasrec flags, one string")
     p.add_argument("--examples", type=int, default=100, help="attribution examples of Fig. 2/7")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of test users")
     p.add_argument("--docs", default="docs/repro", help="committed outputs of every stage")

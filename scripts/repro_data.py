@@ -24,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nanogdrt import d3, files, grouping, relevance, synthetic  # noqa: E402
+from nanogdrt import files, grouping, relevance, synthetic
+from nanogdrt.baselines import d3  # noqa: E402
 from nanogdrt.data import load_dataset  # noqa: E402
 
 
@@ -80,7 +81,8 @@ def groups(a):
 
 
 def decode(a):
-    from nanogdrt.recommend import build_trie, recommend
+    from nanogdrt.recommend import recommend
+    from nanogdrt.trie import Trie
 
     ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size)
     users = json.loads(Path(a.users_file).read_text())
@@ -88,9 +90,10 @@ def decode(a):
     _, model, tokenizer, PromptBuilder = load_model(a.model, a.adapter, a.device, a.dtype)
     builder = PromptBuilder(tokenizer, template_of(a.dataset))
     start = time.perf_counter()
-    records = recommend(model, builder, build_trie(builder, ds.titles), interactions, ds.titles,
-                        beams=a.beams, batch_size=a.batch_size, progress=True, normaliser=a.normaliser,
-                        length_penalty=a.length_penalty)
+    decoding = d3.decoding("cbs", normaliser=a.normaliser, length_penalty=a.length_penalty, beams=a.beams,
+                           batch_size=a.batch_size)
+    records = recommend(model, builder, Trie.from_titles(ds.titles, builder), interactions, ds.titles, decoding,
+                        progress=True)
     seconds = time.perf_counter() - start
     for r in records:
         r.pop("prompt_ids")                                 # rebuilt from the row when needed
@@ -115,7 +118,7 @@ def main(argv=None):
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="decode: score = sum log p / len^lp (1: the lineage's; 0: the plain sum)")
     p.add_argument("--normaliser", default="vocab", choices=list(d3.NORMALISERS),
-                   help="decode: each step's softmax (nanogdrt.d3.Scoring.normaliser; allowed is a diagnostic)")
+                   help="decode: each step's softmax (nanogdrt.beam.Scoring.normaliser; allowed is a diagnostic)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", required=True)

@@ -1,6 +1,6 @@
 """The reproduction's figures, from docs/repro/ (PNG + the same numbers in JSON, into --figures).
 
-    analyze/      nanogdrt.analyze on SFT and the chosen GDRT: Fig. 2/7 under both attribution
+    analyze/      nanogdrt.analysis.analyze on SFT and the chosen GDRT: Fig. 2/7 under both attribution
                   definitions, Fig. 3/8, 4/9, 5, 6, and Fig. 1-style token heat maps (3 users);
                   kept while those two adapters and --examples are unchanged (analysis.json)
     fig3_rows_top1_groups.png   top-1 item groups of every row beside the test targets
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nanogdrt import files, grouping, metrics, plots, relevance
+from nanogdrt import files, grouping, metrics, relevance
+from nanogdrt.analysis import plots
 from repro import best_valid, gdrt_row, parse_grid, sha256
 from repro_data import dataset_of, load_model, template_of
 from repro_report import row_names
@@ -31,7 +32,7 @@ from repro_stats import Rows, group_composition, interval, q_entropy, top1_items
 
 
 def analyze_runs(a, labels, out: Path, users_file: Path, item_group, ds) -> list[Path]:
-    """train.py-shaped run folders for nanogdrt.analyze: the row's train_results.json with its
+    """train.py-shaped run folders for nanogdrt.analysis.analyze: the row's train_results.json with its
     test replaced by the decode on the shared users, and its adapter as best_adapter/."""
     index = json.loads(users_file.read_text())["index"]
     folders = []
@@ -138,7 +139,7 @@ def softmax_figure(a, docs, rows, labels, figs) -> dict | None:
 
 
 def figures(a):
-    from nanogdrt import analyze
+    from nanogdrt.analysis import analyze
     docs, figs = Path(a.docs), Path(a.figures)
     figs.mkdir(parents=True, exist_ok=True)
     ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size)
@@ -181,7 +182,7 @@ def figures(a):
     numbers["group_composition"] = composition(a, labels, docs, a.dataset, a.data_dir)
     numbers["msl_softmax_DGU5"] = softmax_figure(a, docs, loaded, labels, figs)
 
-    # nanogdrt.analyze is most of this stage's time (attribution of --examples users under three
+    # nanogdrt.analysis.analyze is most of this stage's time (attribution of --examples users under three
     # models); it depends on the SFT and GDRT adapters only, so it is kept while they are unchanged.
     inputs, marker = analyze_inputs(a, labels), figs / "analysis.json"
     if analyze_kept(figs, inputs):
@@ -211,7 +212,7 @@ def analyze_kept(figs: Path, inputs: dict) -> bool:
 
 
 def analyze_inputs(a, labels) -> dict:
-    """What nanogdrt.analyze's output depends on: the SFT and GDRT folders and their adapters'
+    """What nanogdrt.analysis.analyze's output depends on: the SFT and GDRT folders and their adapters'
     checksums, and the number of examples."""
     docs = Path(a.docs)
     return {"examples": a.examples, **{label: [labels[label], sha256(docs / labels[label] / "adapter" /

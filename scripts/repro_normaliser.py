@@ -4,7 +4,7 @@
     python scripts/repro_normaliser.py mass --dataset toy --data-dir ../shared/data/toy \
         --rows base,sft-s0,msl-tau1-s0 --users-file docs/repro/test_users.json --out docs/repro/allowed_mass.json
 
-MSL's loss (nanogdrt/baseline_losses.py) is the cross-entropy of a softmax over the trie's allowed
+MSL's loss (nanogdrt/baselines/msl.py) is the cross-entropy of a softmax over the trie's allowed
 tokens. Where a title's prefix has a single continuation, that softmax gives the token probability
 1 whatever the logits are: the loss there is 0 and nothing is learnt at that position. MSL's own
 inference (its inference.py: transformers' generate with prefix_allowed_tokens_fn), like every row
@@ -21,7 +21,7 @@ over A_t is unchanged by any logit outside A_t and by a common shift of those in
 loss pushes it toward 0 on every training title. At a forced position it is the whole score.
 
 The test: the phase `diagnose` of scripts/repro.py decodes the chosen MSL row and SFT again on
-the same test users with `--normaliser allowed` (nanogdrt.d3.Scoring): every step's softmax over
+the same test users with `--normaliser allowed` (nanogdrt.beam.Scoring): every step's softmax over
 the allowed tokens, the distribution MSL's loss trains (at tau 1), so a forced token scores log 1 = 0
 and only the branching positions rank the titles. Length normalisation interferes: with the
 lineage's length_penalty 1 a title's score is a mean over its tokens, and zero-cost forced tokens
@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from nanogdrt import files  # noqa: E402
+from nanogdrt.infra import run_folder  # noqa: E402
 from nanogdrt.loss import target_logits  # noqa: E402
 from repro import TABLE_KEYS  # noqa: E402
 from repro_stats import effect_word, fmt, paired, top1_items  # noqa: E402
@@ -213,7 +214,7 @@ def mass(a):
         if not path.exists():   # before loading data or any model
             raise SystemExit(f"error: {path} does not exist (--users-file / --rows / --docs)")
     try:
-        files.check_writable(a.out, "file")
+        run_folder.check_writable(a.out, "file")
     except files.OutputError as e:
         raise SystemExit(f"error: {e}") from None
     ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size)

@@ -176,7 +176,7 @@ def figures_section(a) -> list[str]:
     att = an.get("attribution") or {}
     L = ["", "## Attribution ratios (Fig. 2/7)", ""]
     if att:
-        from nanogdrt.analyze import PAPER_TASK_RATIOS, XTICKS
+        from nanogdrt.analysis.analyze import PAPER_TASK_RATIOS, XTICKS
         defs = list(att["definitions"])
         paper = PAPER_TASK_RATIOS.get(a.dataset, {})
         L += [f"{len(att['rows'])} seeded {att['split']} examples; ratio of the mean ablation drops, auxiliary : "
@@ -199,7 +199,7 @@ def figures_section(a) -> list[str]:
               "fig11_sensitivity_tau_test_DGU5.png"),
              ("fairness against the loss weight on the last token group, every run", "group_weight_vs_fairness.png"),
              ("MSL, SFT and GDRT under each decoding softmax: test DGU@5 (our diagnostic)", "msl_softmax_DGU5.png")]
-    drawn += [(f"{k} (nanogdrt.analyze)", f"analyze/{v}") for k, v in an.get("figures", {}).items()]
+    drawn += [(f"{k} (nanogdrt.analysis.analyze)", f"analyze/{v}") for k, v in an.get("figures", {}).items()]
     drawn += [("token heat maps, base vs SFT vs GDRT (Fig. 1 style; open the HTML page in a browser)",
                "analyze/heatmap/heatmap.html")]
     L += [f"- [{k}]({rel(v)})" for k, v in drawn if (figs / v).exists()]

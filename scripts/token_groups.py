@@ -33,11 +33,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import train  # noqa: E402  (train.py's loaders, so the groups are train.py's own)
-from nanogdrt import files, validate  # noqa: E402
+from nanogdrt import files
+from nanogdrt.infra import validate  # noqa: E402
 from nanogdrt.batches import collate, make_examples  # noqa: E402
-from nanogdrt.config import parse_args  # noqa: E402
+from nanogdrt.infra.config import parse_args  # noqa: E402
 from nanogdrt.loss import gdrt_from_sums  # noqa: E402
-from nanogdrt.methods import TargetLoss, totals  # noqa: E402
+from nanogdrt.baselines.methods import TargetLoss, totals  # noqa: E402
 from repro_stats import group_composition, q_entropy  # noqa: E402
 from repro_robust import token_cell  # noqa: E402
 

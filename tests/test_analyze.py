@@ -1,4 +1,4 @@
-"""nanogdrt.analyze on a tiny random Llama (real tokenizer) and two real train.py runs (SFT, GDRT):
+"""nanogdrt.analysis.analyze on a tiny random Llama (real tokenizer) and two real train.py runs (SFT, GDRT):
 every figure and number is written; Fig. 5's rates checked by hand; Fig. 2's ratios equal
 attribution.segment_ratios (on the top-1 title of recommend) and attribution.context_ratios
 computed directly; --attribution picks the definitions; missing inputs fail naming the path."""
@@ -11,8 +11,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from nanogdrt import analyze, attribution, plots
-from nanogdrt.analyze import FIGURES, cooccurrence_rates
+from nanogdrt import attribution
+from nanogdrt.analysis import analyze, plots
+from nanogdrt.analysis.analyze import FIGURES, cooccurrence_rates
 from nanogdrt.llama import Llama
 from nanogdrt.prompt import PromptIds
 
@@ -95,7 +96,8 @@ def test_analyze_writes_every_figure_and_the_numbers(runs, tiny_model_dir, tmp_p
     assert att["paper"] is None                               # the paper's numbers are for Toy only
     from nanogdrt.data import load_dataset
     from nanogdrt.prompt import PromptBuilder
-    from nanogdrt.recommend import build_trie, recommend
+    from nanogdrt.recommend import Decoding, recommend
+    from nanogdrt.trie import Trie
     from nanogdrt.tokenizer import Tokenizer
 
     ds = load_dataset("synthetic")
@@ -108,8 +110,8 @@ def test_analyze_writes_every_figure_and_the_numbers(runs, tiny_model_dir, tmp_p
     base = att["models"]["base (no fine-tuning)"]
     assert base["per-token"]["task_ratio"] == pytest.approx(direct.task_ratio, rel=1e-4)
     assert base["per-token"]["prefix_ratio"] == pytest.approx(direct.prefix_ratio, rel=1e-4)
-    top1 = [r["topk_item_ids"][0] for r in recommend(model, builder, build_trie(builder, ds.titles), chosen,
-                                                     ds.titles, beams=10, top_k=1)]
+    top1 = [r["topk_item_ids"][0] for r in recommend(model, builder, Trie.from_titles(ds.titles, builder), chosen,
+                                                     ds.titles, Decoding(beams=10, top_k=1))]
     assert base["segment"]["predicted_item_ids"] == top1
     seg = attribution.segment_ratios([attribution.segment_attribution(
         model, builder, [ds.titles[i] for i in x.history], ds.titles[item]) for x, item in zip(chosen, top1)])

@@ -213,12 +213,13 @@ def test_segment_matches_captum_tiny_model(tiny, seg_tok, builder):
 def test_segment_matches_captum_smollm_toy(smollm, seg_tok, builder, toy_dir):
     """Real Toy examples, the embedded SmolLM2, the target its top-1 constrained beam search title."""
     from nanogdrt.data import load_dataset
-    from nanogdrt.recommend import build_trie, recommend
+    from nanogdrt.recommend import Decoding, recommend
+    from nanogdrt.trie import Trie
 
     ds = load_dataset("toy", data_dir=toy_dir)
     chosen = sorted(ds.test, key=lambda x: len(x.history))[:2]      # the shortest histories
-    trie = build_trie(builder, ds.titles)
-    records = recommend(smollm, builder, trie, chosen, ds.titles, beams=4, top_k=1)
+    trie = Trie.from_titles(ds.titles, builder)
+    records = recommend(smollm, builder, trie, chosen, ds.titles, Decoding(beams=4, top_k=1))
     attrs = []
     for x, r in zip(chosen, records):
         history = [ds.titles[i] for i in x.history]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nanogdrt.beam import beam_search
-from nanogdrt.d3 import Scoring
+from nanogdrt.baselines.d3 import Scoring
 from nanogdrt.llama import Llama, LlamaConfig
 from nanogdrt.trie import Trie
 from tests.references import hf_constrained_beam_search

@@ -1,4 +1,4 @@
-"""D3 decoding (nanogdrt/d3.py) against CBS, brute force and a hand computation.
+"""D3 decoding (nanogdrt/baselines/d3.py) against CBS, brute force and a hand computation.
 
 - Ghost threshold above 1 and alpha 0: exactly CBS (same lists, same float scores).
 - A tiny model over a 30-title catalogue, beams >= catalogue size: D3's ranking equals D3's score
@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanogdrt import d3, recommend
+import recommend as recommend_cli
+from nanogdrt.baselines import d3
 from nanogdrt.beam import beam_search
-from nanogdrt.d3 import Scoring
+from nanogdrt.baselines.d3 import Scoring
 from nanogdrt.trie import Trie
 from tests.test_beam import EOS, TOL, assert_same_ranking, tiny, tiny_catalogue  # noqa: F401 (fixtures)
 
@@ -164,7 +165,7 @@ def test_scoring_options_are_checked():
 
 
 def test_sasrec_assistant_places_a_softmax_at_the_item_ids():
-    from nanogdrt.sasrec import SASRec, SASRecConfig
+    from nanogdrt.baselines.sasrec import SASRec, SASRecConfig
     torch.manual_seed(0)
     model = SASRec(SASRecConfig(n_items=4), [3, 7, 8, 11]).eval()
     histories = [[3, 7], [11], [8, 8, 3]]
@@ -178,13 +179,13 @@ def test_sasrec_assistant_places_a_softmax_at_the_item_ids():
 
 
 def test_recommend_cli_with_d3_and_a_sasrec_assistant(tiny_model_dir, tmp_path, capsys):
-    from nanogdrt import sasrec
+    from nanogdrt.baselines import sasrec
     from nanogdrt.data import load_dataset
     ds = load_dataset("synthetic")
     torch.manual_seed(0)
     sasrec.save(sasrec.SASRec(sasrec.SASRecConfig(len(ds.titles)), list(ds.titles)), tmp_path / "sasrec")
     out = tmp_path / "recs.jsonl"
-    recommend.main(["--model", str(tiny_model_dir), "--dataset", "synthetic", "--split", "valid",
+    recommend_cli.main(["--model", str(tiny_model_dir), "--dataset", "synthetic", "--split", "valid",
                     "--rows", "0:3", "--beams", "4", "--no-fairness", "--decoding", "d3",
                     "--assistant", str(tmp_path / "sasrec"), "--alpha", "0.5", "--out", str(out)])
     lines = [json.loads(line) for line in out.read_text().splitlines()]

@@ -42,7 +42,7 @@ def test_folder_lookup_and_missing_message(tmp_path, monkeypatch):
     assert len(load_dataset("clothing").train) == 2  # data/<name> relative to the cwd
     with pytest.raises(FileNotFoundError) as e:
         load_dataset("toy")
-    for hint in ("python -m nanogdrt.prepare toy", "--data-dir", "--dataset synthetic"):
+    for hint in ("python -m nanogdrt.infra.prepare toy", "--data-dir", "--dataset synthetic"):
         assert hint in str(e.value)
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("movies")

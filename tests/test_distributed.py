@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanogdrt.distributed import Dist
+from nanogdrt.infra.distributed import Dist
 from nanogdrt.loss import gdrt_from_sums, gdrt_loss, group_sums_and_counts, sft_loss
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def test_interrupted_two_rank_run_resumes_exactly(tiny_model_dir, tmp_path):
 
 
 def test_recommend_cli_split_across_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
-    cli = ["-m", "nanogdrt.recommend", "--model", str(tiny_model_dir), "--dataset", "synthetic", "--split", "test",
+    cli = [str(ROOT / "recommend.py"), "--model", str(tiny_model_dir), "--dataset", "synthetic", "--split", "test",
            "--users", "5", "--beams", "3", "--batch-size", "2"]
     _run([sys.executable, *cli, "--out", str(tmp_path / "one.jsonl")], tmp_path / "cache1")
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *cli,

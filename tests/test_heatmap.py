@@ -1,4 +1,4 @@
-"""Token heat maps (nanogdrt/heatmap.py) against a direct computation: one plain forward pass per
+"""Token heat maps (nanogdrt/analysis/heatmap.py) against a direct computation: one plain forward pass per
 ablated token (token i -> the padding id, the whole sequence re-run), on a tiny random Llama, to 1e-4."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from nanogdrt import heatmap
+from nanogdrt.analysis import heatmap
 from nanogdrt.data import load_dataset
 from nanogdrt.llama import Llama
 from nanogdrt.prompt import PromptBuilder

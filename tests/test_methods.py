@@ -1,20 +1,21 @@
-"""methods.py and step.py: each method's loss against loss.py / baseline_losses.py, and
+"""methods.py and step.py: each method's loss against loss.py / baselines/msl.py, reweight.py, and
 --loss-scope step: gradient accumulation gives the Q(g), loss and update of one big batch."""
 
 
 import pytest
 import torch
 
-from nanogdrt import methods, synthetic
-from nanogdrt.baseline_losses import reweight_loss
+from nanogdrt import synthetic
+from nanogdrt.baselines import methods
+from nanogdrt.baselines.reweight import reweight_loss
 from nanogdrt.batches import make_examples
 from nanogdrt.data import load_dataset
 from nanogdrt.llama import Llama
 from nanogdrt.lora import LoRAConfig, inject_lora, lora_parameters
 from nanogdrt.loss import gdrt_loss, sft_loss
 from nanogdrt.prompt import PromptBuilder
-from nanogdrt.recommend import build_trie
-from nanogdrt.step import StepData, train_step
+from nanogdrt.trie import Trie
+from nanogdrt.infra.step import StepData, train_step
 from nanogdrt.tokenizer import Tokenizer
 
 
@@ -93,7 +94,7 @@ def step_setup(tiny_model_dir):
     builder = PromptBuilder(tokenizer, "synthetic")
     ds = load_dataset("synthetic", train_samples=8, synthetic=synthetic.SMALL)
     examples = make_examples(builder, ds.train, ds.titles)
-    trie = build_trie(builder, ds.titles)
+    trie = Trie.from_titles(ds.titles, builder)
     g = torch.Generator().manual_seed(0)
     token_groups = [torch.randint(1, G + 1, (e.target[1] - e.target[0],), generator=g) for e in examples]
     nodes = methods.target_nodes_of(trie, examples)

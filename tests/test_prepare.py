@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from nanogdrt import prepare as prep
+from nanogdrt.infra import prepare as prep
 from nanogdrt.data import load_dataset
-from nanogdrt.prepare import prepare, preprocess
+from nanogdrt.infra.prepare import prepare, preprocess
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -143,11 +143,11 @@ def test_download_complete_part_file(tmp_path, server):
 # ----------------------------------------------------------------------------- command line
 
 def test_command_line(tmp_path):
-    """`python -m nanogdrt.prepare toy` writes the folder that prepare() writes."""
+    """`python -m nanogdrt.infra.prepare toy` writes the folder that prepare() writes."""
     write_raw(tmp_path / "raw")
     prepare("toy", raw_dir=tmp_path / "raw", out=tmp_path / "api")
     root = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, "-m", "nanogdrt.prepare", "toy", "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "cli")],
+    subprocess.run([sys.executable, "-m", "nanogdrt.infra.prepare", "toy", "--raw-dir", str(tmp_path / "raw"), "--out", str(tmp_path / "cli")],
                    cwd=root, check=True, capture_output=True)
     for name in ("id2name.json", "train.csv", "valid.csv", "test.csv"):
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "api" / name).read_bytes()

@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanogdrt import analyze, files, grouping, plots, prepare, recommend, relevance, validate
+import recommend as recommend_cli
+from nanogdrt import files, grouping, relevance
+from nanogdrt.analysis import analyze, plots
+from nanogdrt.infra import prepare, run_folder, validate
 from nanogdrt.data import DataError, load_dataset
 from nanogdrt.checkpoint import load_safetensors_folder
-from nanogdrt.train_state import claim_run_folder
+from nanogdrt.infra.resume import claim_run_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "user_id,item_ids,timestamp\n"
@@ -79,7 +82,7 @@ def test_every_range_is_declared_once_and_shown_in_help(train_py, capsys):
 ])
 def test_recommend_flags_name_the_flag(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
-        recommend.main(argv + ["--out", str(tmp_path / "r.jsonl")])
+        recommend_cli.main(argv + ["--out", str(tmp_path / "r.jsonl")])
     assert message in capsys.readouterr().err
 
 
@@ -204,7 +207,7 @@ def test_out_that_is_a_file_or_folder(train_py, tmp_path, capsys):
     with pytest.raises(SystemExit, match="exists and is not a folder"):
         train_py("--model", tmp_path / "no-model", "--out", tmp_path / "f")
     with pytest.raises(SystemExit):
-        recommend.main(["--out", str(tmp_path)])
+        recommend_cli.main(["--out", str(tmp_path)])
     assert f"--out {tmp_path}: is a folder, expected a file path" in capsys.readouterr().err
     with pytest.raises(files.OutputError):
         with files.atomic_path(tmp_path) as tmp:
@@ -238,7 +241,7 @@ def test_read_only_cache_is_a_warning_and_keeps_the_result(tiny_model_dir, tmp_p
 
 LOCKER = textwrap.dedent("""
     import sys, time
-    from nanogdrt.train_state import claim_run_folder
+    from nanogdrt.infra.resume import claim_run_folder
     lock = claim_run_folder(sys.argv[1], resume=False)
     print("locked", flush=True)
     time.sleep(60)
@@ -258,7 +261,7 @@ def test_second_run_on_a_folder_is_refused_with_the_first_ones_pid(tmp_path):
         first.wait()
     # The kernel dropped the dead run's lock: its lock file is stale and the next run takes it.
     lock = claim_run_folder(out, resume=False)
-    assert (out / files.LOCK_NAME).read_text().strip() == str(os.getpid())
+    assert (out / run_folder.LOCK_NAME).read_text().strip() == str(os.getpid())
     lock.release()
 
 
@@ -268,7 +271,7 @@ def test_resume_cleans_stale_state_folders(tmp_path):
         (out / name).mkdir(parents=True)
         (out / name / "trainer_state.json").write_text("{}")
     claim_run_folder(out, resume=True).release()
-    assert sorted(p.name for p in out.iterdir()) == [files.LOCK_NAME, "state"]
+    assert sorted(p.name for p in out.iterdir()) == [run_folder.LOCK_NAME, "state"]
     with pytest.raises(SystemExit, match="no checkpoint"):
         claim_run_folder(tmp_path / "fresh", resume=True)
 

@@ -400,7 +400,8 @@ def test_shipped_adapter_checksum_peft_and_metrics(row, smollm_dir, toy_dir):
     transformers = pytest.importorskip("transformers")
     from nanogdrt.data import load_dataset
     from nanogdrt.prompt import PromptBuilder
-    from nanogdrt.recommend import build_trie, recommend
+    from nanogdrt.recommend import recommend
+    from nanogdrt.trie import Trie
     from repro_data import load_model
 
     docs = ROOT / "docs" / "repro"
@@ -424,7 +425,7 @@ def test_shipped_adapter_checksum_peft_and_metrics(row, smollm_dir, toy_dir):
     recorded = [json.loads(x) for x in pred.read_text().splitlines()[:CHECK_USERS]]
     by_row = {x.row: x for x in ds.test}
     users = [by_row[r["row"]] for r in recorded]
-    again = recommend(model, builder, build_trie(builder, ds.titles), users, ds.titles)
+    again = recommend(model, builder, Trie.from_titles(ds.titles, builder), users, ds.titles)
 
     def scores(recs):
         return metrics.evaluate([r["topk_item_ids"] for r in recs], [x.target for x in users],

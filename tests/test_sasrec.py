@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanogdrt import metrics, sasrec
+from nanogdrt import metrics
+from nanogdrt.baselines import sasrec
 from nanogdrt.data import load_dataset
 
 

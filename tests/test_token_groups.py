@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import token_groups  # noqa: E402
 import train  # noqa: E402
 from nanogdrt.batches import make_examples  # noqa: E402
-from nanogdrt.config import parse_args  # noqa: E402
+from nanogdrt.infra.config import parse_args  # noqa: E402
 
 
 def test_group_losses_and_weights_match_a_plain_forward(tiny_model_dir, tmp_path, monkeypatch, capsys):

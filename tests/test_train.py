@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from nanogdrt import loss, recommend
+import recommend as recommend_cli
+from nanogdrt import loss
 
 
 @pytest.fixture(autouse=True)
@@ -119,7 +120,7 @@ def test_existing_run_needs_resume_and_nan_loss_stops_cleanly(run, tmp_path, mon
 
 def test_recommend_cli_writes_one_line_per_user(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "recs.jsonl"
-    recommend.main(["--model", str(tiny_model_dir), "--dataset", "synthetic", "--split", "valid",
+    recommend_cli.main(["--model", str(tiny_model_dir), "--dataset", "synthetic", "--split", "valid",
                     "--rows", "0:3", "--beams", "4", "--out", str(out)])
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["row"] for r in lines] == [0, 1, 2]

@@ -8,7 +8,7 @@ One folder, written whole or not at all:
     state/trainer_state.json                                epoch, batch, step, logs, best, config
 
 `claim_run_folder` runs at start-up, before any work: the folder is writable, locked for this
-run (files.RunLock: a second run on the same folder is refused with the holder's pid), holds a
+run (run_folder.RunLock: a second run on the same folder is refused with the holder's pid), holds a
 checkpoint when resuming and none otherwise; stale `state.tmp` / `state.old` of a crashed save
 are removed on resume.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from nanogdrt.files import RunLock, check_writable
+from nanogdrt.infra.run_folder import RunLock, check_writable
 from nanogdrt.lora import load_adapter, save_adapter
 
 

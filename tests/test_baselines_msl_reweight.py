@@ -1,4 +1,4 @@
-"""baseline_losses.py: MSL against a hand computation, plain cross-entropy and MSL's own dense
+"""baselines/msl.py and baselines/reweight.py: MSL against a hand computation, plain cross-entropy and MSL's own dense
 -inf masking; Reweight against hand-computed IFairLRS weights and SFT."""
 
 import math
@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from nanogdrt.baseline_losses import (msl_token_loss, reweight_example_weights, reweight_group_weights,
-                                      reweight_loss)
+from nanogdrt.baselines.msl import msl_token_loss
+from nanogdrt.baselines.reweight import (reweight_example_weights, reweight_group_weights,
+                                         reweight_loss)
 from nanogdrt.llama import Llama, LlamaConfig
 from nanogdrt.loss import gdrt_loss, sft_loss, token_nll
 from nanogdrt.trie import Trie

@@ -90,7 +90,7 @@ def html_page(users: list[dict], title: str) -> str:
 
 def draw(users: list[dict], out, title="Prompt-token attribution (Fig. 1 style)"):
     """heatmap.png, heatmap.html and heatmap.json into folder `out`."""
-    from nanogdrt import plots
+    from nanogdrt.analysis import plots
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files.write_json(out / "heatmap.json", {"definition": __doc__.split("\n\n")[1], "users": users})

@@ -56,7 +56,7 @@ def per_group_curves(steps, values, path, ylabel, title):
     _save(fig, path)
 
 
-# ----------------------------------------------------------------------------- figures of nanogdrt.analyze
+# ----------------------------------------------------------------------------- figures of nanogdrt.analysis.analyze
 
 def run_figures(out, method: str, tau: float, steps: list[dict], top1_dist, target_dist):
     """The figures of one train.py run, into folder `out`: top-1 item groups beside the test

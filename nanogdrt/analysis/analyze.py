@@ -1,7 +1,7 @@
 """The figures of §2.2 and §4.3: does a model lean on auxiliary tokens, and does GDRT stop it?
 
-    python -m nanogdrt.analyze --dataset synthetic --runs runs/synthetic-sft runs/synthetic-gdrt
-    python -m nanogdrt.analyze --runs runs/toy-sft runs/toy-gdrt --examples 50 --out figures/toy
+    python -m nanogdrt.analysis.analyze --dataset synthetic --runs runs/synthetic-sft runs/synthetic-gdrt
+    python -m nanogdrt.analysis.analyze --runs runs/toy-sft runs/toy-gdrt --examples 50 --out figures/toy
 
 Given the base model and any number of train.py run folders (results.json + best_adapter/), this
 writes to --out (default figures/):
@@ -22,7 +22,7 @@ writes to --out (default figures/):
     fig5_cooccurrence.png           Fig. 5: co-occurrence rates of token pairs in the training set
     fig6_group_loss.png             Fig. 6: training loss by token group (results.json steps)
     heatmap/                        with --heatmap N: Fig. 1-style token heat maps of N seeded users
-                                    under the base model and every run (nanogdrt/heatmap.py)
+                                    under the base model and every run (nanogdrt/analysis/heatmap.py)
     analysis.json                   every number drawn, written atomically
 
 Fig. 5, the definition. The paper's point: target tokens co-occur with auxiliary tokens far more
@@ -60,7 +60,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from nanogdrt import attribution, files, plots, validate
+from nanogdrt import attribution, files
+from nanogdrt.analysis import plots
+from nanogdrt.infra import validate
 from nanogdrt.batches import make_examples
 from nanogdrt.grouping import N_ITEM_GROUPS
 from nanogdrt.prompt import PromptIds
@@ -179,9 +181,9 @@ def per_token_ratios(model, builder, interactions, titles) -> dict:
 def segment_ratios(model, builder, interactions, titles, trie, beams=10) -> dict:
     """attribution.segment_ratios ("segment (paper)") on each example's predicted item: the top-1
     title of this model's constrained beam search (nanogdrt.recommend.recommend)."""
-    from nanogdrt.recommend import recommend
+    from nanogdrt.recommend import Decoding, recommend
 
-    records = recommend(model, builder, trie, interactions, titles, beams=beams, top_k=1)
+    records = recommend(model, builder, trie, interactions, titles, Decoding(beams=beams, top_k=1))
     predicted = [r["topk_item_ids"][0] for r in records]
     attrs = [attribution.segment_attribution(model, builder, [titles[i] for i in x.history], titles[item])
              for x, item in zip(interactions, predicted)]
@@ -224,7 +226,7 @@ def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20,
     Attribution examples are a seeded sample of the full `split` (not the runs' own test sample).
     attribution_defs: "segment" | "per-token" | "both" (nanogdrt/attribution.py's two definitions);
     beams: beam width of the search whose top-1 title the segment definition attributes;
-    heatmap_users: Fig. 1-style token heat maps of this many seeded users (nanogdrt/heatmap.py)."""
+    heatmap_users: Fig. 1-style token heat maps of this many seeded users (nanogdrt/analysis/heatmap.py)."""
     if attribution_defs not in ("segment", "per-token", "both"):
         raise ValueError(f"attribution definition {attribution_defs!r}: expected segment, per-token or both")
     defs = list(DEFINITIONS) if attribution_defs == "both" else [attribution_defs]
@@ -245,7 +247,7 @@ def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20,
     train_cfg = {k: agreed(runs, k, None, None) for k in ("train_file", "train_samples")}
     ds = load_dataset(name, data_dir=data_dir, train_file=train_cfg["train_file"],
                       train_samples=train_cfg["train_samples"], seed=agreed(runs, "seed", None, 0))
-    builder = PromptBuilder(Tokenizer(model_dir), name if name in ("toy", "book", "clothing") else "synthetic")
+    builder = PromptBuilder(Tokenizer(model_dir), name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = {}
@@ -261,8 +263,8 @@ def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20,
         models = {"base (no fine-tuning)": None} | {r.label: r.path / "best_adapter" for r in runs}
         trie = None
         if "segment" in defs:
-            from nanogdrt.recommend import build_trie
-            trie = build_trie(builder, ds.titles)
+            from nanogdrt.trie import Trie
+            trie = Trie.from_titles(ds.titles, builder)
         per_model = {}
         for label, adapter in models.items():
             m = load_model(model_dir, adapter, device, getattr(torch, dtype))
@@ -285,7 +287,7 @@ def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20,
         figures["attribution"] = FIGURES["attribution"]
 
     if heatmap_users > 0:   # the same users under the base model and every run's adapter
-        from nanogdrt import heatmap
+        from nanogdrt.analysis import heatmap
         pool = getattr(ds, split)
         picked = random.Random(f"{seed}:heatmap:{split}").sample(range(len(pool)), min(heatmap_users, len(pool)))
         models = {"base (no fine-tuning)": load_model(model_dir, None, device, getattr(torch, dtype))}
@@ -327,7 +329,7 @@ def analyze(run_dirs, out, model=None, dataset=None, data_dir=None, examples=20,
     rates = cooccurrence_rates(train_examples, min_count)
     result["cooccurrence"] = {"definition": "per type, mean / median over distinct (context token c, target "
                               "token y) pairs, c and y each counted >= min_count times, of P(c | y) and P(y | c) "
-                              "over target-token occurrences (nanogdrt/analyze.py docstring)",
+                              "over target-token occurrences (nanogdrt/analysis/analyze.py docstring)",
                               "train_examples": len(train_examples), "types": rates}
     plots.cooccurrence_bars({k: (v["given_target"]["mean"], v["given_context"]["mean"]) for k, v in rates.items()},
                             {k: v["pairs"] for k, v in rates.items()}, out / FIGURES["cooccurrence"],
@@ -357,7 +359,7 @@ def main(argv=None):
     p.add_argument("--seed", type=validate.number(int, min=0), default=0, help="seed of the example sample")
     p.add_argument("--min-count", type=validate.number(int, min=1), default=5, help="Fig. 5: only target tokens seen this often")
     p.add_argument("--heatmap", type=validate.number(int, min=0), default=0, help="Fig. 1-style token heat maps of N seeded users "
-                                                          "(heatmap/: PNG, HTML, JSON; nanogdrt/heatmap.py)")
+                                                          "(heatmap/: PNG, HTML, JSON; nanogdrt/analysis/heatmap.py)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="figures", help="folder for the PNG files and analysis.json")

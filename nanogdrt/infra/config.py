@@ -2,7 +2,7 @@
 
 A field's default, help text and allowed range (`min`, `max`, `above`, `below`, `pattern`) live in
 its `option(...)`; `build_parser` turns the fields into the command line (`python train.py
---help`), and `nanogdrt.validate.check_config` checks every range at start-up, before any work.
+--help`), and `nanogdrt.infra.validate.check_config` checks every range at start-up, before any work.
 The resolved RunConfig is saved in results.json and in every checkpoint.
 
 Where a default comes from is said in its help: the GDRT paper, MSL's recipe (the pipeline the
@@ -14,14 +14,14 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-from nanogdrt.d3 import DECODINGS
-from nanogdrt.methods import METHODS
-from nanogdrt.validate import DEVICE, RANGE_KEYS, check_config, describe
+from nanogdrt.baselines.d3 import DECODINGS
+from nanogdrt.baselines.methods import METHODS
+from nanogdrt.infra.validate import DEVICE, RANGE_KEYS, check_config, describe
 
 
 def option(default, help, **argparse_kwargs):
     """A RunConfig field and its command-line option (--field-name), declared once; `min`, `max`,
-    `above`, `below` declare its allowed range (checked by nanogdrt.validate at start-up)."""
+    `above`, `below` declare its allowed range (checked by nanogdrt.infra.validate at start-up)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **argparse_kwargs})
     return field(default=default, metadata={"help": help, **argparse_kwargs})
@@ -38,7 +38,7 @@ class RunConfig:
                                          "tutorials and smoke tests)", choices=["full", "small"])
     method: str = option("gdrt", "SFT (Eq. 1), GDRT (Eq. 5), MSL's masked softmax, MSL with GDRT's group "
                                  "weights, IFairLRS's reweighting, or group-mean (our control: GDRT's groups, Q "
-                                 "fixed uniform) (nanogdrt/methods.py)", choices=list(METHODS))
+                                 "fixed uniform) (nanogdrt/baselines/methods.py)", choices=list(METHODS))
     model: str | None = option(None, "Hugging Face Llama folder (default: embedded SmolLM2-135M-Instruct)")
     train_samples: int | None = option(None, "seeded sample of training windows (MSL's recipe: 10,000; the GDRT "
                                                "paper gives none)", min=1)
@@ -76,8 +76,8 @@ class RunConfig:
     beams: int = option(10, "beam width of constrained beam search (paper and MSL: 10)", min=1)
     eval_batch_size: int = option(32, "users decoded at once (slots refilled as users finish)", min=1)
     decoding: str = option("cbs", "decoding of the test (validation: cbs): constrained beam search or D3 "
-                                  "(Bao et al. 2024, nanogdrt/d3.py)", choices=DECODINGS)
-    assistant: str | None = option(None, "d3: SASRec folder (python -m nanogdrt.sasrec), weighted by --alpha")
+                                  "(Bao et al. 2024, nanogdrt/baselines/d3.py)", choices=DECODINGS)
+    assistant: str | None = option(None, "d3: SASRec folder (python -m nanogdrt.baselines.sasrec), weighted by --alpha")
     alpha: float = option(0.0, "d3: step score (1 - alpha) log p_LM + alpha log p_assistant (D3's code: 0)",
                           min=0, max=1)
     seed: int = option(0, "seed of sampling, batching, LoRA init and dropout", min=0)

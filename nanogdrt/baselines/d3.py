@@ -32,65 +32,20 @@ What D3's code does (github.com/SAI990323/DecodingMatters, code/LogitProcesser.p
    default of evaluate.py, and evaluate2.sh sets none, so D3's code has no nonzero default alpha.
 """
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from nanogdrt.beam import ASSISTANT_EPS, NORMALISERS, Scoring, assistant_log_probs  # noqa: F401 (the hook D3 fills)
+from nanogdrt.recommend import Decoding, ghost_share  # noqa: F401 (ghost_share: D3's records)
+
 GHOST_THRESHOLD = 0.99   # p_LM above which a decoded token counts as a ghost token (our choice)
-ASSISTANT_EPS = 1e-20    # added to each child's assistant mass before renormalising (D3's code)
 DECODINGS = ("cbs", "d3")
-NORMALISERS = ("vocab", "allowed")   # the softmax a step's log-probabilities come from (Scoring.normaliser)
 LENGTH_PENALTY = {"cbs": 1.0, "d3": 0.0}   # default of each: transformers' (the lineage's) / D3's code
 
 
-@dataclass(frozen=True)
-class Scoring:
-    """What a candidate's score holds besides the LM's log-probabilities; the default is CBS.
-
-    `assistant(users)`: (U, I) probabilities over the catalogue indexed by item id (I > every id)
-    for the given prompt indices; called once per user, when the user enters the search.
-    """
-    ghost_threshold: float | None = None  # count tokens with p_LM > this; left out of the length
-    alpha: float = 0.0                     # (1 - alpha) log p_LM + alpha log p_assistant
-    assistant: Callable[[list[int]], torch.Tensor] | None = None
-    # "vocab": log p_LM under the softmax over the whole vocabulary (transformers', the lineage's,
-    # MSL's own inference). "allowed": under the softmax over the trie's allowed tokens only, the
-    # distribution MSL's loss trains at tau 1; a token that is the only continuation then scores
-    # log 1 = 0. Not a decoding of any paper: a diagnostic of what the normaliser does.
-    normaliser: str = "vocab"
-
-    def __post_init__(self):
-        if not 0.0 <= self.alpha < 1.0:
-            raise ValueError(f"alpha must be in [0, 1), got {self.alpha}")
-        if self.alpha > 0 and self.assistant is None:
-            raise ValueError("alpha > 0 needs an assistant (e.g. a SASRec folder)")
-        if self.ghost_threshold is not None and self.ghost_threshold <= 0:
-            raise ValueError(f"ghost_threshold must be positive, got {self.ghost_threshold}")
-        if self.normaliser not in NORMALISERS:
-            raise ValueError(f"normaliser must be one of {NORMALISERS}, got {self.normaliser!r}")
-
-    @property
-    def uses_assistant(self) -> bool:
-        return self.alpha > 0
-
-
-def assistant_log_probs(mass: torch.Tensor, allowed) -> torch.Tensor:
-    """log p_TF of every allowed token (step 2 above).
-
-    mass (S, N): each slot's assistant probability below every trie node (`Trie.subtree_sums`);
-    allowed: `Trie.allowed` of the S*B beams (tokens, nodes, mask of shape (S*B, K)).
-    Returns (S*B, K): log of (mass(child) + eps) / sum over the beam's allowed children; -inf on padding.
-    """
-    S = mass.shape[0]
-    child = mass.gather(1, allowed.nodes.view(S, -1)).view(allowed.nodes.shape) + ASSISTANT_EPS  # (S*B, K)
-    child = child.masked_fill(~allowed.mask, 0.0)
-    logp = (child / child.sum(-1, keepdim=True)).log()
-    return torch.where(allowed.mask, logp, float("-inf"))   # rows with no allowed token: 0/0 left out
-
-
 def sasrec_assistant(model, histories: list[list[int]], item_ids) -> Callable[[list[int]], torch.Tensor]:
-    """The text-free assistant of D3 from a SASRec (`nanogdrt.sasrec.load`): users -> (U, I)
+    """The text-free assistant of D3 from a SASRec (`nanogdrt.baselines.sasrec.load`): users -> (U, I)
     softmax of its scores over its whole catalogue, placed at the item ids (I = max id + 1).
 
     `item_ids`: the catalogue being decoded (the trie's items); SASRec must score every one.
@@ -126,8 +81,15 @@ def scoring(decoding: str, alpha: float = 0.0, assistant=None, histories=None, i
     return Scoring(ghost_threshold, alpha, fn, normaliser)
 
 
-def ghost_share(records: list[dict]) -> float | None:
-    """Share of ghost tokens among the tokens of all recommended titles (D3 records), else None."""
-    ghosts = sum(sum(r.get("ghost_tokens") or []) for r in records)
-    tokens = sum(sum(r.get("title_tokens") or []) for r in records)
-    return ghosts / tokens if tokens and any("ghost_tokens" in r for r in records) else None
+def decoding(name: str = "cbs", alpha: float = 0.0, assistant=None, item_ids=(),
+             ghost_threshold: float = GHOST_THRESHOLD, normaliser: str = "vocab",
+             length_penalty: float | None = None, beams: int = 10, top_k: int = 10,
+             batch_size: int = 32) -> Decoding:
+    """`--decoding cbs|d3` and its options -> `recommend`'s Decoding. Checked here, at once, so a
+    bad option fails before any work. `length_penalty` None takes the decoding's (cbs 1.0, d3 0.0).
+    `item_ids`: the catalogue decoded over (the assistant must score every one of them)."""
+    item_ids = list(item_ids)
+    scoring(name, alpha, assistant, [], item_ids, ghost_threshold, normaliser)
+    lp = LENGTH_PENALTY[name] if length_penalty is None else length_penalty
+    return Decoding(beams, top_k, batch_size, lp,
+                    lambda histories: scoring(name, alpha, assistant, histories, item_ids, ghost_threshold, normaliser))

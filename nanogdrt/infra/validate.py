@@ -17,7 +17,8 @@ import dataclasses
 import math
 import re
 
-from nanogdrt import files
+from nanogdrt.files import OutputError
+from nanogdrt.infra import run_folder
 
 RANGE_KEYS = ("min", "max", "above", "below", "pattern")
 DEVICE = r"cpu|mps|cuda(:[0-9]+)?"                      # what `--device` may name
@@ -87,6 +88,6 @@ def check_output(parser: argparse.ArgumentParser, path, kind: str):
     """A CLI's --out, checked writable as a `kind` ("file" or "folder") right after parsing:
     a problem ends the command with argparse's one-line usage error, before any work."""
     try:
-        files.check_writable(path, kind)
-    except files.OutputError as e:
+        run_folder.check_writable(path, kind)
+    except OutputError as e:
         parser.error(str(e))

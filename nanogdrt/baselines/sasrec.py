@@ -32,7 +32,7 @@ Deliberate differences from pmixer (none changes the model's capacity):
   sequence, which a window-based split does not give).
 * Epochs end by validation NDCG@10 with patience (pmixer trains a fixed number of epochs).
 
-    python -m nanogdrt.sasrec --dataset toy --data-dir ../shared/data/toy --loss ce --out runs/toy-sasrec
+    python -m nanogdrt.baselines.sasrec --dataset toy --data-dir ../shared/data/toy --loss ce --out runs/toy-sasrec
 """
 
 import argparse
@@ -49,7 +49,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanogdrt import files, metrics, validate
+from nanogdrt import files, metrics
+from nanogdrt.infra import validate
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -330,7 +331,7 @@ def main(argv=None):
     from nanogdrt.data import load_dataset
 
     N = validate.number
-    p = argparse.ArgumentParser(prog="python -m nanogdrt.sasrec",
+    p = argparse.ArgumentParser(prog="python -m nanogdrt.baselines.sasrec",
                                 description="Train SASRec (--loss bce) or SASRec++ (--loss ce) on a dataset's "
                                             "training windows, choose the epoch on validation NDCG, rank the "
                                             "full catalogue for every test user.")

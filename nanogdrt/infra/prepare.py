@@ -18,7 +18,7 @@ title, their reviews, repeated metadata lines (the last title wins), the Books s
 5-core filter. The counts are printed and written to `prepare_summary.json` beside the dataset;
 titles shared by several kept items are counted too (they are kept: each item keeps its id).
 
-    python -m nanogdrt.prepare toy [--raw-dir DIR] [--out DIR] [--seed N]
+    python -m nanogdrt.infra.prepare toy [--raw-dir DIR] [--out DIR] [--seed N]
 """
 
 import argparse
@@ -35,7 +35,8 @@ import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from nanogdrt import files, validate
+from nanogdrt import files
+from nanogdrt.infra import run_folder, validate
 from nanogdrt.data import CATEGORIES, DataError, make_windows, split_by_time
 
 RAW_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
@@ -271,7 +272,7 @@ def summary_text(s):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m nanogdrt.prepare", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m nanogdrt.infra.prepare", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=sorted(CATEGORIES))
     p.add_argument("--raw-dir", help="folder with (or for) the raw .json.gz files (default data/raw)")
     p.add_argument("--out", help="output folder (default data/<name>)")
@@ -279,7 +280,7 @@ def main(argv=None):
                    help="seed of the Books item sample and of train_1000.csv")
     args = p.parse_args(argv)
     try:
-        files.check_writable(args.out or Path("data") / args.name, "folder")
+        run_folder.check_writable(args.out or Path("data") / args.name, "folder")
         prepare(args.name, args.raw_dir, args.out, args.seed)
     except ValueError as e:   # PrepareError, DataError, OutputError: one line naming the file
         raise SystemExit(f"error: {e}") from None

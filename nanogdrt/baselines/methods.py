@@ -22,15 +22,16 @@ envelope theorem; `loss.gdrt_from_sums` derives it), so `method_loss` over one b
 `loss.gdrt_loss` in value and gradient. Because the totals enter only as constants, a batch
 split into micro-batches and ranks gives the same sum as one forward over all of it.
 
-The per-token losses are `loss.token_nll` and `baseline_losses.msl_token_loss`; the weights of
-Reweight are `baseline_losses.reweight_group_weights` over the item groups of Eq. 2.
+The per-token losses are `loss.token_nll` and `msl.msl_token_loss`; the weights of
+Reweight are `reweight.reweight_group_weights` over the item groups of Eq. 2.
 """
 
 from typing import NamedTuple
 
 import torch
 
-from nanogdrt import baseline_losses, loss
+from nanogdrt import loss
+from nanogdrt.baselines import msl, reweight
 
 
 class Method(NamedTuple):
@@ -71,7 +72,7 @@ class TargetLoss(torch.nn.Module):
         else:   # a data-parallel rank without rows in this micro-batch: no allowed set to look up
             tokens = torch.zeros(0, 1, dtype=torch.long, device=ids.device)
             mask = tokens.bool()
-        return baseline_losses.msl_token_loss(self.model.logits, hidden, ids, target_mask, tokens, mask,
+        return msl.msl_token_loss(self.model.logits, hidden, ids, target_mask, tokens, mask,
                                               self.tau_msl)
 
 
@@ -151,6 +152,6 @@ def single_continuation_share(trie, nodes: list[torch.Tensor]) -> float:
 
 def reweight_example_weights(train, item_group, n_groups, power) -> tuple[torch.Tensor, torch.Tensor]:
     """IFairLRS's (G,) group weights and (n,) example weights over the training windows `train`."""
-    w = baseline_losses.reweight_group_weights([x.history for x in train], [x.target for x in train],
+    w = reweight.reweight_group_weights([x.history for x in train], [x.target for x in train],
                                                item_group, n_groups, power)
-    return w, baseline_losses.reweight_example_weights([x.target for x in train], item_group, w)
+    return w, reweight.reweight_example_weights([x.target for x in train], item_group, w)

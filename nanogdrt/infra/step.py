@@ -1,7 +1,7 @@
 """One optimizer step: forward and backward over its micro-batches, for every `--method`.
 
 train.py's loop calls `train_step` once per optimizer step, then clips and steps the optimizer.
-What happens inside depends on the method (nanogdrt/methods.py: which per-token loss, how the
+What happens inside depends on the method (nanogdrt/baselines/methods.py: which per-token loss, how the
 tokens are weighted) and on the loss scope, the batch whose totals the weights come from:
 
     step        the whole optimizer step, every micro-batch of every rank (default): batch 4 x
@@ -19,9 +19,9 @@ from typing import NamedTuple
 
 import torch
 
-from nanogdrt import distributed
+from nanogdrt.infra import distributed
 from nanogdrt.batches import collate
-from nanogdrt.methods import GROUP_WEIGHTINGS, METHODS, Totals, group_weights, method_loss, totals
+from nanogdrt.baselines.methods import GROUP_WEIGHTINGS, METHODS, Totals, group_weights, method_loss, totals
 
 
 class StepData(NamedTuple):
@@ -51,7 +51,7 @@ def train_step(net, micro_batches, data: StepData, token_groups, method: str, n_
     """One optimizer step's worth of forward/backward over the micro-batches (grad accumulation).
 
     `net` is a TargetLoss, DDP-wrapped under data parallelism. Each micro-batch holds indices of
-    the *global* batch; this rank takes its slice of it. The method's loss (nanogdrt.methods)
+    the *global* batch; this rank takes its slice of it. The method's loss (nanogdrt.baselines.methods)
     weights each token by constants from the totals of its `loss_scope` (train.py --loss-scope):
       step        totals over every micro-batch of every rank: the loss (and GDRT's Q) of the
                   whole step's batch. GDRT needs L(g) before any backward, so with more than one

@@ -1,0 +1,119 @@
+"""Recommend with constrained beam search for a model (+ optional LoRA adapter) on a data split.
+
+    python recommend.py --dataset toy --split test --users 100 --out recs.jsonl
+    python recommend.py --dataset synthetic --adapter runs/gdrt/best_adapter --out recs.jsonl
+    python recommend.py --decoding d3 ...                    # D3 (nanogdrt/baselines/d3.py)
+    torchrun --nproc_per_node=2 recommend.py ...             # users split across ranks, gathered
+
+Writes one JSON line per user (row index in the split, the prompt ids decoded from, the target,
+the top-K item ids and their scores) and prints the metrics (nanogdrt/recommend.py).
+"""
+
+import argparse
+import time
+
+import torch
+
+from nanogdrt import files, relevance
+from nanogdrt.baselines import d3, sasrec
+from nanogdrt.checkpoint import ensure_embedded_checkpoint
+from nanogdrt.data import load_dataset
+from nanogdrt.infra import distributed, validate
+from nanogdrt.llama import Llama
+from nanogdrt.lora import load_adapter
+from nanogdrt.prompt import PromptBuilder
+from nanogdrt.recommend import recommend, score
+from nanogdrt.tokenizer import Tokenizer
+from nanogdrt.trie import Trie
+
+
+def parse_rows(spec: str) -> slice:
+    """--rows START:END (either may be left out): 0 <= START <= END. An argparse type, so a bad
+    value is refused at start-up with the flag's name."""
+    try:
+        start, end = (int(s) if s else None for s in spec.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected START:END, e.g. 0:100") from None
+    if (start is not None and start < 0) or (end is not None and end < 0):
+        raise argparse.ArgumentTypeError(f"{spec!r}: START and END must be >= 0")
+    if start is not None and end is not None and start >= end:
+        raise argparse.ArgumentTypeError(f"{spec!r}: START must be < END (no rows otherwise)")
+    return slice(start, end)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Recommend with constrained beam search and print metrics.")
+    p.add_argument("--model", default=None, help="Hugging Face Llama folder (default: embedded SmolLM2-135M)")
+    p.add_argument("--adapter", default=None, help="PEFT/nanogdrt LoRA adapter folder (default: base model)")
+    p.add_argument("--dataset", default="synthetic", help="toy | clothing | book | synthetic")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--users", type=validate.number(int, min=1), default=None, help="evaluate a seeded sample of N users")
+    g.add_argument("--rows", type=parse_rows, default=None, help="evaluate rows START:END of the split")
+    p.add_argument("--seed", type=validate.number(int, min=0), default=0, help="seed of the --users sample")
+    p.add_argument("--beams", type=validate.number(int, min=1), default=10, help="beam width (the paper: 10)")
+    p.add_argument("--batch-size", type=validate.number(int, min=1), default=32, help="users decoded at once (slots refilled as users finish)")
+    p.add_argument("--length-penalty", type=validate.number(float), default=None,
+                   help="score = sum log p / len^lp (default: cbs 1.0, the paper lineage; d3 0.0, a plain sum)")
+    p.add_argument("--decoding", default="cbs", choices=d3.DECODINGS,
+                   help="cbs: constrained beam search; d3: Bao et al. 2024 (nanogdrt/baselines/d3.py)")
+    p.add_argument("--assistant", default=None, help="d3: SASRec folder (python -m nanogdrt.baselines.sasrec) for alpha > 0")
+    p.add_argument("--alpha", type=validate.number(float, min=0, max=1), default=0.0,
+                   help="d3: step score (1 - alpha) log p_LM + alpha log p_assistant (D3's code: 0)")
+    p.add_argument("--ghost-threshold", type=validate.number(float, above=0), default=d3.GHOST_THRESHOLD,
+                   help="d3: tokens with p_LM above this are ghost tokens (counted; out of the length)")
+    p.add_argument("--normaliser", default="vocab", choices=d3.NORMALISERS,
+                   help="each step's softmax: over the whole vocabulary (transformers', the lineage's) or over "
+                        "the trie's allowed tokens only (what MSL's loss trains; a diagnostic)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    p.add_argument("--no-fairness", action="store_true", help="skip item groups (MGU/DGU)")
+    p.add_argument("--out", required=True, help="JSON-lines file to write")
+    args = p.parse_args(argv)                     # every range checked here, before any work
+    validate.check_output(p, args.out, "file")
+    dist = distributed.init(args.device)          # under torchrun: this rank's share of the users
+    args.device = distributed.rank_device(args.device, dist)
+
+    kwargs = {f"{args.split}_samples": args.users}
+    dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed, **kwargs)
+    interactions = getattr(dataset, args.split)
+    if args.rows:
+        interactions = interactions[args.rows]
+        if not interactions:
+            raise SystemExit(f"error: --rows selects no row ({args.split} has "
+                             f"{len(getattr(dataset, args.split))} rows)")
+    model_dir = args.model or ensure_embedded_checkpoint()
+    model = Llama.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
+    builder = PromptBuilder(Tokenizer(model_dir), args.dataset)
+    item_group = None
+    if not args.no_fairness:  # groups come from the base model, before any adapter
+        item_group = relevance.dataset_item_groups(model, builder, dataset, shard=dist)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+        model.eval()
+    assistant = sasrec.load(args.assistant, device=args.device) if args.assistant else None
+    trie = Trie.from_titles(dataset.titles, builder)
+    decoding = d3.decoding(args.decoding, args.alpha, assistant, trie.item_ids(), args.ghost_threshold,
+                           args.normaliser, args.length_penalty, beams=args.beams, batch_size=args.batch_size)
+    start = time.perf_counter()
+    records = recommend(model, builder, trie, interactions, dataset.titles, decoding, progress=True, dist=dist)
+    seconds = time.perf_counter() - start
+    if not dist.main:
+        return
+    files.write_jsonl(args.out, records)
+    result = score(records, interactions, dataset.titles, item_group)
+    print(f"{len(records)} users of {args.dataset}/{args.split} in {seconds:.1f} s "
+          f"({seconds / max(len(records), 1):.3f} s/user) -> {args.out}")
+    print("  ".join(f"{k} {v:.4f}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    clean = False
+    try:
+        main()
+        clean = True
+    except (FileNotFoundError, ValueError) as e:  # bad input: the message names the file, line or field
+        raise SystemExit(f"error: {e}") from None
+    finally:
+        distributed.shutdown(clean)
