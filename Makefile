@@ -32,20 +32,20 @@ train: setup
 TOY ?= ../shared/data/toy
 REPRO_ARGS ?=
 repro: setup
-	$(PY) scripts/repro.py --data-dir $(TOY) $(REPRO_ARGS)
+	$(PY) -m experiments.repro --data-dir $(TOY) $(REPRO_ARGS)
 
 # The paper's protocol on a lent GPU (docs/gpu_protocol.md): the carried folders .devpayload/1..n
 # (model, gguf wheel, Toy files) and the device calls to make, in order; then what is done.
 gpu-payload: setup
-	$(PY) scripts/gpu_transfer.py prepare --data-dir $(TOY)
+	$(PY) -m experiments.gpu.transfer prepare --data-dir $(TOY)
 
 gpu-status:
-	$(PY) scripts/gpu_protocol.py status
+	$(PY) -m experiments.gpu status
 
 # Re-executes every notebook in tutorials/ in place: they are committed with their outputs (and
 # assert what they teach). `make tutorials-check` runs them in memory only, as CI does.
 tutorials: setup
-	$(PY) scripts/execute_tutorials.py
+	$(PY) -m tools.execute_tutorials
 
 tutorials-check: setup
 	$(PY) -m pytest -q tests/test_tutorials.py tests/test_tutorial_exercises.py
@@ -54,16 +54,16 @@ tutorials-check: setup
 bench: bench-train bench-beam bench-attribution bench-gdrt
 
 bench-train: setup
-	$(PY) bench/bench_train.py
+	$(PY) -m bench.bench_train
 
 bench-beam: setup
-	$(PY) bench/bench_beam.py
+	$(PY) -m bench.bench_beam
 
 bench-attribution: setup
-	$(PY) bench/bench_attribution.py
+	$(PY) -m bench.bench_attribution
 
 bench-gdrt: setup
-	$(PY) bench/bench_gdrt.py
+	$(PY) -m bench.bench_gdrt
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

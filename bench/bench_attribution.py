@@ -12,7 +12,7 @@ target, so each prefix feature j is its own run (prompt + target tokens 0..j, ta
 nanogdrt runs each example in one forward pass that computes only what differs from the
 unablated prompt, with logits only at the target positions.
 
-    python bench/bench_attribution.py [--examples 20] [--prefixes first|all] [--baseline ID]
+    python -m bench.bench_attribution [--examples 20] [--prefixes first|all] [--baseline ID]
 Run it alone: the machine has 2 cores and any other load skews the numbers.
 """
 
@@ -21,22 +21,19 @@ import ast
 import csv
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from nanogdrt.attribution import attribute, context_ratios
+from nanogdrt.checkpoint import ensure_embedded_checkpoint
+from nanogdrt.llama import Llama
+from nanogdrt.prompt import PromptBuilder
+from nanogdrt.tokenizer import Tokenizer
+from tests.references import SEP, SegmentTokenizer, captum_attr, segments_of  # the Captum bridge the test uses
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # for tests/references.py: the Captum bridge the test checks against
-
-from nanogdrt.attribution import attribute, context_ratios  # noqa: E402
-from nanogdrt.checkpoint import ensure_embedded_checkpoint  # noqa: E402
-from nanogdrt.llama import Llama  # noqa: E402
-from nanogdrt.prompt import PromptBuilder  # noqa: E402
-from nanogdrt.tokenizer import Tokenizer  # noqa: E402
-from tests.references import SEP, SegmentTokenizer, captum_attr, segments_of  # noqa: E402
-
 TOY = ROOT.parent / "shared" / "data" / "toy"
 
 

@@ -6,11 +6,11 @@ the same prompts, the share of users whose top-K lists agree (ties within 1e-4 a
 overlap of the two top-K sets (informative in bf16, where kernel rounding differs by ~1e-2 and
 exact agreement is not expected), and the projected time for the whole test split. Run it alone on the machine: timings are wall-clock.
 
-    python bench/bench_beam.py                 # 64 users, fp32 and bf16
-    python bench/bench_beam.py --users 2 --dtypes fp32
-    python bench/bench_beam.py --dtypes fp32 --projection-users 320   # + nanogdrt alone on 320 users
-    python bench/bench_beam.py --dtypes fp32 --users 32 --batch-size 16 --profile   # where nanogdrt's time goes
-    python bench/bench_beam.py --device cuda --projection-users 4794   # on a GPU, + the whole split
+    python -m bench.bench_beam                 # 64 users, fp32 and bf16
+    python -m bench.bench_beam --users 2 --dtypes fp32
+    python -m bench.bench_beam --dtypes fp32 --projection-users 320   # + nanogdrt alone on 320 users
+    python -m bench.bench_beam --dtypes fp32 --users 32 --batch-size 16 --profile   # where nanogdrt's time goes
+    python -m bench.bench_beam --device cuda --projection-users 4794   # on a GPU, + the whole split
 
 With more users than `--batch-size` slots, finished users' slots are refilled (continuous
 batching), as on the whole split; the last slots drain alone, so a short run overstates the
@@ -22,7 +22,6 @@ import argparse
 import ast
 import csv
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -34,11 +33,9 @@ from nanogdrt.llama import Llama
 from nanogdrt.prompt import PromptBuilder
 from nanogdrt.tokenizer import Tokenizer
 from nanogdrt.trie import Trie
+from tests.references import hf_constrained_beam_search   # the transformers reference the test checks against
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # for tests/references.py: the transformers reference the test checks against
-from tests.references import hf_constrained_beam_search  # noqa: E402
-
 TOY_DIR = ROOT.parent / "shared" / "data" / "toy"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TIE_TOL = 1e-4

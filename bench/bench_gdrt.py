@@ -7,7 +7,7 @@
 2. Grouping: Eq. 3 relevance of every training target token (+ 1-D k-means), against one plain
    no-grad forward pass over the training examples. Goal: grouping <= 1 forward pass.
 
-    python bench/bench_gdrt.py [--dataset synthetic|toy] [--examples 256] [--steps 6]
+    python -m bench.bench_gdrt [--dataset synthetic|toy] [--examples 256] [--steps 6]
 Run it alone: the machine has 2 cores and any other load skews the numbers.
 """
 
@@ -17,12 +17,13 @@ import time
 import torch
 
 from nanogdrt import grouping, relevance
+from nanogdrt.loss import group_sums_and_counts
 from nanogdrt.batches import collate, epoch_batches, make_examples
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.data import load_dataset
 from nanogdrt.llama import Llama
 from nanogdrt.lora import LoRAConfig, inject_lora, lora_parameters
-from nanogdrt.baselines.methods import METHODS, TargetLoss, method_loss, target_nodes_of, totals
+from nanogdrt.baselines.methods import METHODS, TargetLoss, method_loss, target_nodes_of
 from nanogdrt.prompt import PromptBuilder
 from nanogdrt.trie import Trie
 from nanogdrt.tokenizer import Tokenizer
@@ -43,8 +44,8 @@ def time_training(model, method, examples, groups, pad_id, steps, trie, nodes, b
         node_ids = collate(examples, nodes, b, pad_id, "cpu")[2] if spec.per_token == "msl" else None
         out = net(ids, target_mask, node_ids)
         token_group = group_ids[target_mask]
-        scope = totals(out.nll, token_group, n_groups)       # also the per-group losses that are logged
-        loss = method_loss(spec.weighting, out.nll, token_group, out.rows, None, scope, tau)
+        scope = group_sums_and_counts(out.nll.detach(), token_group, n_groups)   # also the logged L(g)
+        loss = method_loss(spec.weighting, out, token_group, None, scope, tau).loss
         loss.backward()
         loss.item()
         opt.step()

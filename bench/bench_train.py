@@ -10,8 +10,8 @@ the target, so it builds logits for all 160 positions. nanogdrt builds them only
 --curve-steps N also trains the three side by side for N steps from the same LoRA init on the
 same batches, dropout 0 (so only arithmetic differs), and prints how far their losses drift.
 
-    python bench/bench_train.py [--steps 5] [--dtypes fp32 bf16]
-    python bench/bench_train.py --device cuda --dtypes bf16 --batch-sizes 16 32 --compile --curve-steps 50
+    python -m bench.bench_train [--steps 5] [--dtypes fp32 bf16]
+    python -m bench.bench_train --device cuda --dtypes bf16 --batch-sizes 16 32 --compile --curve-steps 50
 On CPU run it alone: the machine has 2 cores and any other load skews the numbers.
 """
 

@@ -41,7 +41,7 @@ def epoch_batches(n, batch_size, seed, epoch, lengths=None, pool_batches=50):
     pools of `pool_batches` batches, each pool sorted by length and cut into batches, and the
     batches shuffled again. Rows are padded to their batch's longest: on Toy's train_1000 random
     batches of 8 compute 1.239 tokens per real token, length-grouped ones 1.016
-    (scripts/prompt_lengths.py); the pools keep the batches' content random otherwise."""
+    (tools/prompt_lengths.py); the pools keep the batches' content random otherwise."""
     g = torch.Generator().manual_seed(seed * 1000 + epoch)
     order = torch.randperm(n, generator=g).tolist()
     if lengths is None:

@@ -3,8 +3,14 @@
 The data path is three visible steps, each a pure function of tensors (no models here):
 
     token_nll      hidden states -> NLL of each target token, logits only where they are needed
-    group sums     NLL + group id per token -> per-group sums and counts  (all-reduce here for DDP)
-    gdrt / sft     per-group mean losses L(g) -> Q = softmax(L / tau), loss = sum_g Q(g) L(g)
+    group totals   NLL + group id per token -> per-group sums and counts  (all-reduce here for DDP)
+    gdrt / sft     L(g) = sums / counts -> Q = softmax(L / tau), loss = sum_g Q(g) L(g)  (Eq. 5)
+                   or the token mean (Eq. 1)
+
+train.py trains with `sft_loss` and `gdrt_loss` themselves, and so does every `--method`
+(nanogdrt/baselines/methods.py): MSL's per-token losses go into the same two functions. A batch
+split into micro-batches and data-parallel ranks passes each part its `scope`, the totals of
+the whole batch, and the parts' losses add up to the whole batch's loss and gradient.
 
 The baselines' losses (MSL's masked softmax, IFairLRS's reweighting) live in
 `nanogdrt.baselines.msl` and `nanogdrt.baselines.reweight` and share `target_logits`' token order.
@@ -71,34 +77,53 @@ def token_nll(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.T
     return TokenNLL(nll, out.rows, out.cols)
 
 
-def sft_loss(nll: torch.Tensor, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Eq. 1: the mean NLL over all target tokens of the batch (BIGRec's objective).
+def sft_loss(nll: torch.Tensor, scope_count: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Eq. 1: the mean NLL over the target tokens of a batch (BIGRec's objective).
 
-    With `reduce_fn` (a differentiable all-reduce SUM across data-parallel ranks) the mean is
-    over the tokens of the global batch: sum and count are reduced before the division, so a
-    rank with fewer target tokens is not over-weighted (a mean of per-rank means would be)."""
-    if reduce_fn is None:
-        return nll.float().mean()
-    total = reduce_fn(nll.float().sum())
-    count = reduce_fn(torch.tensor(float(nll.numel()), device=nll.device))
-    return total / count.clamp(min=1)
+    `scope_count`, if given, is the number of target tokens of the whole batch this loss is a
+    part of (its *scope*: e.g. every micro-batch of an optimizer step on every data-parallel
+    rank). The part then contributes sum(nll) / N_scope, and the parts of a scope sum to the
+    scope's token mean: no rank or micro-batch with fewer tokens is over-weighted (a mean of
+    per-part means would be). An empty batch gives 0 (it still backpropagates, as DDP needs)."""
+    n = nll.numel() if scope_count is None else scope_count
+    n = torch.as_tensor(n, dtype=torch.float32, device=nll.device)
+    return nll.float().sum() / n.clamp(min=1)                   # Eq. 1
+
+
+class GroupTotals(NamedTuple):
+    """Per-group sums of the token losses and token counts over some tokens, (G,) float32 each.
+
+    The totals of a batch are what Eq. 5 needs of it: L(g) = sums / counts. They add up over the
+    parts of a batch (micro-batches, data-parallel ranks: `+`, `reduce`), which is how a batch
+    split across micro-batches and ranks gets the L(g) and Q(g) of the whole."""
+    sums: torch.Tensor
+    counts: torch.Tensor
+
+    def __add__(self, other):
+        return GroupTotals(self.sums + other.sums, self.counts + other.counts)
+
+    def reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None):
+        """All-reduced across data-parallel ranks (reduce_fn a SUM), or as is when None."""
+        return self if reduce_fn is None else GroupTotals(reduce_fn(self.sums), reduce_fn(self.counts))
+
+    def mean(self) -> torch.Tensor:
+        """(G,) L(g): the mean loss of each group's tokens; 0 for a group without tokens."""
+        return self.sums / self.counts.clamp(min=1)
 
 
 class GDRTLoss(NamedTuple):
-    loss: torch.Tensor        # () sum_g Q(g) L(g), Q held constant in the backward (Eq. 5)
-    group_loss: torch.Tensor  # (G,) L(g): mean NLL of the batch's tokens in group g (0 if absent)
+    loss: torch.Tensor        # () sum_g Q(g) L(g) (this part's share of it), Q constant in the backward (Eq. 5)
+    group_loss: torch.Tensor  # (G,) L(g): mean NLL of the scope's tokens in group g (0 if absent)
     q: torch.Tensor           # (G,) Q(g) = softmax over present groups of L(g) / tau; 0 if absent
-    counts: torch.Tensor      # (G,) number of tokens of each group in the batch
+    counts: torch.Tensor      # (G,) number of tokens of each group in the scope
 
 
-def group_sums_and_counts(nll: torch.Tensor, groups: torch.Tensor, n_groups: int):
-    """Per-group sum of NLL (differentiable) and token count, both float32 of shape (G,).
+def group_sums_and_counts(nll: torch.Tensor, groups: torch.Tensor, n_groups: int) -> GroupTotals:
+    """Per-group sum of NLL and token count, both float32 of shape (G,): the totals of these tokens.
 
-    This is where data parallelism plugs in: all-reduce (SUM) both results across ranks before
-    `gdrt_from_sums`, and every rank gets the L(g) and Q(g) of the global batch. Use the
-    autograd-aware `torch.distributed.nn.functional.all_reduce` for the sums: its backward sums
-    the (identical) upstream gradients of the W ranks, and DDP's gradient averaging divides by
-    W again, so the update equals that of one process on the whole batch. Counts need no grad.
+    The sums keep the gradient of `nll` (detach it for a scope's constants). This is where data
+    parallelism plugs in: all-reduce (SUM) the totals of each rank's tokens (`GroupTotals.reduce`)
+    and every rank has the L(g) and Q(g) of the global batch.
     """
     groups = groups.long()
     if groups.shape != nll.shape:
@@ -110,11 +135,11 @@ def group_sums_and_counts(nll: torch.Tensor, groups: torch.Tensor, n_groups: int
     sums = torch.zeros(n_groups, dtype=torch.float32, device=nll.device).index_add(0, idx, nll.float())
     counts = torch.zeros(n_groups, dtype=torch.float32, device=nll.device).index_add(
         0, idx, torch.ones_like(nll, dtype=torch.float32))
-    return sums, counts
+    return GroupTotals(sums, counts)
 
 
-def gdrt_from_sums(sums: torch.Tensor, counts: torch.Tensor, tau: float) -> GDRTLoss:
-    """GDRT loss (Eq. 5) from per-group NLL sums and token counts (local or all-reduced).
+def group_weights(totals: GroupTotals, tau: float) -> torch.Tensor:
+    """Q(g) = softmax over the present groups of L(g) / tau (Eq. 5), from a batch's totals. (G,)
 
     GDRT minimises the worst case over group weightings Q near uniform U (Eq. 4):
 
@@ -130,32 +155,39 @@ def gdrt_from_sums(sums: torch.Tensor, counts: torch.Tensor, tau: float) -> GDRT
         dF/dtheta = sum_g [exp(L(g)/tau) / sum_h exp(L(h)/tau)] dL(g)/dtheta
                   = sum_g Q(g) dL(g)/dtheta,   Q = softmax(L / tau)   (Eq. 5).
 
-    So the loss sum_g stopgrad(Q(g)) L(g) has exactly the gradient of F, and its value is the
-    worst-case expected group loss that we log. tau -> inf gives Q -> U (mean of the group
-    losses); tau -> 0 puts all weight on the worst group. Groups absent from the batch have no
-    L(g): they get Q(g) = 0 and take no part in the softmax (no NaN, even for an empty batch).
+    So the loss sum_g stopgrad(Q(g)) L(g) has exactly the gradient of F (the envelope theorem),
+    and its value is the worst-case expected group loss that we log: Q is computed here from
+    detached losses. tau -> inf gives Q -> U over the present groups (the mean of the group
+    losses; tau = inf is exactly that); tau -> 0 puts all weight on the worst group. Groups
+    absent from the batch have no L(g): they get Q(g) = 0 and take no part in the softmax (no
+    NaN, even for an empty batch).
     """
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
-    present = counts > 0
-    group_loss = sums / counts.clamp(min=1)                    # (G,) L(g); 0 where absent
-    scores = (group_loss.detach().float() / tau).masked_fill(~present, float("-inf"))
+    present = totals.counts > 0
+    scores = (totals.mean().detach().float() / tau).masked_fill(~present, float("-inf"))
     q = torch.softmax(scores, dim=0)                            # Eq. 5, float32
-    q = torch.where(present, q, torch.zeros_like(q))            # all-absent batch: NaN -> 0
-    loss = (q * group_loss).sum()                               # Q constant in the backward
-    return GDRTLoss(loss, group_loss.detach(), q, counts)
+    return torch.where(present, q, torch.zeros_like(q))         # all-absent batch: NaN -> 0
 
 
 def gdrt_loss(nll: torch.Tensor, groups: torch.Tensor, n_groups: int, tau: float,
-              reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GDRTLoss:
-    """Eq. 5 on one batch. `reduce_fn`, if given, is applied to the per-group sums and counts
-    (e.g. an all-reduce across data-parallel ranks; see `group_sums_and_counts`).
+              scope: GroupTotals | None = None) -> GDRTLoss:
+    """Eq. 5 on the given tokens: sum_g Q(g) L(g), Q = softmax(L / tau) held constant.
 
-    Data parallel: with the sums and counts all-reduced before the softmax, N ranks that each
-    hold a slice of a global batch get the same L(g), the same Q(g) and (after DDP's gradient
-    average) the same update as one process on that whole batch; tests/test_distributed.py
-    checks Q(g) step by step. Without the reduction each rank would weight its own groups."""
-    sums, counts = group_sums_and_counts(nll, groups, n_groups)
-    if reduce_fn is not None:
-        sums, counts = reduce_fn(sums), reduce_fn(counts)
-    return gdrt_from_sums(sums, counts, tau)
+    nll:    (N,) per-token loss with gradient (`token_nll(...).nll`, or MSL's per-token loss).
+    groups: (N,) group 1..G of each token.
+    scope:  the detached totals of the whole batch the weights come from, these tokens included
+            (e.g. an optimizer step's micro-batches on every data-parallel rank); None: these
+            tokens are the whole batch.
+
+    With L(g) = S(g) / N(g), the loss is sum_g Q(g) S(g) / N(g) = sum_t c_t nll_t with the token
+    weights c_t = Q(g_t) / N(g_t), constants from the scope. A part of the scope thus contributes
+    its share, sum_{t in part} c_t nll_t, and the shares of the parts add up to the scope's loss
+    and gradient: micro-batches and ranks train exactly like one big batch (tests/test_loss.py).
+    """
+    part = group_sums_and_counts(nll.detach(), groups, n_groups)   # also checks the group ids
+    scope = part if scope is None else scope
+    q = group_weights(scope, tau)                                   # (G,) constant
+    c = (q / scope.counts.clamp(min=1))[groups.long() - 1]          # (N,) Q(g_t) / N(g_t)
+    loss = (c * nll.float()).sum()                                  # Eq. 5
+    return GDRTLoss(loss, scope.mean(), q, scope.counts)

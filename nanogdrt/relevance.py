@@ -14,7 +14,7 @@ Which tokens, and which model (the paper leaves both open):
 - Eq. 2 averages over the title's own tokens only. The opening quote scores the same for every
   item (about -6 nats under the embedded SmolLM2), so averaging it in would shift short titles
   more than long ones: with quotes and EOS in the mean, 16% of the synthetic catalogue's items
-  land in another group (scripts/eq2_title_tokens.py counts them).
+  land in another group (tools/eq2_title_tokens.py counts them).
   "The title's own tokens" under the joint tokenization: a token is a title token when it holds
   any character of the title, by the character offsets of '"title"'. A token that fuses a quote
   with title characters (Llama 3's '"The', the '!"' after a title ending in "!") counts as a

@@ -29,7 +29,7 @@ from nanogdrt.kv_cache import KVCache
 
 # For the beam tree's masked attention in bf16 on CUDA, PyTorch picks cuDNN attention. In a
 # profile on an H200 it spent ~2 ms of CPU time per call (20 us on the GPU): it plans anew for
-# each key length, and the tree's width changes every step. scripts/device_check.py (check 6)
+# each key length, and the tree's width changes every step. experiments/gpu/device_check.py (check 6)
 # times beam search with and without it. The other kernels are what fp32 and the CPU use anyway.
 NOT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 

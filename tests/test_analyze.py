@@ -13,7 +13,8 @@ import pytest
 
 from nanogdrt import attribution
 from nanogdrt.analysis import analyze, plots
-from nanogdrt.analysis.analyze import FIGURES, cooccurrence_rates
+from nanogdrt.analysis.analyze import FIGURES, AnalyzeConfig
+from nanogdrt.analysis.cooccurrence import cooccurrence_rates
 from nanogdrt.llama import Llama
 from nanogdrt.prompt import PromptIds
 
@@ -131,19 +132,20 @@ def test_analyze_writes_every_figure_and_the_numbers(runs, tiny_model_dir, tmp_p
 
 def test_base_model_only_and_no_attribution(tiny_model_dir, tmp_path):
     """No runs: Fig. 2 for the base model and Fig. 5 only; --examples 0 skips the attribution."""
-    res = analyze.analyze([], tmp_path / "a", model=str(tiny_model_dir), examples=2, min_count=1)
+    res = analyze.analyze([], tmp_path / "a", AnalyzeConfig(model=str(tiny_model_dir), examples=2, min_count=1))
     assert set(res["figures"]) == {"attribution", "cooccurrence"}
     assert list(res["attribution"]["models"]) == ["base (no fine-tuning)"]
     assert set(res["attribution"]["models"]["base (no fine-tuning)"]) == {"segment", "per-token"}
     assert non_trivial_png(tmp_path / "a" / FIGURES["attribution"])
     for only in ("segment", "per-token"):
-        res = analyze.analyze([], tmp_path / only, model=str(tiny_model_dir), examples=2, min_count=1,
-                              attribution_defs=only, beams=4)
+        res = analyze.analyze([], tmp_path / only, AnalyzeConfig(model=str(tiny_model_dir), examples=2,
+                                                                 min_count=1, attribution_defs=only, beams=4))
         assert set(res["attribution"]["models"]["base (no fine-tuning)"]) == {only}
         assert non_trivial_png(tmp_path / only / FIGURES["attribution"])
     with pytest.raises(ValueError, match="attribution definition 'paper'"):
-        analyze.analyze([], tmp_path / "c", model=str(tiny_model_dir), examples=2, attribution_defs="paper")
-    res = analyze.analyze([], tmp_path / "b", model=str(tiny_model_dir), examples=0, min_count=1)
+        analyze.analyze([], tmp_path / "c", AnalyzeConfig(model=str(tiny_model_dir), examples=2,
+                                                          attribution_defs="paper"))
+    res = analyze.analyze([], tmp_path / "b", AnalyzeConfig(model=str(tiny_model_dir), examples=0, min_count=1))
     assert set(res["figures"]) == {"cooccurrence"} and "attribution" not in res
     assert np.isfinite(res["cooccurrence"]["types"]["prefix"]["given_target"]["mean"])
 
@@ -170,8 +172,8 @@ def test_missing_inputs_name_the_path(runs, tmp_path):
 
 def test_toy_reports_the_papers_numbers(tiny_model_dir, toy_dir, tmp_path):
     """On Toy, analysis.json and Fig. 2 carry the paper's ratios beside ours (base model only here)."""
-    res = analyze.analyze([], tmp_path, model=str(tiny_model_dir), dataset="toy", data_dir=str(toy_dir),
-                          examples=2, min_count=5, attribution_defs="segment", beams=4)
+    res = analyze.analyze([], tmp_path, AnalyzeConfig(model=str(tiny_model_dir), dataset="toy", data_dir=str(toy_dir),
+                                                      examples=2, min_count=5, attribution_defs="segment", beams=4))
     paper = res["attribution"]["paper"]
     assert paper["dataset"] == "toy" and paper["task_ratio"] == {"base (no fine-tuning)": 1.0, "SFT": 4.69}
     assert non_trivial_png(tmp_path / FIGURES["attribution"])

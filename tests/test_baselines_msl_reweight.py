@@ -176,8 +176,8 @@ def test_uniform_weights_are_sft_exactly():
     nll, rows = random_nll()
     ones = torch.ones(4)
     assert torch.equal(reweight_loss(nll, rows, ones), sft_loss(nll))
-    assert torch.equal(reweight_loss(nll, rows, ones, reduce_fn=lambda t: 2 * t),
-                       sft_loss(nll, reduce_fn=lambda t: 2 * t))
+    assert torch.equal(reweight_loss(nll, rows, ones, scope_count=2 * nll.numel()),
+                       sft_loss(nll, scope_count=2 * nll.numel()))
     (g1,) = torch.autograd.grad(reweight_loss(nll, rows, ones), nll)
     (g2,) = torch.autograd.grad(sft_loss(nll), nll)
     assert torch.equal(g1, g2)
@@ -189,7 +189,6 @@ def test_reweight_loss_by_hand():
     w = torch.tensor([0.5, 2.0])
     expected = (0.5 * (1 + 2) + 2.0 * (3 + 4 + 5)) / 5
     assert reweight_loss(nll, rows, w).item() == pytest.approx(expected)
-    # Two ranks: this one holds tokens 0..1; an all-reduce adds the other's weighted sum and count.
-    other = [torch.tensor(2.0 * (3 + 4 + 5)), torch.tensor(3.0)]
-    sharded = reweight_loss(nll[:2], rows[:2], w, reduce_fn=lambda t: t + other.pop(0))
-    assert sharded.item() == pytest.approx(expected)
+    # Two parts of one scope (micro-batches or ranks): each divides by the scope's 5 tokens; they add up.
+    parts = reweight_loss(nll[:2], rows[:2], w, scope_count=5) + reweight_loss(nll[2:], rows[2:], w, scope_count=5)
+    assert parts.item() == pytest.approx(expected)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from nanogdrt.infra.distributed import Dist
-from nanogdrt.loss import gdrt_from_sums, gdrt_loss, group_sums_and_counts, sft_loss
+from nanogdrt.loss import gdrt_loss, group_sums_and_counts, sft_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,18 +34,22 @@ def test_shard_gather_and_split_batch_cover_every_item_once():
 
 def test_reduced_losses_equal_the_global_batch_loss():
     """What the all-reduce buys: summing per-rank group sums/counts before the softmax gives the
-    global batch's loss and Q(g), where averaging per-rank losses would not."""
+    global batch's loss and Q(g) (each rank's share, summed), where averaging per-rank losses
+    would not."""
     torch.manual_seed(0)
     nll, groups = torch.rand(30) * 5, torch.randint(1, 4, (30,))
     shards = [slice(0, 7), slice(7, 30)]                                 # unequal token counts
     whole = gdrt_loss(nll, groups, 3, 0.5)
     parts = [gdrt_loss(nll[s], groups[s], 3, 0.5) for s in shards]
-    sums_counts = [group_sums_and_counts(nll[s], groups[s], 3) for s in shards]
-    reduced = gdrt_from_sums(sum(sc[0] for sc in sums_counts), sum(sc[1] for sc in sums_counts), 0.5)
-    assert torch.allclose(reduced.q, whole.q, atol=1e-7) and torch.allclose(reduced.loss, whole.loss, atol=1e-6)
+    reduced = group_sums_and_counts(nll[shards[0]], groups[shards[0]], 3) + \
+        group_sums_and_counts(nll[shards[1]], groups[shards[1]], 3)      # the all-reduce (SUM)
+    shares = [gdrt_loss(nll[s], groups[s], 3, 0.5, scope=reduced) for s in shards]
+    assert all(torch.allclose(p.q, whole.q, atol=1e-7) for p in shares)
+    assert torch.allclose(sum(p.loss for p in shares), whole.loss, atol=1e-6)
     assert not torch.allclose(sum(p.loss for p in parts) / 2, whole.loss, atol=1e-3)   # naive average differs
     naive_sft = (sft_loss(nll[shards[0]]) + sft_loss(nll[shards[1]])) / 2
     assert not torch.allclose(naive_sft, sft_loss(nll), atol=1e-3)
+    assert torch.allclose(sum(sft_loss(nll[s], scope_count=30) for s in shards), sft_loss(nll))
 
 
 def _env(cache):

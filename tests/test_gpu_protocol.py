@@ -1,4 +1,4 @@
-"""scripts/gpu_protocol.py on CPU: the tiny random Llama and a small Toy-format folder cut from the
+"""experiments/gpu on CPU: the tiny random Llama and a small Toy-format folder cut from the
 synthetic data. A run stopped by its budget, packed, unpacked and resumed ends with the same
 adapters, validation and test lists as an uninterrupted one; pack/unpack round-trip and check
 what they carry; status; stage skipping; the chunk arithmetic; the kill at the deadline."""
@@ -9,18 +9,19 @@ import json
 import shutil
 import sys
 import time
-from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import gpu_plan  # noqa: E402
-import gpu_protocol  # noqa: E402
-import gpu_transfer  # noqa: E402
-
-from nanogdrt import recommend  # noqa: E402
+import recommend
+from experiments.gpu import plan as gpu_plan
+from experiments.gpu import protocol as gpu_protocol
+from experiments.gpu import report as gpu_report
+from experiments.gpu import transfer as gpu_transfer
+from nanogdrt.stats import TABLE_KEYS
 
 PLAN = ["--train-file", "train_small.csv", "--train-samples", "24", "--epochs", "2", "--batch-size", "4",
         "--lr", "3e-3", "--grid", "2:0.5,3:1.0", "--valid-users", "4", "--agree-users", "4", "--dtype", "float32",
@@ -57,8 +58,8 @@ class InProcess:
             if argv[1] == "train.py":
                 self.train_py(*argv[2:])
             else:
-                assert argv[1:3] == ["-m", "nanogdrt.recommend"]
-                recommend.main(argv[3:])
+                assert argv[1] == "recommend.py"
+                recommend.main(argv[2:])
         return 0, False, time.time() - start, out.getvalue().splitlines()[-60:]
 
 
@@ -222,8 +223,6 @@ def test_list_agreement_counts_same_lists_top1_and_overlap():
 
 
 def test_report_has_table_validation_and_stage_times(straight, toy_like, capsys):
-    import gpu_report
-
     state, _ = straight
     gpu_report.report(state, toy_like, n_boot=20)
     text = (state / "report.md").read_text()
@@ -237,8 +236,6 @@ def test_report_has_table_validation_and_stage_times(straight, toy_like, capsys)
 
 
 def test_report_of_a_protocol_in_progress_shows_the_rows_tested_so_far(straight, toy_like, tmp_path):
-    import gpu_report
-
     state = tmp_path / "partial"
     shutil.copytree(straight[0], state)
     progress = json.loads((state / "progress.json").read_text())
@@ -252,3 +249,21 @@ def test_report_of_a_protocol_in_progress_shows_the_rows_tested_so_far(straight,
     assert "**In progress**" in text and "select" in text and "| base model |" in text
     assert "| SFT |" not in text and "| GDRT" not in text and f"| {chosen}" not in text.split("Wall time")[0]
     assert set(json.loads((state / "report.json").read_text())["table"]) == {"base model"}
+
+
+def test_report_bootstrap_keeps_the_rows_and_gdrt_minus_sft_only():
+    """{name: (records, by_row)} -> the rows and GDRT - SFT (not base model - SFT)."""
+    def users(n, hit_rate, seed):
+        rng = np.random.default_rng(seed)
+        records, by_row = [], {}
+        for u in range(n):
+            items = [int(x) for x in rng.choice(50, 10, replace=False)]
+            target = items[int(rng.integers(0, 10))] if rng.random() < hit_rate else 99
+            by_row[u] = SimpleNamespace(row=u, target=target, history=[int(x) for x in rng.choice(50, 4)])
+            records.append({"row": u, "topk_item_ids": items})
+        return records, by_row
+    titles, groups = {i: f"item {i}" for i in range(100)}, {i: 1 + i % 5 for i in range(100)}
+    models = {"base model": users(30, 0.1, 3), "SFT": users(30, 0.3, 0), "GDRT": users(30, 0.6, 1)}
+    table = gpu_report.bootstrap(models, titles, groups, n_boot=20, seed=0)
+    assert list(table) == ["base model", "SFT", "GDRT", "GDRT - SFT"]
+    assert set(table["SFT"]) == set(TABLE_KEYS) and len(table["SFT"]["NDCG@5"]) == 3

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from nanogdrt.llama import Llama, LlamaConfig
-from nanogdrt.loss import gdrt_from_sums, gdrt_loss, group_sums_and_counts, sft_loss, token_nll
+from nanogdrt.loss import gdrt_loss, group_sums_and_counts, group_weights, sft_loss, token_nll
 
 
 def tiny_model(seed=0, vocab=97):
@@ -50,6 +50,8 @@ def test_token_nll_rejects_target_at_position_zero():
 def test_sft_is_mean_nll():
     nll = torch.tensor([1.0, 2.0, 6.0])
     assert sft_loss(nll).item() == pytest.approx(3.0)
+    assert torch.equal(sft_loss(nll), nll.mean())
+    assert sft_loss(torch.zeros(0)).item() == 0.0                       # a rank without tokens
 
 
 def random_nll_groups(n=40, G=5, seed=0):
@@ -145,21 +147,41 @@ def test_bad_group_ids_and_tau_fail_loudly():
         gdrt_loss(nll, groups, 3, tau=0.0)
 
 
-def test_sharded_sums_equal_one_process():
-    """What DDP will do: per-rank sums and counts, summed, give the same loss, Q and gradient."""
+def test_parts_with_the_scope_of_the_whole_sum_to_the_whole():
+    """What gradient accumulation and DDP do: each part of a batch (a micro-batch, a rank's
+    slice) given the totals of the whole gets its share; the shares add up to the whole batch's
+    loss and gradient, and every part sees the whole batch's Q and L(g)."""
     G, tau = 5, 0.7
     nll, groups = random_nll_groups(n=50, G=G)
     full = gdrt_loss(nll, groups, G, tau)
     (g_full,) = torch.autograd.grad(full.loss, nll)
 
-    parts = [group_sums_and_counts(nll[s], groups[s], G) for s in (slice(0, 17), slice(17, 50))]
-    sums = sum(p[0] for p in parts)
-    counts = sum(p[1] for p in parts)
-    sharded = gdrt_from_sums(sums, counts, tau)
-    (g_sharded,) = torch.autograd.grad(sharded.loss, nll)
-    torch.testing.assert_close(sharded.q, full.q)
-    torch.testing.assert_close(sharded.loss, full.loss)
-    torch.testing.assert_close(g_sharded, g_full)
+    cuts = (slice(0, 17), slice(17, 50))
+    scope = sum((group_sums_and_counts(nll[s].detach(), groups[s], G) for s in cuts[1:]),
+                group_sums_and_counts(nll[cuts[0]].detach(), groups[cuts[0]], G))   # the ranks' all-reduce
+    parts = [gdrt_loss(nll[s], groups[s], G, tau, scope=scope) for s in cuts]
+    (g_parts,) = torch.autograd.grad(sum(p.loss for p in parts), nll)
+    for p in parts:
+        torch.testing.assert_close(p.q, full.q)
+        torch.testing.assert_close(p.group_loss, full.group_loss)
+    torch.testing.assert_close(sum(p.loss for p in parts), full.loss)
+    torch.testing.assert_close(g_parts, g_full)
+    torch.testing.assert_close(group_weights(scope, tau), full.q)
+    # A part on its own (no scope) weights its own groups instead: not the whole batch's Q.
+    assert not torch.allclose(gdrt_loss(nll[cuts[0]], groups[cuts[0]], G, tau).q, full.q, atol=1e-3)
 
-    doubled = gdrt_loss(nll, groups, G, tau, reduce_fn=lambda t: 2 * t)   # two identical ranks
-    torch.testing.assert_close(doubled.q, full.q)
+    # The token mean the same way: sum / N of the scope, so a part with fewer tokens is not over-weighted.
+    n = scope.counts.sum()
+    torch.testing.assert_close(sum(sft_loss(nll[s], scope_count=n) for s in cuts), sft_loss(nll))
+
+
+def test_token_weights_reproduce_the_group_form():
+    """loss = sum_t Q(g_t) / N(g_t) nll_t (how gdrt_loss sums) equals sum_g Q(g) L(g) (Eq. 5 as
+    written) to float32 rounding, and the loss, Q and L(g) are those of the detached totals."""
+    G, tau = 5, 0.3
+    nll, groups = random_nll_groups(n=60, G=G, seed=7)
+    out = gdrt_loss(nll, groups, G, tau)
+    totals = group_sums_and_counts(nll.detach(), groups, G)
+    torch.testing.assert_close(out.loss, (group_weights(totals, tau) * totals.mean()).sum())
+    assert torch.equal(out.group_loss, totals.mean()) and torch.equal(out.counts, totals.counts)
+    assert not out.q.requires_grad and not out.group_loss.requires_grad

@@ -12,10 +12,10 @@ from nanogdrt.batches import make_examples
 from nanogdrt.data import load_dataset
 from nanogdrt.llama import Llama
 from nanogdrt.lora import LoRAConfig, inject_lora, lora_parameters
-from nanogdrt.loss import gdrt_loss, sft_loss
+from nanogdrt.loss import TokenNLL, gdrt_loss, group_sums_and_counts, sft_loss
 from nanogdrt.prompt import PromptBuilder
 from nanogdrt.trie import Trie
-from nanogdrt.infra.step import StepData, train_step
+from nanogdrt.infra.step import StepConfig, StepData, train_step
 from nanogdrt.tokenizer import Tokenizer
 
 
@@ -28,61 +28,63 @@ def nll_groups_rows(n=37, B=6, seed=0):
     groups = torch.randint(1, G + 1, (n,), generator=g)
     groups[groups == 3] = 2                                  # one group absent: Q(3) = 0
     rows = torch.sort(torch.randint(0, B, (n,), generator=g)).values
-    return nll, groups, rows
+    return TokenNLL(nll, rows, rows), groups
+
+
+def scope_of(tokens, groups):
+    return group_sums_and_counts(tokens.nll.detach(), groups, G)
 
 
 @pytest.mark.parametrize("tau", [0.2, 1.0])
-def test_group_weighting_equals_gdrt_loss_and_the_smooth_max(tau):
-    """Q from the scope's totals, held constant: the value and gradient of loss.gdrt_loss, and
-    (envelope theorem) the gradient of tau * logsumexp(L / tau) over the present groups."""
-    nll, groups, rows = nll_groups_rows()
-    scope = methods.totals(nll, groups, G)
-    ours = methods.method_loss("groups", nll, groups, rows, None, scope, tau)
-    ref = gdrt_loss(nll, groups, G, tau)
-    torch.testing.assert_close(ours, ref.loss)
-    (g_ours,) = torch.autograd.grad(ours, nll)
-    (g_ref,) = torch.autograd.grad(ref.loss, nll)
-    torch.testing.assert_close(g_ours, g_ref)
-    L = torch.stack([nll[groups == g].mean() for g in (1, 2, 4)])
-    (g_max,) = torch.autograd.grad(tau * torch.logsumexp(L / tau, 0), nll)
+def test_group_weighting_is_gdrt_loss_and_has_the_gradient_of_the_smooth_max(tau):
+    """The trained loss is loss.gdrt_loss itself (the same bits), and (envelope theorem) its
+    gradient is that of tau * logsumexp(L / tau) over the present groups."""
+    tokens, groups = nll_groups_rows()
+    ours = methods.method_loss("groups", tokens, groups, None, scope_of(tokens, groups), tau)
+    ref = gdrt_loss(tokens.nll, groups, G, tau)
+    assert torch.equal(ours.loss, ref.loss) and torch.equal(ours.q, ref.q)
+    (g_ours,) = torch.autograd.grad(ours.loss, tokens.nll)
+    L = torch.stack([tokens.nll[groups == g].mean() for g in (1, 2, 4)])
+    (g_max,) = torch.autograd.grad(tau * torch.logsumexp(L / tau, 0), tokens.nll)
     torch.testing.assert_close(g_ours, g_max, atol=1e-7, rtol=1e-5)
-    assert methods.group_weights(scope, tau)[2] == 0
+    torch.testing.assert_close(ours.loss, (torch.softmax(L / tau, 0) * L).sum())        # sum_g Q(g) L(g)
+    assert ours.q[2] == 0
 
 
 def test_uniform_group_weighting_is_the_mean_of_the_present_group_losses_and_gdrt_at_large_tau():
     """group-mean (our control): Q = 1/G' over the G' present groups, so the loss is the plain
     mean of the L(g), and it is the tau -> inf limit of Eq. 5 (checked at tau = 1e7)."""
-    nll, groups, rows = nll_groups_rows(seed=4)
-    scope = methods.totals(nll, groups, G)
-    ours = methods.method_loss("uniform-groups", nll, groups, rows, None, scope, 0.5)
-    L = torch.stack([nll[groups == g].mean() for g in (1, 2, 4)])          # group 3 is absent
-    torch.testing.assert_close(ours, L.mean())
-    (g_ours,) = torch.autograd.grad(ours, nll)
-    (g_ref,) = torch.autograd.grad(L.mean(), nll)
+    tokens, groups = nll_groups_rows(seed=4)
+    ours = methods.method_loss("uniform-groups", tokens, groups, None, scope_of(tokens, groups), 0.5)
+    L = torch.stack([tokens.nll[groups == g].mean() for g in (1, 2, 4)])          # group 3 is absent
+    torch.testing.assert_close(ours.loss, L.mean())
+    (g_ours,) = torch.autograd.grad(ours.loss, tokens.nll)
+    (g_ref,) = torch.autograd.grad(L.mean(), tokens.nll)
     torch.testing.assert_close(g_ours, g_ref)
-    torch.testing.assert_close(methods.group_weights(scope, 0.5, "uniform-groups"),
-                               torch.tensor([1 / 3, 1 / 3, 0, 1 / 3]))
-    torch.testing.assert_close(ours, gdrt_loss(nll, groups, G, 1e7).loss, atol=1e-6, rtol=1e-6)
+    assert torch.equal(ours.q, torch.tensor([1 / 3, 1 / 3, 0, 1 / 3]))
+    torch.testing.assert_close(ours.loss, gdrt_loss(tokens.nll, groups, G, 1e7).loss, atol=1e-6, rtol=1e-6)
     assert methods.METHODS["group-mean"] == methods.Method("nll", "uniform-groups")
 
 
 def test_mean_and_example_weightings_equal_sft_and_reweight_losses():
-    nll, groups, rows = nll_groups_rows(seed=1)
-    scope = methods.totals(nll, groups, G)
-    assert torch.equal(methods.method_loss("mean", nll, groups, rows, None, scope, 1.0), sft_loss(nll))
+    tokens, groups = nll_groups_rows(seed=1)
+    scope = scope_of(tokens, groups)
+    mean = methods.method_loss("mean", tokens, groups, None, scope, 1.0)
+    assert torch.equal(mean.loss, sft_loss(tokens.nll)) and mean.q is None
     w = torch.rand(6, generator=torch.Generator().manual_seed(2)) * 2
-    torch.testing.assert_close(methods.method_loss("examples", nll, groups, rows, w, scope, 1.0),
-                               reweight_loss(nll, rows, w))
+    torch.testing.assert_close(methods.method_loss("examples", tokens, groups, w, scope, 1.0).loss,
+                               reweight_loss(tokens.nll, tokens.rows, w))
 
 
 @pytest.mark.parametrize("weighting", ["mean", "groups", "examples", "uniform-groups"])
 def test_parts_with_the_whole_scope_sum_to_the_whole_loss(weighting):
-    nll, groups, rows = nll_groups_rows(seed=3)
+    tokens, groups = nll_groups_rows(seed=3)
     w = torch.linspace(0.5, 1.5, 6)
-    scope = methods.totals(nll, groups, G)
-    whole = methods.method_loss(weighting, nll, groups, rows, w, scope, 0.5)
+    scope = scope_of(tokens, groups)
+    whole = methods.method_loss(weighting, tokens, groups, w, scope, 0.5).loss
     cuts = [slice(0, 5), slice(5, 20), slice(20, 37)]
-    parts = sum(methods.method_loss(weighting, nll[c], groups[c], rows[c], w, scope, 0.5) for c in cuts)
+    parts = sum(methods.method_loss(weighting, TokenNLL(*(x[c] for x in tokens)), groups[c], w, scope, 0.5).loss
+                for c in cuts)
     torch.testing.assert_close(parts, whole)
 
 
@@ -113,7 +115,7 @@ def step_gradients(step_setup, tiny_model_dir, method, scope, micro_batches):
     per_token = methods.METHODS[method].per_token
     data = StepData(examples, nodes if per_token == "msl" else None, None, tokenizer.pad_id)
     net = methods.TargetLoss(model, per_token, trie, 4.5)
-    log = train_step(net, micro_batches, data, token_groups, method, G, 0.5, loss_scope=scope)
+    log = train_step(net, micro_batches, data, token_groups, StepConfig(method, G, 0.5, scope))
     return log, [p.grad.clone() for p in params]
 
 

@@ -1,21 +1,16 @@
-"""scripts/token_groups.py: the token groups train.py would build, with the base model's group
+"""tools/token_groups.py: the token groups train.py would build, with the base model's group
 losses and Eq. 5's weights before any training, checked against a plain per-example forward."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-import token_groups  # noqa: E402
-import train  # noqa: E402
-from nanogdrt.batches import make_examples  # noqa: E402
-from nanogdrt.infra.config import parse_args  # noqa: E402
+import train
+from nanogdrt.batches import make_examples
+from nanogdrt.infra.config import parse_args
+from tools import token_groups
 
 
 def test_group_losses_and_weights_match_a_plain_forward(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -28,8 +23,9 @@ def test_group_losses_and_weights_match_a_plain_forward(tiny_model_dir, tmp_path
 
     # The reference: train.py's own groups, and each example's target NLL from one unbatched forward.
     cfg = parse_args(argv)
-    dataset, _, model, tokenizer, builder, _ = train.load_data_and_model(cfg, lambda *a: None)
-    groups, _, _ = train.relevance_groups(model, builder, dataset, 3, cfg.grouping, cfg.seed)
+    run = train.load_data_and_model(cfg, lambda *a: None)
+    dataset, model, builder = run.dataset, run.model, run.builder
+    groups = train.relevance_groups(run, cfg).token_groups
     sums, counts = np.zeros(3), np.zeros(3)
     with torch.no_grad():
         for ex, g in zip(make_examples(builder, dataset.train, dataset.titles), groups):

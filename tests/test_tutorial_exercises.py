@@ -9,6 +9,7 @@ that notebook NN calls each of its checks. Notebooks still without exercises are
 """
 
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -18,7 +19,21 @@ import pytest
 import torch
 
 TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
-sys.path.insert(0, str(TUTORIALS))  # notebooks run in tutorials/, where `exercises.nbNN` resolves
+
+
+def _package(name: str):
+    """tutorials/<name>/ imported as the top-level package `name`, as the notebooks see it (they run
+    in tutorials/, where `exercises.nbNN` resolves), loaded from its folder by file location."""
+    spec = importlib.util.spec_from_file_location(name, TUTORIALS / name / "__init__.py",
+                                                  submodule_search_locations=[str(TUTORIALS / name)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+for _name in ("exercises", "solutions"):
+    _package(_name)
 
 NUMBERS = ["01", "02", "03", "04", "05", "06"]
 PENDING = set()  # notebooks whose exercises are not written yet

@@ -13,15 +13,12 @@ timings may differ by machine). It checks that what is committed is small and er
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("nbformat")
 pytest.importorskip("nbclient")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from execute_tutorials import MAX_BYTES, TUTORIALS, execute, notebooks  # noqa: E402
+from tools.execute_tutorials import MAX_BYTES, TUTORIALS, execute, notebooks  # noqa: E402
 
 NOTEBOOKS = notebooks()
 

@@ -16,15 +16,18 @@ inside a prompt's text. All ablations of a prompt run in a few packed forward pa
 `token_attributions` gives A for every prompt token; `draw` writes one PNG (a strip per model and
 user, the history items marked) and one self-contained HTML page (each token coloured: red when
 it raises the title's probability, blue when it lowers it; one scale per user, shared by the models).
+`figure` is nanogdrt.analysis.analyze's --heatmap: seeded users under the base model and every run.
 """
 
 import html
+import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nanogdrt import files
+from nanogdrt.analysis.inputs import AnalyzeConfig, Inputs, load_model
 from nanogdrt.attribution import Feature, attribute
 from nanogdrt.prompt import PromptIds
 from nanogdrt.tokenizer import Tokenizer
@@ -98,3 +101,14 @@ def draw(users: list[dict], out, title="Prompt-token attribution (Fig. 1 style)"
     plots.token_heatmap([{"row": u["row"], "items": u["items"],
                           "attribution": {k: np.asarray(v) for k, v in u["attribution"].items()}} for u in users],
                         out / "heatmap.png", title)
+
+
+def figure(inputs: Inputs, cfg: AnalyzeConfig, out):
+    """analyze's --heatmap: cfg.heatmap_users seeded users of cfg.split under the base model and every
+    run's adapter, all loaded at once, drawn into folder `out`."""
+    pool = getattr(inputs.ds, cfg.split)
+    picked = random.Random(f"{cfg.seed}:heatmap:{cfg.split}").sample(range(len(pool)),
+                                                                     min(cfg.heatmap_users, len(pool)))
+    models = {label: load_model(inputs.model_dir, adapter, cfg.device, cfg.dtype)
+              for label, adapter in inputs.adapters().items()}
+    draw(heatmaps(models, inputs.builder, [pool[i] for i in picked], inputs.ds.titles), out)

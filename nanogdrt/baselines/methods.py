@@ -18,14 +18,16 @@ the loss is defined on, its *scope*: the whole optimizer step (every micro-batch
 one micro-batch across ranks, or one rank's micro-batch (see `train.py --loss-scope`). The
 totals are plain numbers in the backward: for GDRT that is Q held constant, whose gradient
 sum_g Q(g)/N_g grad S_g is the gradient of the smooth max tau log sum_g exp(L(g)/tau) (the
-envelope theorem; `loss.gdrt_from_sums` derives it), so `method_loss` over one batch equals
-`loss.gdrt_loss` in value and gradient. Because the totals enter only as constants, a batch
-split into micro-batches and ranks gives the same sum as one forward over all of it.
+envelope theorem; `loss.group_weights` derives it). Because the totals enter only as
+constants, a batch split into micro-batches and ranks gives the same sum as one forward over
+all of it. Every weighting is computed by `loss.gdrt_loss` or `loss.sft_loss` (`method_loss`):
+no method has its own copy of Eq. 1 or Eq. 5.
 
 The per-token losses are `loss.token_nll` and `msl.msl_token_loss`; the weights of
 Reweight are `reweight.reweight_group_weights` over the item groups of Eq. 2.
 """
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -76,55 +78,31 @@ class TargetLoss(torch.nn.Module):
                                               self.tau_msl)
 
 
-class Totals(NamedTuple):
-    """Per-group sums of the token losses (detached) and token counts over a scope, (G,) each."""
-    sums: torch.Tensor
-    counts: torch.Tensor
-
-    def __add__(self, other):
-        return Totals(self.sums + other.sums, self.counts + other.counts)
-
-    def reduce(self, reduce_fn):
-        """All-reduced across ranks (reduce_fn a SUM), or as is when reduce_fn is None."""
-        return self if reduce_fn is None else Totals(reduce_fn(self.sums), reduce_fn(self.counts))
+class MethodLoss(NamedTuple):
+    loss: torch.Tensor     # () this part's share of its scope's loss, with gradient
+    q: torch.Tensor | None  # (G,) Q(g) of the scope for the group weightings; None for the others
 
 
-def totals(per_token: torch.Tensor, token_group: torch.Tensor, n_groups: int) -> Totals:
-    """(N,) token losses and their groups 1..G -> the Totals of these tokens (no gradient)."""
-    sums, counts = loss.group_sums_and_counts(per_token.detach(), token_group, n_groups)
-    return Totals(sums, counts)
+def method_loss(weighting: str, tokens: loss.TokenNLL, token_group: torch.Tensor,
+                example_weight: torch.Tensor | None, scope: loss.GroupTotals, tau: float) -> MethodLoss:
+    """sum_t c_t l_t over the tokens given (a part of the scope), c_t as in the table above:
+    always `loss.gdrt_loss` or `loss.sft_loss`, the functions train.py's plain loop calls.
 
-
-def group_weights(t: Totals, tau: float, weighting: str = "groups") -> torch.Tensor:
-    """Q(g) = softmax over the present groups of L(g) / tau (Eq. 5), or 1 / G' for "uniform-groups"
-    (G' groups present); 0 for an absent group. (G,)"""
-    if weighting == "uniform-groups":
-        present = (t.counts > 0).float()
-        return present / present.sum().clamp(min=1)
-    return loss.gdrt_from_sums(t.sums, t.counts, tau).q
-
-
-def method_loss(weighting: str, per_token: torch.Tensor, token_group: torch.Tensor, rows: torch.Tensor,
-                example_weight: torch.Tensor | None, scope: Totals, tau: float) -> torch.Tensor:
-    """sum_t c_t l_t over the tokens given (a part of the scope), c_t as in the table above.
-
-    per_token:      (N,) loss of each target token, with gradient.
+    tokens:         per-token loss (N,) with gradient, and the batch row of each token.
     token_group:    (N,) group 1..G of each token.
-    rows:           (N,) batch row of each token (to find its example's weight).
     example_weight: (B,) weight of each example of the micro-batch (reweight only).
-    scope:          the Totals over the whole scope (this part included), held constant.
+    scope:          the detached GroupTotals over the whole scope (this part included).
     Summing this over every part of the scope gives the scope's loss: sum_g Q(g) L(g) for the
     group weightings, the (weighted) token mean for the others."""
-    n = scope.counts.sum().clamp(min=1)
+    if weighting in GROUP_WEIGHTINGS:   # group-mean: Eq. 5 at tau = inf, Q uniform over the present groups
+        t = tau if weighting == "groups" else math.inf
+        out = loss.gdrt_loss(tokens.nll, token_group, len(scope.counts), t, scope)     # Eq. 5
+        return MethodLoss(out.loss, out.q)
+    n = scope.counts.sum()
     if weighting == "mean":
-        return per_token.float().sum() / n                                     # Eq. 1
-    if weighting == "examples":
-        w = example_weight.to(per_token.device, torch.float32)[rows]           # (N,)
-        return (w * per_token.float()).sum() / n
-    if weighting in GROUP_WEIGHTINGS:
-        q = group_weights(scope, tau, weighting)                               # (G,) constant
-        c = (q / scope.counts.clamp(min=1))[token_group - 1]                   # (N,) Q(g_t) / N_{g_t}
-        return (c * per_token.float()).sum()                                   # Eq. 5
+        return MethodLoss(loss.sft_loss(tokens.nll, n), None)                          # Eq. 1
+    if weighting == "examples":   # IFairLRS: each token carries its example's weight w_b(t)
+        return MethodLoss(reweight.reweight_loss(tokens.nll, tokens.rows, example_weight, n), None)
     raise ValueError(f"unknown weighting {weighting!r}")
 
 

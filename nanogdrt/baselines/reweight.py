@@ -10,9 +10,11 @@ so groups that are targets more often than users interacted with them weigh less
 learned group distribution towards the history distribution (what MGU/DGU measure).
 """
 
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
+
+from nanogdrt.loss import sft_loss
 
 
 def _group_counts(item_ids, item_group: Mapping[int, int], n_groups: int) -> torch.Tensor:
@@ -60,27 +62,23 @@ def reweight_example_weights(targets: Sequence[int], item_group: Mapping[int, in
 
 
 def reweight_loss(nll: torch.Tensor, rows: torch.Tensor, example_weights: torch.Tensor,
-                  reduce_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                  scope_count: torch.Tensor | float | None = None) -> torch.Tensor:
     """IFairLRS's weighted loss: every target token carries its example's weight, mean over tokens.
 
     nll:             (N,) per-token NLL (`token_nll(...).nll`).
     rows:            (N,) batch row of each token (`token_nll(...).rows`).
     example_weights: (B,) weight of each example of the batch.
+    scope_count:     as in `loss.sft_loss`: the token count of the whole batch this is a part of.
 
         loss = sum_t w_{b(t)} nll_t / N
 
     divided by the token count, not by the sum of weights: with all weights 1 this is SFT's
-    token mean (`loss.sft_loss`) exactly. IFairLRS's code multiplies a micro-batch's mean token
-    loss by its examples' weights and averages, i.e. mean(w) * mean(nll) over the micro-batch,
-    which is this loss when a micro-batch holds one example; with several examples their
-    weights would be averaged before meeting any token, which we do not copy. `reduce_fn` (a
-    differentiable all-reduce SUM) makes the mean one over the global batch, as in `sft_loss`.
+    token mean (`loss.sft_loss`, which computes it) exactly. IFairLRS's code multiplies a
+    micro-batch's mean token loss by its examples' weights and averages, i.e. mean(w) * mean(nll)
+    over the micro-batch, which is this loss when a micro-batch holds one example; with several
+    examples their weights would be averaged before meeting any token, which we do not copy.
     """
     if rows.shape != nll.shape:
         raise ValueError(f"rows {tuple(rows.shape)} and nll {tuple(nll.shape)} differ in shape")
     weighted = example_weights.to(nll.device, torch.float32)[rows] * nll.float()    # (N,)
-    if reduce_fn is None:
-        return weighted.mean()
-    total = reduce_fn(weighted.sum())
-    count = reduce_fn(torch.tensor(float(nll.numel()), device=nll.device))
-    return total / count.clamp(min=1)
+    return sft_loss(weighted, scope_count)

@@ -18,7 +18,7 @@ is picked up if the crash fell between the two renames). Batch order is a pure f
 (seed, epoch) and dropout draws from the restored RNG, so a resumed run repeats exactly the
 steps an uninterrupted one would take.
 
-`StopOnSigterm` turns SIGTERM (a scheduler's preemption, scripts/gpu_protocol.py's deadline) into
+`StopOnSigterm` turns SIGTERM (a scheduler's preemption, experiments/gpu/protocol.py's deadline) into
 "checkpoint after this optimizer step and stop", so a stopped run loses no step.
 """
 

@@ -6,9 +6,9 @@ job; this script removes what changes from run to run without the code changing 
 timestamps, the kernel's Python version), so re-running an unchanged notebook gives a small diff.
 A notebook is written atomically, and only if it ran to the end and weighs under MAX_BYTES.
 
-    python scripts/execute_tutorials.py               # every notebook, in place (= make tutorials)
-    python scripts/execute_tutorials.py 01 04         # only these
-    python scripts/execute_tutorials.py --check       # run in memory, write nothing (CI's check)
+    python -m tools.execute_tutorials               # every notebook, in place (= make tutorials)
+    python -m tools.execute_tutorials 01 04         # only these
+    python -m tools.execute_tutorials --check       # run in memory, write nothing (CI's check)
 """
 
 import argparse
@@ -21,7 +21,7 @@ import nbformat
 
 from nanogdrt.files import atomic_path
 
-TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
+TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 BUDGET_S = 300          # per notebook; each takes well under 2 minutes on 2 CPU cores
 MAX_BYTES = 1_000_000   # a committed notebook, plots included
 

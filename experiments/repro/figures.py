@@ -9,11 +9,12 @@
                                 control (Q fixed uniform, the tau -> inf limit) as a dotted line
     q_effective_groups.png      exp(H(Q)) per step of every GDRT run
     group_weight_vs_fairness.png   test DGU@5 of every SFT / GDRT / control run against the share
-                                of its loss weight on the last token group (repro_robust.weight_points)
+                                of its loss weight on the last token group (robust.weight_points)
     msl_softmax_DGU5.png        MSL, SFT and GDRT decoded with each softmax and length normalisation
-                                (scripts/repro_normaliser.py), test DGU@5 with 95% intervals
+                                (experiments/repro/normaliser.py), test DGU@5 with 95% intervals
     figures.json                all of the above numbers, and the token groups' composition
-Definitions: scripts/repro_stats.py's docstring.
+Definitions: nanogdrt/stats.py's docstring. Layer: above the sections (robust.py, normaliser.py);
+report.py runs it (`python -m experiments.repro.report figures ...`).
 """
 
 import json
@@ -22,13 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
-from nanogdrt import files, grouping, metrics, relevance
+from experiments.repro.data import Rows, dataset_of, load_model, read_item_groups, top1_items
+from experiments.repro.normaliser import SOFTMAX, decode_folders
+from experiments.repro.robust import weight_points
+from experiments.repro.rows import best_valid, gdrt_row, parse_grid, row_names, sha256
+from nanogdrt import files, metrics, relevance
 from nanogdrt.analysis import plots
-from repro import best_valid, gdrt_row, parse_grid, sha256
-from repro_data import dataset_of, load_model, template_of
-from repro_report import row_names
-from repro_robust import weight_points
-from repro_stats import Rows, group_composition, interval, q_entropy, top1_items, weights
+from nanogdrt.analysis.analyze import AnalyzeConfig, analyze
+from nanogdrt.batches import make_examples
+from nanogdrt.data import load_dataset
+from nanogdrt.prompt import PromptBuilder
+from nanogdrt.stats import group_composition, interval, q_entropy, weights
+from nanogdrt.synthetic import config_for
 
 
 def analyze_runs(a, labels, out: Path, users_file: Path, item_group, ds) -> list[Path]:
@@ -69,7 +75,8 @@ def sensitivity(a, docs: Path, rows, sft_valid, sft_test, figs: Path) -> dict:
             if (f / "test_predictions.jsonl").exists():
                 c = rows.point(f.name)
                 test = {"test NDCG@5": c["NDCG@5"], "test DGU@5": c["DGU@5"]}
-            numbers[f"{g}:{t:g}"] = {"G": g, "tau": t, "valid NDCG@5": best_valid(f / "train_results.json")[0], **test}
+            numbers[f"{g}:{t:g}"] = {"G": g, "tau": t, "valid NDCG@5": best_valid(f / "train_results.json")["NDCG@5"],
+                                     **test}
     tested = lambda f: (f / "test_predictions.jsonl").exists()   # noqa: E731
     sft_dgu = [rows.point(f.name)["DGU@5"]
                for f in sorted(docs.glob("sft-s*")) if tested(f)]
@@ -103,24 +110,18 @@ def composition(a, labels, docs, ds_name, data_dir) -> list[dict] | None:
     cached; the run's training sample, G and seed), by position in the target."""
     if "GDRT" not in labels:
         return None
-    from nanogdrt.batches import make_examples
-    from nanogdrt.data import load_dataset
     cfg = json.loads((docs / labels["GDRT"] / "train_results.json").read_text())["config"]
-    from nanogdrt.synthetic import config_for
     ds = load_dataset(ds_name, data_dir=data_dir, train_file=cfg["train_file"], train_samples=cfg["train_samples"],
                       seed=cfg["seed"], synthetic=config_for(ds_name, cfg["synthetic_size"]))
-    _, model, tokenizer, PromptBuilder = load_model(cfg["model"], device=a.device)
-    builder = PromptBuilder(tokenizer, template_of(ds_name))
-    logprobs = relevance.catalogue_logprobs(model, builder, ds)
-    token_rel = relevance.token_relevance(logprobs, [x.target for x in ds.train])
-    groups = grouping.token_groups(token_rel, cfg["groups"], method=cfg["grouping"], seed=cfg["seed"])
+    _, model, tokenizer = load_model(cfg["model"], device=a.device)
+    builder = PromptBuilder(tokenizer, ds_name)
+    groups = relevance.dataset_groups(model, builder, ds, cfg["groups"], cfg["grouping"], cfg["seed"]).token_groups
     return group_composition(make_examples(builder, ds.train, ds.titles), groups, cfg["groups"], tokenizer)
 
 
 def softmax_figure(a, docs, rows, labels, figs) -> dict | None:
     """The diagnose phase at a glance: test DGU@5 of MSL, SFT and GDRT under each decoding, with 95%
     bootstrap intervals (each row on its own users)."""
-    from repro_normaliser import SOFTMAX, decode_folders
     folders, groups = decode_folders(docs, labels), {}
     for (softmax, lp) in (("vocab", 1), ("vocab", 0), ("allowed", 1), ("allowed", 0)):
         cells = {}
@@ -139,12 +140,11 @@ def softmax_figure(a, docs, rows, labels, figs) -> dict | None:
 
 
 def figures(a):
-    from nanogdrt.analysis import analyze
     docs, figs = Path(a.docs), Path(a.figures)
     figs.mkdir(parents=True, exist_ok=True)
     ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size)
-    item_group = {int(k): v for k, v in json.loads((docs / "item_groups.json").read_text()).items()}
-    labels = row_names(a)
+    item_group = read_item_groups(docs)
+    labels = row_names(docs, a.grid)
     numbers = {"rows": labels}
 
     # Fig. 3/8 for every row, on each row's own users (the targets of the first N of the draw).
@@ -155,7 +155,8 @@ def figures(a):
     plots.group_distribution(bars, figs / "fig3_rows_top1_groups.png")
     numbers["top1_group_distribution"] = bars
 
-    sft_valid = best_valid(docs / "sft-s0" / "train_results.json")[0] if (docs / "sft-s0" / "train_results.json").exists() else None
+    sft_results = docs / "sft-s0" / "train_results.json"
+    sft_valid = best_valid(sft_results)["NDCG@5"] if sft_results.exists() else None
     loaded = Rows(docs, ds.test, ds.titles, item_group)
     sft_test = loaded.point("sft-s0")["NDCG@5"] if "SFT" in labels else None
     numbers["sensitivity"] = sensitivity(a, docs, loaded, sft_valid, sft_test, figs)
@@ -190,8 +191,8 @@ def figures(a):
     else:
         runs = analyze_runs(a, labels, Path(a.runs) / "analyze", docs / "test_users.json", item_group, ds)
         if runs:
-            analyze.analyze(runs, figs / "analyze", model=a.model, dataset=a.dataset, data_dir=a.data_dir,
-                            examples=a.examples, device=a.device, heatmap_users=3)
+            analyze(runs, figs / "analyze", AnalyzeConfig(model=a.model, dataset=a.dataset, data_dir=a.data_dir,
+                                                          examples=a.examples, device=a.device, heatmap_users=3))
     files.write_json(figs / "figures.json", numbers)
     files.write_json(marker, {"figures": "analyze/analysis.json", "rows": labels, "tested": tested_rows(docs),
                               "analyze_inputs": inputs})

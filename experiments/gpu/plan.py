@@ -1,8 +1,8 @@
-"""The state folder of scripts/gpu_protocol.py: the plan, time estimates, chunk sizes, status,
+"""The state folder of the GPU protocol (experiments/gpu/protocol.py): the plan, time estimates, chunk sizes, status,
 and the process runner that holds every stage to the call's deadline.
 
 Functions over the folder's JSON files (no torch, no model), so `status` runs anywhere in a
-second and the chunk arithmetic is tested on its own.
+second and the chunk arithmetic is tested on its own. Layer: above transfer.py.
 """
 
 import collections
@@ -18,8 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
-from gpu_transfer import ROOT
-
+from experiments.gpu.transfer import ROOT
 from nanogdrt.files import write_json
 
 # The plan of the issue: real Toy, train_5000.csv, 5 epochs, 500 validation users per epoch,
@@ -100,7 +99,7 @@ def s_per_user(rates, dtype):
 
 
 def eval_estimate(rates, users, dtype):
-    """Seconds of one nanogdrt.recommend process over `users` users."""
+    """Seconds of one recommend.py process over `users` users."""
     return rates.get("eval_overhead_s", GUESS["eval_overhead_s"]) + users * s_per_user(rates, dtype)
 
 
@@ -243,7 +242,7 @@ def init_state(state: Path, values: dict, amend=False):
 def status_lines(state: Path) -> list[str]:
     state = Path(state)
     if not (state / "plan.json").exists():
-        return [f"{state}: no plan.json (python scripts/gpu_protocol.py init)"]
+        return [f"{state}: no plan.json (python -m experiments.gpu init)"]
     plan = json.loads((state / "plan.json").read_text())
     progress = json.loads((state / "progress.json").read_text())
     grid = ", ".join(f"{g}:{t}" for g, t in plan["grid"])
@@ -273,5 +272,5 @@ def status_lines(state: Path) -> list[str]:
     if progress["calls"] and progress["calls"][-1].get("stopped"):
         lines.append(f"last call stopped: {progress['calls'][-1]['stopped']}")
     lines.append(f"next: a `run` call (docs/gpu_protocol.md) starting at {first}" if first else
-                 "all stages done: `python scripts/gpu_protocol.py report` (CPU)")
+                 "all stages done: `python -m experiments.gpu report` (CPU)")
     return lines

@@ -4,8 +4,8 @@ title's own tokens instead of over every target token (opening quote, title, clo
 Scores Eq. 3 with the embedded model (the base model; read from the relevance cache when filled)
 and prints the count, plus the mean Eq. 3 score of the format tokens.
 
-    python scripts/eq2_title_tokens.py --dataset synthetic
-    python scripts/eq2_title_tokens.py --dataset toy --data-dir ../shared/data/toy
+    python -m tools.eq2_title_tokens --dataset synthetic
+    python -m tools.eq2_title_tokens --dataset toy --data-dir ../shared/data/toy
 """
 
 import argparse

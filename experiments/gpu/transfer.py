@@ -12,11 +12,12 @@ the `gguf` package that converts it and the Toy files must travel with the calls
     pack      (device)  a state folder -> state.tar.gz (in parts if large) + manifest.json (+ run.log)
     unpack    (here)    those files -> the state folder, checked by sha256, swapped in whole
 
-    python scripts/gpu_transfer.py prepare --data-dir ../shared/data/toy     # prints the device calls
-    python3 scripts/gpu_transfer.py setup --parts /tmp/ngd/parts --work /tmp/ngd
+    python -m experiments.gpu.transfer prepare --data-dir ../shared/data/toy     # prints the device calls
+    python3 -m experiments.gpu.transfer setup --parts /tmp/ngd/parts --work /tmp/ngd
 
 Everything is checked by sha256 on arrival; archives hold only files and folders (tarfile's
-"data" filter), and state folders only safetensors, JSON and gzipped JSON lines.
+"data" filter), and state folders only safetensors, JSON and gzipped JSON lines. The bottom layer
+of experiments/gpu (plan.py, protocol.py above it); it imports only nanogdrt.
 """
 
 import argparse
@@ -31,12 +32,13 @@ import sys
 import tarfile
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from nanogdrt.checkpoint import DEFAULT_DIR, download_gguf
+from nanogdrt.files import write_json
 
-from nanogdrt.files import write_json  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 MIB = 1 << 20
 TREE_LIMIT = 64 * MIB          # working tree + carried paths of one call
@@ -104,8 +106,6 @@ def extract(archive: Path, dest: Path):
 
 def gguf_wheel(dest: Path) -> Path:
     """The `gguf` wheel (pure Python) of the version installed here: from .whl/ or pip download."""
-    from importlib.metadata import version
-
     v = version("gguf")
     for folder in (ROOT / ".whl", dest):
         found = sorted(Path(folder).glob(f"gguf-{v}-*.whl"))
@@ -119,8 +119,6 @@ def gguf_wheel(dest: Path) -> Path:
 
 def prepare(data_dir: Path, train_file: str, margin_mib: float = 2.0, out: Path = PAYLOAD) -> dict:
     """Build .devpayload/1..n (each fits one call beside today's working tree); returns the manifest."""
-    from nanogdrt.checkpoint import DEFAULT_DIR, download_gguf
-
     data_files = ["id2name.json", train_file, "valid.csv", "test.csv"]
     missing = [f for f in data_files if not (data_dir / f).is_file()]
     if missing:
@@ -157,13 +155,13 @@ def device_calls(n_parts: int, budget_s: int = 540, timeout_s: int = 600) -> lis
     for k in range(1, n_parts):
         calls.append({"carry": [f".devpayload/{k}"], "timeout_s": 120,
                       "command": stash.format(k=k) + " && nvidia-smi --query-gpu=name,memory.total --format=csv"})
-    run = (f"python3 scripts/gpu_protocol.py run --from docs/gpu/protocol --state-dir {WORK}/state "
+    run = (f"python3 -m experiments.gpu run --from docs/gpu/protocol --state-dir {WORK}/state "
            f"--data-dir {WORK}/payload/data --model {WORK}/smollm2-135m-instruct --device cuda --compile "
            f"--since $S --budget-s {{budget}} --pack-to $OUT --log {WORK}/run.log 2>&1 | tee -a {WORK}/run.log; "
-           f"python3 scripts/gpu_protocol.py pack --state-dir {WORK}/state --log {WORK}/run.log --out $OUT")
+           f"python3 -m experiments.gpu pack --state-dir {WORK}/state --log {WORK}/run.log --out $OUT")
     head = "export PYTHONUNBUFFERED=1; S=$(date +%s); "
     calls.append({"carry": [f".devpayload/{n_parts}"], "timeout_s": timeout_s,
-                  "command": head + stash.format(k=n_parts) + f" && python3 scripts/gpu_transfer.py setup "
+                  "command": head + stash.format(k=n_parts) + f" && python3 -m experiments.gpu.transfer setup "
                   f"--parts {WORK}/parts --work {WORK} && " + run.format(budget=budget_s)})
     # Only on the same warm machine (within its 30 s): the model and the newer state are still in
     # /tmp. Size it to the device time left: budget-s = timeout_s - 60.

@@ -1,42 +1,49 @@
-"""Report of the GPU protocol (scripts/gpu_protocol.py): Table 2 with bootstrap intervals, on CPU.
+"""Report of the GPU protocol (experiments/gpu/protocol.py): Table 2 with bootstrap intervals, on CPU.
 
 Reads a state folder (the test predictions of the base model, SFT and the chosen GDRT, the item
 groups the device computed, the validation of every run, the stages' wall times) and writes
 report.md and report.json beside them: the section "Paper protocol on one GPU" of
 docs/results.md is taken from report.md. A protocol still in progress gets the rows tested so
-far, marked as such, so each session's progress is readable. The bootstrap is scripts/repro.py's
-(users resampled, GDRT - SFT paired on the same resamples).
+far, marked as such, so each session's progress is readable. The bootstrap is the reproduction's
+(nanogdrt/stats.py: users resampled, GDRT - SFT paired on the same resamples). Layer: above plan.py.
 """
 
 import gzip
 import json
 from pathlib import Path
 
-from gpu_plan import is_done, read_jsonl_gz, run_names, stage_names
-
-import repro
+from experiments.gpu.plan import is_done, read_jsonl_gz, run_names, stage_names
+from nanogdrt import stats
+from nanogdrt.data import load_dataset
+from nanogdrt.stats import SELECT_KEYS, TABLE_KEYS
 
 NAMES = {"base model": "base", "SFT": "sft"}
 
 
-def report(state: Path, data_dir, n_boot=1000):
-    from nanogdrt.data import load_dataset
+def bootstrap(models: dict, titles, item_group, n_boot=1000, seed=0) -> dict:
+    """{name: (records, by_row)} -> point estimates and 95% intervals over users, and the paired
+    GDRT - SFT only (the table's rows)."""
+    users = {name: stats.Users(records, by_row, titles, item_group) for name, (records, by_row) in models.items()}
+    table = stats.bootstrap(users, "SFT", n_boot, seed)
+    return {k: v for k, v in table.items() if " - " not in k or k == "GDRT - SFT"}
 
+
+def report(state: Path, data_dir, n_boot=1000):
     plan = json.loads((state / "plan.json").read_text())
     progress = json.loads((state / "progress.json").read_text())
     chosen = progress.get("selection", {}).get("run")
     folders = {**NAMES, **({f"GDRT ({chosen[5:]})": chosen} if chosen else {})}
     tested = {name: f for name, f in folders.items() if (state / f / "test_predictions.jsonl.gz").exists()}
     if not tested:
-        raise SystemExit(f"{state}: no test predictions yet (python scripts/gpu_protocol.py status)")
+        raise SystemExit(f"{state}: no test predictions yet (python -m experiments.gpu status)")
     todo = [name for name in stage_names(plan) if not is_done(state, progress, name)]
     dataset = load_dataset(plan["dataset"], data_dir=data_dir, train_file=plan["train_file"])
     item_group = {int(k): v for k, v in json.loads((state / "item_groups.json").read_text()).items()}
-    models = {("GDRT" if f == chosen else name): repro.user_table(read_jsonl_gz(state / f / "test_predictions.jsonl.gz"),
-                                                                   dataset)
+    by_row = {x.row: x for x in dataset.test}
+    models = {("GDRT" if f == chosen else name): (read_jsonl_gz(state / f / "test_predictions.jsonl.gz"), by_row)
               for name, f in tested.items()}
-    table = repro.bootstrap(models, dataset.titles, item_group, n_boot, plan["seed"])
-    keys = repro.TABLE_KEYS
+    table = bootstrap(models, dataset.titles, item_group, n_boot, plan["seed"])
+    keys = TABLE_KEYS
 
     calls = progress["calls"]
     devices = sorted({c["device"] for c in calls})
@@ -68,12 +75,12 @@ def report(state: Path, data_dir, n_boot=1000):
         valid[name] = {"best_epoch": st["best"]["epoch"], "epochs": [e["valid"] for e in st["epochs"]]}
         mark = " (chosen)" if name == chosen else ""
         valid_lines.append(f"| {name}{mark} | {st['best']['epoch']} | "
-                           + " | ".join(f"{best[k]:.4f}" for k in repro.SELECT_KEYS) + " |")
+                           + " | ".join(f"{best[k]:.4f}" for k in SELECT_KEYS) + " |")
 
     if valid_lines:
         lines += ["", f"Validation ({plan['valid_users']} users per epoch); best epoch by NDCG@5:", "",
-                  "| run | best epoch | " + " | ".join(f"valid {k}" for k in repro.SELECT_KEYS) + " |",
-                  "|---" * (len(repro.SELECT_KEYS) + 2) + "|"] + valid_lines
+                  "| run | best epoch | " + " | ".join(f"valid {k}" for k in SELECT_KEYS) + " |",
+                  "|---" * (len(SELECT_KEYS) + 2) + "|"] + valid_lines
     lines += ["", "Wall time per stage (device seconds, summed over calls; one process per chunk):", "",
               "| stage | seconds | processes | command (first chunk) |", "|---|---|---|---|"]
     for name in stage_names(plan):

@@ -11,7 +11,7 @@ embeddings) with the real tokenizer from `--tokenizer-dir`:
   5. `train.py --device cuda` end to end on the synthetic data, both methods
   6. beam search speed, fp32 vs bf16, with and without cuDNN attention in the beam tree
 
-    python scripts/device_check.py --tokenizer-dir DIR [--out DIR]
+    python -m experiments.gpu.device_check --tokenizer-dir DIR [--out DIR]
 """
 
 import argparse
@@ -26,10 +26,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from nanogdrt.llama import Llama, LlamaConfig
 
-from nanogdrt.llama import Llama, LlamaConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 RESULTS = {}
 
@@ -129,8 +128,7 @@ def beam(model_dir):
 
 @check("4_train_step")
 def train_step(model_dir):
-    sys.path.insert(0, str(ROOT / "bench"))
-    import bench_train
+    from bench import bench_train   # the benchmark's own step functions (bench/ beside experiments/)
 
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):

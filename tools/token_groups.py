@@ -1,11 +1,12 @@
 """Before training GDRT on a dataset: what its token groups hold, and where Eq. 5 will put the weight.
 
-    python scripts/token_groups.py --dataset toy --data-dir ../shared/data/toy --groups 5
-    python scripts/token_groups.py <any train.py options> --taus 0.2,0.5,1,2,5 --json groups.json
+    python -m tools.token_groups --dataset toy --data-dir ../shared/data/toy --groups 5
+    python -m tools.token_groups <any train.py options> --taus 0.2,0.5,1,2,5 --json groups.json
 
-It takes train.py's options, so it builds the very token groups train.py would (Eq. 3 under the
-base model, with the history replaced by "N/A"; 1-D k-means; group 1 = the highest relevance to
-the auxiliary tokens, G = the lowest), and prints for each group:
+It takes train.py's options and builds the very token groups train.py would, the same way
+(relevance.dataset_groups: Eq. 3 under the base model, with the history replaced by "N/A"; 1-D
+k-means; group 1 = the highest relevance to the auxiliary tokens, G = the lowest), and prints for
+each group:
   - its tokens, their mean Eq. 3 relevance, their position in the target (opening quote, first
     title token, later title tokens, closing quote, EOS) and its most frequent tokens;
   - L(g), the base model's mean NLL of the group's tokens *with* the history: the group losses of
@@ -28,19 +29,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import train  # noqa: E402  (train.py's loaders, so the groups are train.py's own)
-from nanogdrt import files
-from nanogdrt.infra import validate  # noqa: E402
-from nanogdrt.batches import collate, make_examples  # noqa: E402
-from nanogdrt.infra.config import parse_args  # noqa: E402
-from nanogdrt.loss import gdrt_from_sums  # noqa: E402
-from nanogdrt.baselines.methods import TargetLoss, totals  # noqa: E402
-from repro_stats import group_composition, q_entropy  # noqa: E402
-from repro_robust import token_cell  # noqa: E402
+from nanogdrt import files, relevance, synthetic
+from nanogdrt.baselines.methods import TargetLoss
+from nanogdrt.batches import collate, make_examples
+from nanogdrt.checkpoint import ensure_embedded_checkpoint
+from nanogdrt.data import load_dataset
+from nanogdrt.infra import validate
+from nanogdrt.infra.config import parse_args
+from nanogdrt.llama import Llama
+from nanogdrt.loss import GroupTotals, group_sums_and_counts, group_weights
+from nanogdrt.prompt import PromptBuilder
+from nanogdrt.stats import group_composition, q_entropy, token_cell
+from nanogdrt.tokenizer import Tokenizer
 
 
 def group_totals(model, examples, token_groups, n_groups, pad_id, device, batch_size=8):
@@ -51,9 +51,22 @@ def group_totals(model, examples, token_groups, n_groups, pad_id, device, batch_
     with torch.no_grad():
         for s in tqdm(range(0, len(order), batch_size), desc="L(g) under the base model", unit="batch"):
             ids, mask, groups = collate(examples, token_groups, order[s:s + batch_size], pad_id, device)
-            t = totals(net(ids, mask).nll, groups[mask], n_groups)
+            t = group_sums_and_counts(net(ids, mask).nll, groups[mask], n_groups)
             sums, counts = sums + t.sums.cpu(), counts + t.counts.cpu()
     return sums, counts
+
+
+def load(cfg):
+    """The dataset, base model, tokenizer and prompt builder that train.py loads for `cfg`."""
+    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_file=cfg.train_file,
+                           train_samples=cfg.train_samples, valid_samples=cfg.valid_users,
+                           test_samples=cfg.test_users, seed=cfg.seed, skip_bad=cfg.skip_bad,
+                           synthetic=synthetic.config_for(cfg.dataset, cfg.synthetic_size))
+    model_dir = Path(cfg.model) if cfg.model else ensure_embedded_checkpoint()
+    model = Llama.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+    tokenizer = Tokenizer(model_dir)
+    print(f"{cfg.dataset}: {len(dataset.titles)} items, {len(dataset.train)} train windows; model {model_dir}")
+    return dataset, model, tokenizer, PromptBuilder(tokenizer, dataset.name)
 
 
 def temperatures(text: str) -> list[float]:
@@ -76,8 +89,8 @@ def main(argv=None):
         print("  --taus TAUS  Eq. 5 temperatures to show Q(g) at (default 0.2,0.5,1,2,5)")
         print("  --json FILE  also write the numbers to FILE\n")
     cfg = parse_args(rest, "train.py's options (only the data, model and grouping ones are used here)")
-    dataset, _, model, tokenizer, builder, _ = train.load_data_and_model(cfg, print)
-    token_groups, _, token_rel = train.relevance_groups(model, builder, dataset, cfg.groups, cfg.grouping, cfg.seed)
+    dataset, model, tokenizer, builder = load(cfg)
+    token_groups, _, token_rel = relevance.dataset_groups(model, builder, dataset, cfg.groups, cfg.grouping, cfg.seed)
     examples = make_examples(builder, dataset.train, dataset.titles)
     G = cfg.groups
     comp = group_composition(examples, token_groups, G, tokenizer)
@@ -85,7 +98,7 @@ def main(argv=None):
     mean_rel = [float(rel[grp == g].mean()) if (grp == g).any() else float("nan") for g in range(1, G + 1)]
     sums, counts = group_totals(model, examples, token_groups, G, tokenizer.pad_id, cfg.device, cfg.batch_size)
     L, present = sums / counts.clamp(min=1), counts > 0
-    Q = {tau: gdrt_from_sums(sums, counts, tau).q for tau in own.taus}          # Eq. 5, as training computes it
+    Q = {tau: group_weights(GroupTotals(sums, counts), tau) for tau in own.taus}   # Eq. 5, as training computes it
     effective = dict(zip(own.taus, q_entropy([{"q": Q[t].tolist()} for t in own.taus])))   # exp(H(Q))
 
     names = [k for k in comp[0] if k not in ("group", "tokens", "top_tokens")]

@@ -10,22 +10,23 @@ resumable, and every call runs as many as its budget allows (docs/gpu_protocol.m
                 the run's dtype (unless the plan fixes it)
     groups      Eq. 2 relevance of every title under the base model -> the item groups of MGU/DGU
                 (and Eq. 3's cache, which train.py then reads instead of scoring again)
-    base-test   the base model on the test split, in chunks of rows (nanogdrt.recommend --rows)
+    base-test   the base model on the test split, in chunks of rows (recommend.py --rows)
     train:NAME  SFT, then GDRT for each (G, tau) of the grid: train.py --no-test, in chunks
                 (--max-steps / --resume) sized to the time left; validation after each epoch
-    select      the GDRT run with the best validation NDCG@5 (ties: NDCG@10, then HR@10)
+    select      the GDRT run with the best validation NDCG@5 (ties: NDCG@10, then HR@10; nanogdrt.stats.choose)
     test:sft, test:gdrt   the best epoch's adapter on the test split, in chunks of rows
 
-    python scripts/gpu_protocol.py status                      # what is done, what the next call does
-    python3 scripts/gpu_protocol.py run --from docs/gpu/protocol --state-dir /tmp/ngd/state \\
+    python -m experiments.gpu status                      # what is done, what the next call does
+    python3 -m experiments.gpu run --from docs/gpu/protocol --state-dir /tmp/ngd/state \\
         --data-dir D --model M --device cuda --budget-s 540    # on the device
-    python scripts/gpu_protocol.py report --data-dir ../shared/data/toy   # here: bootstrap table
+    python -m experiments.gpu report --data-dir ../shared/data/toy   # here: bootstrap table
 
 A stage whose output exists is skipped; a stage that does not fit the time left is not started
 (training stops at a planned step; a process still running at the deadline gets SIGTERM, on which
 train.py checkpoints after the step in flight, and SIGKILL 15 s later; its last checkpoint resumes
 it). State: plan.json (fixed at `init`), progress.json (times, measured rates, decisions), one
-folder per model; safetensors, JSON and gzipped JSON lines only.
+folder per model; safetensors, JSON and gzipped JSON lines only. Layer: the top of experiments/gpu
+(transfer.py, plan.py, report.py below it); `python -m experiments.gpu` runs its main().
 """
 
 import argparse
@@ -38,15 +39,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import gpu_transfer  # noqa: E402
-from nanogdrt.files import write_json  # noqa: E402
-from gpu_plan import (GUESS, PLAN_DEFAULTS, Stopped, eval_estimate, init_state, invoke, is_done,  # noqa: E402
-                      list_agreement, plan_chunk, read_jsonl_gz, run_name, stage_names, status_lines, sync_in,
-                      train_state, valid_seconds, write_jsonl_gz)
+from experiments.gpu import transfer
+from experiments.gpu.plan import (GUESS, PLAN_DEFAULTS, Stopped, eval_estimate, init_state, invoke, is_done,
+                                  list_agreement, plan_chunk, read_jsonl_gz, run_name, stage_names, status_lines,
+                                  sync_in, train_state, valid_seconds, write_jsonl_gz)
+from experiments.gpu.report import report
+from experiments.gpu.transfer import ROOT
+from nanogdrt.files import write_json
+from nanogdrt.stats import SELECT_KEYS, choose
 
 STATE = ROOT / "docs" / "gpu" / "protocol"
 GRACE_S = 15            # a process still running this long after the deadline is killed
@@ -76,7 +76,7 @@ class Run:
     def pack(self, every_s=60):
         """Pack the state into --pack-to now and then, so that a call cut short still returns it."""
         if self.pack_to and time.time() - self.packed >= every_s:
-            gpu_transfer.pack(self.state, self.pack_to, self.log)
+            transfer.pack(self.state, self.pack_to, self.log)
             self.packed = time.time()
 
     def left(self) -> float:
@@ -126,7 +126,7 @@ class Run:
 
     # --------------------------------------------------------------- evaluation
     def recommend(self, stage, split, rows_or_users, out, dtype=None, adapter=None):
-        argv = ["-m", "nanogdrt.recommend", "--dataset", self.plan["dataset"], "--data-dir", self.data_dir,
+        argv = ["recommend.py", "--dataset", self.plan["dataset"], "--data-dir", self.data_dir,
                 "--model", self.model, "--split", split, *rows_or_users, "--seed", str(self.plan["seed"]),
                 "--beams", str(self.plan["beams"]), "--batch-size", str(self.plan["eval_batch_size"]),
                 "--dtype", dtype or self.dtype, "--device", self.device, "--no-fairness", "--out", str(out)]
@@ -204,18 +204,18 @@ class Run:
         if path.exists():
             return True
         self.require(self.rate("groups_s"), "groups")
-        import torch
+        import torch   # heavy: `status` and `report` run without it
 
+        from nanogdrt import relevance
         from nanogdrt.llama import Llama
         from nanogdrt.prompt import PromptBuilder
-        from nanogdrt import grouping, relevance
         from nanogdrt.tokenizer import Tokenizer
         start = time.time()
         model = Llama.from_pretrained(self.model, dtype=getattr(torch, self.dtype), device=self.device)
         builder = PromptBuilder(Tokenizer(self.model), self.plan["dataset"])
         os.environ["NANOGDRT_CACHE"] = str(self.state / "relevance-cache")   # the cache train.py then reads
-        logprobs = relevance.catalogue_logprobs(model, builder, self.dataset, progress=False)
-        write_json(path, {str(k): v for k, v in grouping.item_groups(relevance.item_scores(logprobs)).items()})
+        item_group = relevance.dataset_item_groups(model, builder, self.dataset, progress=False)
+        write_json(path, {str(k): v for k, v in item_group.items()})
         del model
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -278,16 +278,15 @@ class Run:
     def select(self) -> bool:
         if "selection" in self.progress:
             return True
-        import repro
         scores = {}
         for g, tau in self.plan["grid"]:
             with gzip.open(self.state / run_name("gdrt", g, tau) / "trainer_state.json.gz", "rt") as f:
                 st = json.load(f)
             best = next(e["valid"] for e in st["epochs"] if e["epoch"] == st["best"]["epoch"])
             scores[run_name("gdrt", g, tau)] = {"G": g, "tau": tau, "best_epoch": st["best"]["epoch"],
-                                                **{k: best[k] for k in repro.SELECT_KEYS}}
-        chosen = max(scores, key=lambda n: tuple(scores[n][k] for k in repro.SELECT_KEYS))
-        self.progress["selection"] = {"run": chosen, "by": list(repro.SELECT_KEYS), "grid": scores}
+                                                **{k: best[k] for k in SELECT_KEYS}}
+        chosen = choose(scores)
+        self.progress["selection"] = {"run": chosen, "by": list(SELECT_KEYS), "grid": scores}
         print(f"select: {chosen} ({scores[chosen]})")
         return True
 
@@ -395,12 +394,11 @@ def main(argv=None):
     elif args.cmd == "status":
         print("\n".join(status_lines(Path(args.state_dir))))
     elif args.cmd == "pack":
-        gpu_transfer.pack(Path(args.state_dir), args.out, args.log)
+        transfer.pack(Path(args.state_dir), args.out, args.log)
     elif args.cmd == "unpack":
-        gpu_transfer.unpack(args.source, Path(args.state_dir), args.force)
+        transfer.unpack(args.source, Path(args.state_dir), args.force)
         print("\n".join(status_lines(Path(args.state_dir))))
     else:
-        from gpu_report import report
         report(Path(args.state_dir), args.data_dir, args.bootstrap)
 
 

@@ -1,7 +1,7 @@
 """The robustness part of the reproduction's report (docs/results.md): training seeds, what GDRT
 trains on (Q over training, the loss spread, the token groups' composition), the G x tau grid
 against SFT, our uniform-Q control against GDRT, and the item groups' link to title length.
-scripts/repro_report.py assembles the report.
+A section of the report (experiments/repro/report.py assembles it); layer: above rows.py and data.py.
 """
 
 import json
@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from repro import SELECT_KEYS, TABLE_KEYS, best_valid, control_row, gdrt_row, parse_grid
-from repro_stats import (effect_word, fmt, group_weight, paired, point, q_entropy, q_summary, spearman,
-                         top1_items, verdict_cell, welch_interval)
+from experiments.repro.data import top1_items, top1_summary
+from experiments.repro.rows import SELECT_KEYS, TABLE_KEYS, best_valid, control_row, gdrt_row, parse_grid
+from nanogdrt.metrics import N_ITEM_GROUPS
+from nanogdrt.stats import (effect_word, fmt, group_weight, paired, point, q_entropy, q_summary, spearman, token_cell,
+                            verdict_cell, welch_interval)
 
 
 CONTROL = "uniform Q (control)"
@@ -135,11 +137,6 @@ def trains_on_section(a, docs):
     return L
 
 
-def token_cell(token: str) -> str:
-    """A token as a Markdown table cell shows it: quoted (leading spaces and EOS stay visible), pipes escaped."""
-    return json.dumps(token, ensure_ascii=False).replace("|", "\\|")
-
-
 def grid_section(a, docs, rows, sft, seeds=None):
     """Fig. 10/11 as a table: every grid point's validation scores (the selection), its test scores,
     its paired difference against SFT of the same seed (`sft`: sft-s0's users, or None), and how
@@ -155,7 +152,7 @@ def grid_section(a, docs, rows, sft, seeds=None):
     effects = []
 
     def row(f, g, tau_cell):
-        v = best_valid(f / "train_results.json")
+        valid = best_valid(f / "train_results.json")
         eff = np.nanmean(q_entropy(json.loads((f / "train_results.json").read_text())["steps"]))
         test = "- | - | - | -"
         if (f / "test_predictions.jsonl").exists():
@@ -168,7 +165,8 @@ def grid_section(a, docs, rows, sft, seeds=None):
                 effects.append({k: effect_word(d[k], k) for k in ("NDCG@10", "DGU@5")})
             else:
                 test += " | - | -"
-        return f"| {g} | {tau_cell} | " + " | ".join(f"{x:.4f}" for x in v) + f" | {eff:.2f} | {test} |"
+        scores = " | ".join(f"{valid[k]:.4f}" for k in SELECT_KEYS)
+        return f"| {g} | {tau_cell} | {scores} | {eff:.2f} | {test} |"
 
     for g, t in parse_grid(a.grid):
         f = docs / gdrt_row(g, t)
@@ -275,28 +273,12 @@ def weight_section(a, docs, rows) -> list[str]:
     return L
 
 
-def title_lengths(builder, titles, item_group) -> dict[int, int]:
-    """item -> its title's tokens without quotes and EOS: the tokens Eq. 2 averages."""
-    from nanogdrt.relevance import title_token_mask
-    return {i: int(title_token_mask(builder, titles[i]).sum()) for i in item_group}
-
-
-def top1_summary(items, item_group, length) -> dict:
-    """Users' top-1 items (those with an item group): their mean title length (`length`: title_lengths),
-    the share in each item group, how many different items and how many in all."""
-    from nanogdrt.metrics import group_distribution
-    items = [i for i in items if i in item_group]
-    return {"mean_length": float(np.mean([length[i] for i in items])),
-            "share": group_distribution(items, item_group), "distinct": len(set(items)), "n": len(items)}
-
-
 def title_length_section(docs, labels, item_group, length, targets) -> list[str]:
     """Item groups and title length (our measurement): Eq. 2 averages a title's token relevance, and
     the later tokens of a long title are easy to predict from its prefix, so the item groups of
     MGU/DGU also sort the catalogue by title length. A row's fairness can move with the length of
     the titles it ranks first, which this section lets a reader check. `length`: title_lengths;
     `targets`: the test users' target items, the first row of the second table."""
-    from nanogdrt.metrics import N_ITEM_GROUPS
     groups = range(1, N_ITEM_GROUPS + 1)
     L = ["", "## Item groups and title length (our measurement)", "",
          "Eq. 2 averages the relevance of a title's tokens to the auxiliary tokens, and the later tokens of a long "

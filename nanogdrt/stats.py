@@ -1,6 +1,7 @@
-"""The reproduction's statistics: per-user metric terms, the bootstrap over test users, the paired
-difference of two rows, the verdict rule, the Welch interval over training seeds, and what GDRT's
-weights Q did over a run. docs/results.md's numbers; scripts/repro_report.py renders them.
+"""Statistics of the results, shared by the tutorials and the research harness (experiments/repro,
+experiments/gpu): per-user metric terms, the bootstrap over test users, the paired difference of two
+rows, the verdict rule, the Welch interval over training seeds, and what GDRT's weights Q did over
+a run. docs/results.md's numbers come from here; tutorials 03 and 06 use the same functions.
 
 Definitions:
 - Cells: the metric on a row's test users, [bootstrap 95% percentile interval], B resamples of users.
@@ -11,8 +12,9 @@ Definitions:
 - Verdict of a claim "A beats B on M" (higher NDCG/HR, lower MGU/DGU): reproduced when the 95%
   interval of A - B lies wholly on the claimed side of 0; not reproduced when it lies wholly on
   the other side; not resolved at this scale when it contains 0.
+- Selection: the run with the highest validation NDCG@5, ties broken by NDCG@10, then HR@10.
 - Seeds: the Welch t 95% interval of the difference of two rows' seed means.
-- Q entropy: per optimizer step, H(Q) = -sum_g Q(g) log Q(g) of the logged GDRT weights and the
+- Q entropy: per optimizer step, H(Q) = -sum_g Q(g) log Q(g) of the logged GDRT weights (Eq. 5) and the
   effective number of groups exp(H(Q)) (G when uniform, 1 when one group takes all the weight).
 - Group composition: for each token group, the share of its target-token occurrences at each
   position of the target '"Title"' + EOS: opening quote (the tokens before the first one with
@@ -23,34 +25,25 @@ Definitions:
 import json
 import math
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
 from nanogdrt import metrics
-from repro import TABLE_KEYS
+from nanogdrt.attribution import first_title_token
 
+# The metrics of the report's tables, in their column order; fairness (MGU/DGU) is better lower.
+TABLE_KEYS = ["NDCG@5", "NDCG@10", "HR@5", "HR@10", "MGU@5", "DGU@5"]
 LOWER_IS_BETTER = {"MGU@5", "DGU@5"}
+# Choosing a run on validation (GDRT's (G, tau), MSL's tau; in the reproduction and the GPU protocol
+# alike): NDCG@5, the paper's criterion, ties broken by NDCG@10, then HR@10 (ties at 0 are common
+# at this scale).
+SELECT_KEYS = ("NDCG@5", "NDCG@10", "HR@10")
 
 
-class Rows:
-    """The committed row folders of docs/repro as Users, each read and scored once: the report's
-    sections and the figures ask for the same rows (sft-s0 above all) several times."""
-
-    def __init__(self, docs, test, titles, item_group):
-        self.docs, self.by_row, self.titles, self.item_group = Path(docs), {x.row: x for x in test}, titles, item_group
-        self._users = {}
-
-    def users(self, folder) -> "Users":
-        """docs/repro/<folder>/test_predictions.jsonl as Users."""
-        if folder not in self._users:
-            lines = (self.docs / folder / "test_predictions.jsonl").read_text().splitlines()
-            self._users[folder] = Users([json.loads(x) for x in lines], self.by_row, self.titles, self.item_group)
-        return self._users[folder]
-
-    def point(self, folder) -> dict:
-        """The row's metrics on all of its users."""
-        return point(self.users(folder))
+def choose(valid: dict[str, dict]) -> str:
+    """The selection rule, its one owner: {run: validation metrics} -> the run whose metrics are
+    highest, compared by SELECT_KEYS in order; on a full tie, the first in `valid`'s order."""
+    return max(valid, key=lambda run: tuple(valid[run][k] for k in SELECT_KEYS))
 
 
 def fmt(c):
@@ -137,13 +130,6 @@ def verdict(point_lo_hi, metric) -> str:
     return "not resolved at this scale"
 
 
-def top1_items(docs, folder) -> list[int]:
-    """The first recommendation of each user in docs/repro/<folder>/test_predictions.jsonl (users
-    with an empty list skipped)."""
-    lines = (Path(docs) / folder / "test_predictions.jsonl").read_text().splitlines()
-    return [r["topk_item_ids"][0] for r in map(json.loads, lines) if r["topk_item_ids"]]
-
-
 def verdict_cell(c, metric) -> str:
     """A Verdicts cell: the verdict, then the difference and its interval, so that a reader (and
     README) can quote the interval the verdict rests on."""
@@ -205,7 +191,6 @@ def q_summary(steps, tau) -> dict:
 def group_composition(examples, token_groups, n_groups, tokenizer, top: int = 8) -> list[dict]:
     """Per token group, the share of its target tokens at each position of the target, and its `top`
     most frequent tokens with their share of the group (what "the tokens GDRT weights" look like)."""
-    from nanogdrt.attribution import first_title_token
     names = ["opening quote", "first title token", "later title tokens", "closing quote", "EOS"]
     counts = np.zeros((n_groups, len(names)))
     tokens = [Counter() for _ in range(n_groups)]
@@ -250,3 +235,6 @@ def effect_word(c, metric) -> str:
     return {"reproduced": "helps", "not reproduced": "hurts"}.get(verdict(c, metric), "no resolved difference")
 
 
+def token_cell(token: str) -> str:
+    """A token as a Markdown table cell shows it: quoted (leading spaces and EOS stay visible), pipes escaped."""
+    return json.dumps(token, ensure_ascii=False).replace("|", "\\|")

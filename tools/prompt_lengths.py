@@ -3,8 +3,8 @@
 The generation prompt is what beam search prefills; "with target" adds the quoted title + EOS that
 the loss sees in training. Useful to size batches and the KV cache.
 
-    python scripts/prompt_lengths.py --dataset toy --split test --data-dir ../shared/data/toy
-    python scripts/prompt_lengths.py --dataset toy --split train --train-file train_1000.csv --data-dir ../shared/data/toy
+    python -m tools.prompt_lengths --dataset toy --split test --data-dir ../shared/data/toy
+    python -m tools.prompt_lengths --dataset toy --split train --train-file train_1000.csv --data-dir ../shared/data/toy
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """Why is MSL the least fair LLM row? The softmax its decoding scores with (our diagnostic, not the paper's).
 
-    python scripts/repro.py --data-dir ../shared/data/toy --stages diagnose    # the decodes and `mass`
-    python scripts/repro_normaliser.py mass --dataset toy --data-dir ../shared/data/toy \
+    python -m experiments.repro --data-dir ../shared/data/toy --stages diagnose    # the decodes and `mass`
+    python -m experiments.repro.normaliser mass --dataset toy --data-dir ../shared/data/toy \
         --rows base,sft-s0,msl-tau1-s0 --users-file docs/repro/test_users.json --out docs/repro/allowed_mass.json
 
 MSL's loss (nanogdrt/baselines/msl.py) is the cross-entropy of a softmax over the trie's allowed
@@ -20,7 +20,7 @@ the mass the full softmax puts on the allowed set. MSL's loss cannot see the sec
 over A_t is unchanged by any logit outside A_t and by a common shift of those inside), while SFT's
 loss pushes it toward 0 on every training title. At a forced position it is the whole score.
 
-The test: the phase `diagnose` of scripts/repro.py decodes the chosen MSL row and SFT again on
+The test: the phase `diagnose` of experiments/repro decodes the chosen MSL row and SFT again on
 the same test users with `--normaliser allowed` (nanogdrt.beam.Scoring): every step's softmax over
 the allowed tokens, the distribution MSL's loss trains (at tau 1), so a forced token scores log 1 = 0
 and only the branching positions rank the titles. Length normalisation interferes: with the
@@ -31,27 +31,27 @@ SFT's vocabulary decode with length_penalty 0 is the SFT+D3 row (alpha 0, so the
 If the untrained term makes MSL unfair, MSL - SFT on DGU@5 shrinks toward 0 under `allowed`; if it
 stays, MSL's trained choices at the branching positions carry the unfairness. On Toy it shrinks to
 no resolved difference (docs/results.md). The `mass` command measures the term itself on the test
-targets (teacher-forced), per item group of the target.
+targets (teacher-forced), per item group of the target. A section of the report and the `mass`
+stage's command; layer: above rows.py and data.py.
 """
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from nanogdrt import files  # noqa: E402
-from nanogdrt.infra import run_folder  # noqa: E402
-from nanogdrt.loss import target_logits  # noqa: E402
-from repro import TABLE_KEYS  # noqa: E402
-from repro_stats import effect_word, fmt, paired, top1_items  # noqa: E402
+from experiments.repro.data import dataset_of, load_model, prompt_builder, top1_items, top1_summary
+from experiments.repro.rows import TABLE_KEYS
+from nanogdrt import files
+from nanogdrt.infra import run_folder
+from nanogdrt.loss import target_logits
+from nanogdrt.metrics import N_ITEM_GROUPS
+from nanogdrt.stats import effect_word, fmt, paired
+from nanogdrt.trie import Trie
 
 # row label -> {(softmax, length_penalty): docs/repro folder}; (vocab, 1) is the report's own row.
 DECODES = {"MSL": {("allowed", 1): "msl-allowed", ("vocab", 0): "msl-lp0", ("allowed", 0): "msl-allowed-lp0"},
@@ -89,7 +89,6 @@ def allowed_mass(model, builder, trie, interactions, titles, batch_size=16, prog
     sum over target positions t of log P_vocab(A_t) = logsumexp of the allowed logits - logsumexp
     of all logits, summed apart over forced positions (|A_t| = 1: there it is the token's whole
     score) and branching ones. Returns {"rows", "forced", "branching", "n_forced", "n_branching"}."""
-    from tqdm import tqdm
     device = model.lm_head.weight.device
     trie.to(device)
     out = {"rows": [x.row for x in interactions], "forced": [], "branching": [], "n_forced": [], "n_branching": []}
@@ -119,14 +118,13 @@ def allowed_mass(model, builder, trie, interactions, titles, batch_size=16, prog
 def mass_section(docs, item_group, by_row) -> list[str]:
     """The measured term per target item group (docs/repro/allowed_mass.json, `mass` command), in
     nats per position: under length_penalty 1 a title's score is a mean over its positions."""
-    from nanogdrt.metrics import N_ITEM_GROUPS
     f = Path(docs) / "allowed_mass.json"
     if not f.exists():
         return []
     mass = json.loads(f.read_text())
     groups = range(1, N_ITEM_GROUPS + 1)
     L = ["", f"The term itself, on the test users' target titles ({mass['users']} users, teacher-forced; `python "
-         "scripts/repro_normaliser.py mass`): log P_vocab(A_t) in nats per position, pooled over the users whose "
+         "-m experiments.repro.normaliser mass`): log P_vocab(A_t) in nats per position, pooled over the users whose "
          "target is in each item group, at forced and at branching positions. 0: all of the model's mass is on "
          "catalogue continuations; the more negative, the more a title's vocabulary-softmax score loses to it.", "",
          "| model | positions | " + " | ".join(f"group {g}" for g in groups) + " | all |",
@@ -149,10 +147,8 @@ def normaliser_section(a, docs, rows, labels, item_group, length, trie) -> list[
     """The report's section: MSL and SFT under each softmax and length normalisation, paired on
     the same users.
 
-    rows: repro_stats.Rows; labels: report label -> folder; length: item -> title tokens (Eq. 2's);
+    rows: data.Rows; labels: report label -> folder; length: item -> title tokens (Eq. 2's);
     trie: the catalogue's trie (for the share of forced positions per item group)."""
-    from nanogdrt.metrics import N_ITEM_GROUPS
-    from repro_robust import top1_summary
     folders = decode_folders(docs, labels)
     if not any(len(f) > 1 for f in folders.values()):
         return []
@@ -168,7 +164,7 @@ def normaliser_section(a, docs, rows, labels, item_group, length, trie) -> list[
          "decoding) are decoded again on the same test users with each step's "
          "softmax over the allowed tokens (`--normaliser allowed`: a forced token scores 0), with the lineage's "
          "length normalisation (lp 1: the mean over a title's tokens) and without it (lp 0: the sum). A diagnostic, "
-         "not a decoding of any paper; scripts/repro_normaliser.py says what each outcome would mean.", "",
+         "not a decoding of any paper; experiments/repro/normaliser.py says what each outcome would mean.", "",
          "Share of target positions with a single continuation (quotes and EOS included, as MSL's loss counts "
          "them), mean over each item group's titles:", "",
          "| item group | " + " | ".join(str(g) for g in groups) + " |", "|---" * (N_ITEM_GROUPS + 1) + "|",
@@ -207,8 +203,6 @@ def normaliser_section(a, docs, rows, labels, item_group, length, trie) -> list[
 def mass(a):
     """The `mass` command: allowed_mass of each --rows folder's adapter ("base": none) on the
     first --n users of test_users.json, into one JSON file."""
-    from nanogdrt.trie import Trie
-    from repro_data import dataset_of, load_model, prompt_builder
     rows = a.rows.split(",")
     for path in [Path(a.users_file)] + [Path(a.docs) / r / "adapter" for r in rows if r != "base"]:
         if not path.exists():   # before loading data or any model
