@@ -1,10 +1,11 @@
 """Beam lists of the first N Toy test users and the time they took, as JSON: run it under two
 checkouts to check that a change leaves decoding bit-identical and no slower.
 
-    python -m tools.beam_lists --users 10 --out /tmp/new.json
-    PYTHONPATH=/path/to/old/checkout python -m tools.beam_lists --users 10 --out /tmp/old.json
+    python -m tools.beam_lists --users 10 --out /tmp/new.json                       # this checkout
+    PYTHONPATH=/path/to/old/checkout python tools/beam_lists.py --users 10 --out /tmp/old.json
     python -m tools.beam_lists --compare /tmp/old.json /tmp/new.json
 
+Run as a file path (not -m) with PYTHONPATH, `nanogdrt` is imported from the other checkout.
 Only `nanogdrt.beam.beam_search`, `Trie.from_titles` and the prompt builder are used, whose
 signatures both checkouts share. Each run decodes the users `--repeats` times and keeps every
 wall time (alternate the two checkouts, on an idle machine, and compare the medians).
