@@ -37,6 +37,7 @@ from nanogdrt.baselines import d3, methods, sasrec
 from nanogdrt.baselines.methods import GROUP_WEIGHTINGS, METHODS, TargetLoss
 from nanogdrt.batches import collate, epoch_batches, make_examples
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
+from nanogdrt.controlled import ControlledConfig
 from nanogdrt.data import load_dataset
 from nanogdrt.infra import distributed, step
 from nanogdrt.infra.config import parse_args
@@ -71,7 +72,9 @@ def load_data_and_model(cfg, say) -> Setup:
     dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, train_file=cfg.train_file,
                            train_samples=cfg.train_samples, valid_samples=cfg.valid_users,
                            test_samples=cfg.test_users, seed=cfg.seed, skip_bad=cfg.skip_bad,
-                           synthetic=synthetic.SMALL if cfg.synthetic_size == "small" else None)
+                           synthetic=synthetic.SMALL if cfg.synthetic_size == "small" else None,
+                           controlled=(ControlledConfig(seed=cfg.world_seed, shortcut=cfg.shortcut)
+                                       if cfg.dataset == "controlled" else None))
     model_dir = Path(cfg.model) if cfg.model else ensure_embedded_checkpoint()
     model = Llama.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     tokenizer = Tokenizer(model_dir)

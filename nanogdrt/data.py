@@ -1,10 +1,10 @@
-"""Datasets: load the windows (history -> next item) of toy / clothing / book / synthetic.
+"""Datasets: load the windows (history -> next item) of toy / clothing / book / synthetic / controlled.
 
 The paper (GDRT, §4.1.1) follows BIGRec and MSL: each user's items in time order are cut into
 sliding windows of at most 10 history items + 1 target, and all windows, sorted by the target's
 timestamp, are split 8:1:1 into train / valid / test. make_windows and split_by_time below do that
-cut, for nanogdrt.infra.prepare (raw Amazon files -> a dataset folder) and for the embedded synthetic
-sequences (nanogdrt.synthetic) alike.
+cut, for nanogdrt.infra.prepare (raw Amazon files -> a dataset folder) and for the generated
+sequences (nanogdrt.synthetic, and nanogdrt.controlled's world with its planted shortcut) alike.
 
 A window needs at least MIN_HISTORY = 4 history items: the real Toy files have 5 to 11 item ids per
 row, i.e. every user's first four items only ever appear as history. Titles are kept exactly as the
@@ -34,6 +34,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanogdrt.controlled import ControlledConfig, generate as generate_world
 from nanogdrt.synthetic import SyntheticConfig, generate
 
 CATEGORIES = {"toy": "Toys_and_Games", "clothing": "Clothing_Shoes_and_Jewelry", "book": "Books"}
@@ -94,12 +95,24 @@ def split_by_time(windows):
     return windows[:n_train], windows[n_train:n_train + n_valid], windows[n_train + n_valid:]
 
 
-def synthetic_dataset(config: SyntheticConfig = SyntheticConfig()) -> RecDataset:
-    """The generated titles and sequences, windowed and split like the real data; row = index in its split."""
-    titles, sequences = generate(config)
+def generated_dataset(name, titles, sequences, source) -> RecDataset:
+    """Generated titles and sequences, windowed and split like the real data; row = index in its split."""
     splits = [[Interaction(history, target, row) for row, (_, history, target, _) in enumerate(part)]
               for part in split_by_time(make_windows(sequences))]
-    return RecDataset("synthetic", titles, *splits, source=f"synthetic(seed={config.seed})", skipped={})
+    return RecDataset(name, titles, *splits, source=source, skipped={})
+
+
+def synthetic_dataset(config: SyntheticConfig = SyntheticConfig()) -> RecDataset:
+    """The embedded synthetic dataset (nanogdrt.synthetic)."""
+    titles, sequences = generate(config)
+    return generated_dataset("synthetic", titles, sequences, f"synthetic(seed={config.seed})")
+
+
+def controlled_dataset(config: ControlledConfig = ControlledConfig()) -> RecDataset:
+    """The controlled world (nanogdrt.controlled); its ground truth: `nanogdrt.controlled.generate(config)`."""
+    world = generate_world(config)
+    return generated_dataset("controlled", world.titles, world.sequences,
+                             f"controlled(seed={config.seed}, shortcut={config.shortcut})")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -244,16 +257,22 @@ def _subsample(rows, n, seed, split):
 
 
 def load_dataset(name, data_dir=None, train_file=None, train_samples=None, valid_samples=None,
-                 test_samples=None, seed=0, skip_bad=False, synthetic: SyntheticConfig | None = None) -> RecDataset:
+                 test_samples=None, seed=0, skip_bad=False, synthetic: SyntheticConfig | None = None,
+                 controlled: ControlledConfig | None = None) -> RecDataset:
     """Load a dataset folder, or generate the synthetic one (`synthetic`: its seed and size, default
-    the embedded ~2,000 items), then optionally subsample each split with `seed`."""
+    the embedded ~2,000 items) or the controlled world (`controlled`: its seed, size and shortcut,
+    default the control, shortcut 0), then optionally subsample each split with `seed`."""
+    if synthetic is not None and name != "synthetic":
+        raise ValueError(f"a SyntheticConfig was given for dataset {name!r}; it applies to 'synthetic' only")
+    if controlled is not None and name != "controlled":
+        raise ValueError(f"a ControlledConfig was given for dataset {name!r}; it applies to 'controlled' only")
     if name == "synthetic":
         ds = synthetic_dataset(synthetic or SyntheticConfig())
+    elif name == "controlled":
+        ds = controlled_dataset(controlled or ControlledConfig())
     else:
         if name not in CATEGORIES:
-            raise ValueError(f"unknown dataset {name!r} (known: {sorted(CATEGORIES)} and 'synthetic')")
-        if synthetic is not None:
-            raise ValueError(f"a SyntheticConfig was given for dataset {name!r}; it applies to 'synthetic' only")
+            raise ValueError(f"unknown dataset {name!r} (known: {sorted(CATEGORIES)}, 'synthetic' and 'controlled')")
         folder = find_dataset_dir(name, data_dir)
         titles = load_titles(folder / "id2name.json")
         skipped = {}

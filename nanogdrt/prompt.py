@@ -78,6 +78,7 @@ TEMPLATES = {
                          "The user has worn the following clothing before: "),
 }
 TEMPLATES["synthetic"] = TEMPLATES["toy"]
+TEMPLATES["controlled"] = TEMPLATES["toy"]
 MASKED_HISTORY = "N/A"                    # stands for the whole list of quoted titles (Eq. 2/3)
 TAIL = "\n " + "\n\n### Response:\n"      # the end of MSL's input, then the response header
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from nanogdrt.baselines.d3 import DECODINGS
 from nanogdrt.baselines.methods import METHODS
-from nanogdrt.infra.validate import DEVICE, RANGE_KEYS, check_config, describe
+from nanogdrt.infra.validate import DEVICE, RANGE_KEYS, ArgumentError, check_config, describe
 
 
 def option(default, help, **argparse_kwargs):
@@ -30,10 +30,15 @@ def option(default, help, **argparse_kwargs):
 @dataclass
 class RunConfig:
     """Every setting of a run, saved in results.json. A None count is filled per dataset below."""
-    dataset: str = option("synthetic", "toy | clothing | book | synthetic (embedded, offline)",
-                          pattern="toy|clothing|book|synthetic")
+    dataset: str = option("synthetic", "toy | clothing | book | synthetic (embedded, offline) | controlled "
+                                       "(the embedded world with a planted shortcut, nanogdrt/controlled.py)",
+                          pattern="toy|clothing|book|synthetic|controlled")
     data_dir: str | None = option(None, "dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
     train_file: str | None = option(None, "which train*.csv of the folder (toy: train_1000.csv)")
+    shortcut: float = option(0.0, "controlled only: P(the next item is a generic one whatever the history), "
+                                  "the world's knob; 0 plants no shortcut", min=0, below=1)
+    world_seed: int = option(0, "controlled only: the seed of the world's catalogue and users (apart from "
+                                "--seed, which picks windows and trains)", min=0)
     synthetic_size: str = option("full", "synthetic only: full (2,000 items) or small (120 items, for "
                                          "tutorials and smoke tests)", choices=["full", "small"])
     method: str = option("gdrt", "SFT (Eq. 1), GDRT (Eq. 5), MSL's masked softmax, MSL with GDRT's group "
@@ -100,6 +105,7 @@ class RunConfig:
 # Paper-like defaults scaled to 2 CPU cores, per dataset (a flag on the command line wins).
 DATASET_DEFAULTS = {
     "synthetic": dict(train_samples=128, valid_users=32, test_users=128, epochs=2),
+    "controlled": dict(train_samples=192, valid_users=64, epochs=2),   # docs/controlled/plan.md
     "toy": dict(train_file="train_1000.csv", train_samples=1000, valid_users=100, test_users=500, epochs=2),
 }
 
@@ -134,4 +140,6 @@ def parse_args(argv=None, description: str = "") -> RunConfig:
     if args["epochs"] is None:                             # datasets without defaults (clothing, book)
         args["epochs"] = 2
     args["out"] = args["out"] or f"runs/{args['dataset']}-{args['method']}"
+    if args["dataset"] != "controlled" and (args["shortcut"] or args["world_seed"]):
+        raise ArgumentError("--shortcut and --world-seed set the controlled world: use them with --dataset controlled")
     return check_config(RunConfig(**args))        # every range, before any work
