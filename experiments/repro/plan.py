@@ -113,6 +113,17 @@ class Plan:
         return RATES["start"] + n * RATES["user"]
 
     def build(self):
+        """Every stage, in the order of the phases (PHASES)."""
+        self.build_data_and_robust()
+        self.build_sweep()
+        self.build_baselines()
+        self.build_sweeptest_and_diagnose()
+        self.build_outputs()
+        for s in self.stages:   # a test of a chosen row decodes into that row's folder
+            if s.name in ("test:msl", "test:gdrt-chosen"):
+                s.outputs = None
+
+    def build_data_and_robust(self):
         a, docs = self.a, self.docs
         self.stages.append(Stage("groups", "data", [sys.executable, "-m", "experiments.repro.data", "groups",
                                                     *self.data_args(), "--users", str(a.test_users),
@@ -125,12 +136,18 @@ class Plan:
                 self.add_train("robust", row, method, seed, extra)
                 self.add_test("robust", row, a.test_users)
         self.add_test("robust", "base", a.other_test_users, adapter=False)
+
+    def build_sweep(self):
+        a = self.a
         for g, tau in self.grid:                              # the sweep, chosen on validation
             if (g, tau) != self.robust:
                 self.add_train("sweep", gdrt_row(g, tau), "gdrt", 0, ("--groups", str(g), "--tau", str(tau)))
         for seed in range(a.control_seeds if a.control_groups else 0):   # our control, not the paper's
             self.add_train("sweep", control_row(a.control_groups, seed), "group-mean", seed,
                            ("--groups", str(a.control_groups)))
+
+    def build_baselines(self):
+        a, docs = self.a, self.docs
         for t in a.msl_taus:
             self.add_train("baselines", msl_row(t), "msl", 0, ("--tau-msl", str(t)))
         self.add_train("baselines", "msl-gdrt-s0", "msl+gdrt", 0, self.msl_gdrt_extra)
@@ -156,6 +173,9 @@ class Plan:
             "--users", str(a.other_test_users), "--seed", "0", "--adapter", str(docs / "sft-s0" / "adapter"),
             "--decoding", "d3", "--no-fairness",
             "--out", str(docs / "sft-d3" / "test_predictions.jsonl")])
+
+    def build_sweeptest_and_diagnose(self):
+        a, docs = self.a, self.docs
         for g, tau in self.grid:                              # the grid on test, for Fig. 10/11
             if (g, tau) != self.robust:
                 self.add_test("sweeptest", gdrt_row(g, tau), a.other_test_users)
@@ -176,14 +196,14 @@ class Plan:
             "--rows", f"base,sft-s0,{plan.chosen('msl')}", "--users-file", str(docs / "test_users.json"),
             "--n", str(a.other_test_users), "--out", str(docs / "allowed_mass.json")],
             [docs / "allowed_mass.json"], 3 * (RATES["start"] + a.other_test_users * RATES["mass_user"])))
+
+    def build_outputs(self):
+        a = self.a
         self.stages.append(Stage("figures", "figures", [
             sys.executable, "-m", "experiments.repro.report", "figures", *self.report_args(),
             "--examples", str(a.examples)], [Path(a.figures) / "analysis.json"], 60))
         self.stages.append(Stage("report", "report", [sys.executable, "-m", "experiments.repro.report", "report",
                                                       *self.report_args()], [], 5))
-        for s in self.stages:   # a test of a chosen row decodes into that row's folder
-            if s.name in ("test:msl", "test:gdrt-chosen"):
-                s.outputs = None
 
     def msl_gdrt_extra(self, plan):
         """MSL+GDRT: MSL's chosen tau and GDRT's chosen (G, tau), decided after the sweep."""
