@@ -14,6 +14,8 @@ Losses, both per position (every prefix of a sequence predicts its next item), p
     SASRec++  full softmax cross-entropy over the whole catalogue: mean_t logsumexp_i r_i - r_pos,
               the fix of Klenitskiy & Vasilev (RecSys 2023) and Xu et al. (2024, "Are LLM-based
               recommenders already the best?"), who show that BCE with one negative underrates SASRec.
+    DROS      SASRec's BCE + alpha * mean_t log sum_i exp(w_i (r_i - y_i)^2 / beta) over the whole
+              catalogue, w from the training targets' counts (Yang et al., SIGIR 2023; dros.py).
 
 Deliberate differences from pmixer (none changes the model's capacity):
 * Padding keys are masked in attention (pmixer attends to the zeroed padding rows, whose keys and
@@ -33,6 +35,7 @@ Deliberate differences from pmixer (none changes the model's capacity):
 * Epochs end by validation NDCG@10 with patience (pmixer trains a fixed number of epochs).
 
     python -m nanogdrt.baselines.sasrec --dataset toy --data-dir ../shared/data/toy --loss ce --out runs/toy-sasrec
+    python -m nanogdrt.baselines.sasrec ... --loss dros --dros-alpha 0.1 --dros-beta 1 --out runs/toy-dros
 """
 
 import argparse
@@ -50,9 +53,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanogdrt import files, metrics
+from nanogdrt.baselines import dros
 from nanogdrt.infra import validate
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+LOSSES = {"bce": "SASRec", "ce": "SASRec++", "dros": "DROS"}     # --loss -> the row of Table 2
 
 
 @dataclass
@@ -206,8 +211,11 @@ def sample_negatives(positives, windows, n_items, generator) -> torch.Tensor:
     return neg * (positives != 0)
 
 
-def sequence_loss(model: SASRec, rows, loss: str, generator) -> torch.Tensor:
-    """Per-position loss of a batch of (history, target) windows: input s_1..s_n predicts s_2..target."""
+def sequence_loss(model: SASRec, rows, loss: str, generator, robust: dros.Robust | None = None) -> torch.Tensor:
+    """Per-position loss of a batch of (history, target) windows: input s_1..s_n predicts s_2..target.
+    loss "dros" is "bce" plus robust.alpha times DROS's term over the whole catalogue (dros.py)."""
+    if loss == "dros" and robust is None:
+        raise ValueError("loss 'dros' needs its term's settings (dros.robust)")
     seqs = model.index([h + [t] for h, t in rows], model.cfg.maxlen + 1).cpu()  # (B, T+1), target last
     inp, pos = seqs[:, :-1], seqs[:, 1:]                            # (B, T) inputs and next items
     mask = (inp != 0) & (pos != 0)                                  # positions that have a next item
@@ -218,7 +226,11 @@ def sequence_loss(model: SASRec, rows, loss: str, generator) -> torch.Tensor:
         return ce_loss(model.logits(h[mask]), pos[mask] - 1)        # rows 1..N -> columns 0..N-1
     neg = sample_negatives(pos.cpu(), [set(r.tolist()) for r in seqs], model.cfg.n_items, generator)
     emb = model.item_emb
-    return bce_loss((h * emb(pos)).sum(-1), (h * emb(neg.to(dev))).sum(-1), mask)
+    value = bce_loss((h * emb(pos)).sum(-1), (h * emb(neg.to(dev))).sum(-1), mask)
+    if loss == "dros" and robust.alpha != 0:        # alpha = 0 is the base loss exactly, as in DROS's code
+        value = value + robust.alpha * dros.robust_term(model.logits(h[mask]), pos[mask] - 1,
+                                                        robust.weights, robust.beta)
+    return value
 
 
 # ----------------------------------------------------------------------------- ranking and training
@@ -247,13 +259,16 @@ def evaluate(model, interactions, titles, item_group=None) -> dict:
 
 
 def train(model: SASRec, train_rows, valid_rows, titles, loss="ce", epochs=200, patience=20,
-          lr=1e-3, batch_size=128, seed=0, metric="NDCG@10", progress=False) -> dict:
+          lr=1e-3, batch_size=128, seed=0, metric="NDCG@10", progress=False, robust=None) -> dict:
     """Adam(betas 0.9, 0.98) as pmixer; after each epoch score the validation split and keep the
-    best state by `metric`; stop after `patience` epochs without improvement. Test is never read."""
+    best state by `metric`; stop after `patience` epochs without improvement. Test is never read.
+    loss "dros" needs `robust` (dros.robust(training targets, model.item_ids, alpha, beta))."""
     from tqdm import tqdm
 
-    if loss not in ("bce", "ce"):
-        raise ValueError(f"loss must be 'bce' or 'ce', got {loss!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {sorted(LOSSES)}, got {loss!r}")
+    if loss == "dros" and robust is None:
+        raise ValueError("loss 'dros' needs robust=dros.robust(...) (the term's weights, alpha, beta)")
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
     rows = [(x.history, x.target) for x in train_rows]
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.98))
@@ -264,7 +279,7 @@ def train(model: SASRec, train_rows, valid_rows, titles, loss="ce", epochs=200, 
         rng.shuffle(rows)
         total = 0.0
         for i in range(0, len(rows), batch_size):
-            value = sequence_loss(model, rows[i:i + batch_size], loss, gen)
+            value = sequence_loss(model, rows[i:i + batch_size], loss, gen, robust)
             opt.zero_grad(set_to_none=True)
             value.backward()
             opt.step()
@@ -326,22 +341,26 @@ def _versions() -> dict:
             "safetensors": safetensors.__version__, "nanogdrt_commit": commit}
 
 
-def main(argv=None):
-    from nanogdrt import synthetic
-    from nanogdrt.data import load_dataset
-
+def _parser() -> argparse.ArgumentParser:
     N = validate.number
     p = argparse.ArgumentParser(prog="python -m nanogdrt.baselines.sasrec",
-                                description="Train SASRec (--loss bce) or SASRec++ (--loss ce) on a dataset's "
-                                            "training windows, choose the epoch on validation NDCG, rank the "
-                                            "full catalogue for every test user.")
+                                description="Train SASRec (--loss bce), SASRec++ (--loss ce) or DROS (--loss dros) "
+                                            "on a dataset's training windows, choose the epoch on validation NDCG, "
+                                            "rank the full catalogue for every test user.")
     p.add_argument("--dataset", default="synthetic", help="toy | clothing | book | synthetic")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
     p.add_argument("--train-file", default=None,
                    help="training CSV in the folder (default: train.csv, else the largest train*.csv)")
     p.add_argument("--synthetic-size", default="full", choices=["full", "small"],
                    help="synthetic only: full (2,000 items) or small (120 items), as train.py's")
-    p.add_argument("--loss", default="ce", choices=["bce", "ce"], help="bce: SASRec; ce: SASRec++ (full softmax)")
+    p.add_argument("--loss", default="ce", choices=list(LOSSES),
+                   help="bce: SASRec; ce: SASRec++ (full softmax); dros: SASRec's bce + DROS's robust term")
+    p.add_argument("--dros-alpha", type=N(float, min=0), default=None,
+                   help=f"--loss dros only: weight of the robust term (default {dros.ALPHA}; 0 = --loss bce "
+                        "exactly; DROS's code defaults to 0, i.e. off)")
+    p.add_argument("--dros-beta", type=N(float, above=0), default=None,
+                   help=f"--loss dros only: the term's temperature, DROS's robust radius (default {dros.BETA}, "
+                        "the code's)")
     p.add_argument("--out", required=True, help="output folder: model, config, test records, results.json")
     p.add_argument("--hidden", type=N(int, min=1), default=50)
     p.add_argument("--blocks", type=N(int, min=1), default=2)
@@ -360,7 +379,20 @@ def main(argv=None):
     p.add_argument("--item-groups", default=None, help="JSON {item id: group 1..5} (Eq. 2) to add MGU/DGU@K")
     p.add_argument("--seed", type=N(int, min=0), default=0)
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    return p
+
+
+def main(argv=None):
+    from nanogdrt import synthetic
+    from nanogdrt.data import load_dataset
+
+    p = _parser()
     args = p.parse_args(argv)                     # every range checked here, before any work
+    if args.loss != "dros" and (args.dros_alpha is not None or args.dros_beta is not None):
+        p.error("--dros-alpha and --dros-beta apply to --loss dros only")
+    if args.loss == "dros":                       # resolved here, so results.json records the values used
+        args.dros_alpha = dros.ALPHA if args.dros_alpha is None else args.dros_alpha
+        args.dros_beta = dros.BETA if args.dros_beta is None else args.dros_beta
     validate.check_output(p, args.out, "folder")
 
     start = time.perf_counter()
@@ -372,19 +404,24 @@ def main(argv=None):
                   if args.item_groups else None)
     cfg = SASRecConfig(len(ds.titles), args.hidden, args.blocks, args.heads, args.maxlen, args.dropout)
     model = SASRec(cfg, list(ds.titles)).to(args.device)
+    robust = (dros.robust([x.target for x in ds.train], model.item_ids, args.dros_alpha, args.dros_beta)
+              if args.loss == "dros" else None)       # weights from the training targets' counts
     best = train(model, ds.train, ds.valid, ds.titles, args.loss, args.epochs, args.patience, args.lr,
-                 args.batch_size, args.seed, args.metric, progress=True)
+                 args.batch_size, args.seed, args.metric, progress=True, robust=robust)
     records = recommend(model, ds.test)
     test = score(records, ds.test, ds.titles, item_group)
     out = Path(args.out)
     save(model, out)
     files.write_jsonl(out / "test_records.jsonl", records)
-    results = {"model": "SASRec++" if args.loss == "ce" else "SASRec", "config": vars(args),
+    results = {"model": LOSSES[args.loss], "config": vars(args),
                "model_config": asdict(cfg), "dataset": {"name": ds.name, "source": ds.source,
                "train": len(ds.train), "valid": len(ds.valid), "test": len(ds.test), "items": len(ds.titles)},
                "best_epoch": best["epoch"], "epochs_run": len(best["history"]), "valid": best["valid"],
                "metrics": test, "history": best["history"], "wall_time_s": time.perf_counter() - start,
                "versions": _versions(), "command": " ".join(sys.argv)}
+    if robust is not None:
+        results["dros"] = {"alpha": robust.alpha, "beta": robust.beta, "power": dros.POWER,
+                           "weights": "((c + 1) / sum(c + 1)) ** power, c = training-target counts"}
     files.write_json(out / "results.json", results, indent=2)
     print(f"{results['model']} on {ds.name}: best epoch {best['epoch']} (valid {args.metric} "
           f"{best['valid'].get(args.metric, 0):.4f}), test on {len(ds.test)} users -> {out}")
