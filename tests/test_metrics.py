@@ -1,4 +1,5 @@
-"""Metrics against hand-computed cases, and NDCG against scikit-learn's ndcg_score."""
+"""Metrics against hand-computed cases, NDCG against scikit-learn's ndcg_score, and the Gini index
+against its mean-absolute-difference definition (brute force over all pairs)."""
 
 import math
 import random
@@ -7,7 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import ndcg_score
 
-from nanogdrt.metrics import evaluate, group_distribution, group_unfairness, per_user_metrics, target_ranks
+from nanogdrt.metrics import (evaluate, exposure, gini_index, group_distribution, group_unfairness, head_items,
+                              per_user_metrics, popularity_terms, target_ranks)
 
 # four users: target at rank 0, rank 4, rank 7, and absent
 RANKED = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
@@ -88,3 +90,61 @@ def test_bad_input():
         evaluate([[1]], [1, 2], [[]])
     with pytest.raises(ValueError):
         per_user_metrics([[1]], [1], k=0)
+
+
+# ----------------------------------------------------------------------------- beyond accuracy
+
+def test_default_output_is_todays_dict():
+    """With today's arguments evaluate returns today's keys in today's order (docs/results.md and
+    results.json regenerate from it); the new metrics come only after them, only when asked for."""
+    item_group = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 1}
+    ranked, histories = [[1, 6, 3], [1, 2, 99]], [[3, 4], [5, 1, 99]]
+    today = evaluate(ranked, [1, 2], histories, item_group=item_group)
+    assert list(today) == ["NDCG@5", "HR@5", "NDCG@10", "HR@10", "MGU@5", "DGU@5", "MGU@10", "DGU@10"]
+    more = evaluate(ranked, [1, 2], histories, item_group=item_group, popularity={1: 3, 2: 1}, n_items=100)
+    assert list(more)[:8] == list(today) and [more[k] for k in today] == list(today.values())
+    assert list(more)[8:] == ["Coverage@5", "Gini@5", "ARP@5", "Tail@5", "Coverage@10", "Gini@10", "ARP@10", "Tail@10"]
+
+
+def test_coverage_and_gini_by_hand():
+    # three users' top-2 lists show item 1 three times, item 2 twice, item 3 once
+    ranked = [[1, 2, 3], [1, 2], [1, 3]]
+    assert exposure(ranked, 2) == {1: 3, 2: 2, 3: 1}
+    out = evaluate(ranked, [0, 0, 0], [[]] * 3, ks=(1, 2), n_items=6)
+    # top-1: only item 1 -> coverage 1/6; exposure over 6 items sorted: 0,0,0,0,0,3 -> Gini (2*6-7)*3 / (6*3) = 5/6
+    assert out["Coverage@1"] == pytest.approx(1 / 6) and out["Gini@1"] == pytest.approx(5 / 6)
+    # top-2: items 1, 2, 3 -> 3/6; sorted 0,0,0,1,2,3 at positions 4,5,6: (1*1 + 3*2 + 5*3) / (6*6) = 22/36
+    assert out["Coverage@2"] == pytest.approx(0.5) and out["Gini@2"] == pytest.approx(22 / 36)
+
+
+def test_gini_matches_mean_absolute_difference():
+    # the Gini index's other definition: sum_ij |x_i - x_j| / (2 n^2 mean), zeros of the unshown items included
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n_items = int(rng.integers(5, 30))
+        counts = rng.integers(0, 6, size=int(rng.integers(1, n_items + 1))).astype(float)
+        x = np.concatenate([counts, np.zeros(n_items - len(counts))])
+        ref = np.abs(x[:, None] - x[None, :]).sum() / (2 * n_items ** 2 * x.mean()) if x.sum() else 0.0
+        assert gini_index(counts, n_items) == pytest.approx(ref, abs=1e-12)
+    assert gini_index([2, 2, 2], 3) == pytest.approx(0.0)               # equal exposure
+    assert gini_index([7], 4) == pytest.approx(3 / 4)                   # one item takes all: (n - 1) / n
+    np.testing.assert_allclose(gini_index([[1, 1], [2, 0]], 2), [0.0, 0.5])   # a batch, row by row
+    with pytest.raises(ValueError):
+        gini_index([1, 1, 1], 2)
+
+
+def test_head_tail_and_arp_by_hand():
+    # ten trained items, counts 9, 5, 5, 3, 1 x 6: the top 20% of 10 is 2 items, the 2nd has 5, and item 3
+    # ties it, so the head is {1, 2, 3}; item 99 was never a training target: tail
+    popularity = {1: 9, 2: 5, 3: 5, 4: 3, **{i: 1 for i in range(5, 11)}, 11: 0}
+    assert head_items(popularity) == {1, 2, 3}
+    assert head_items({}) == set() and head_items({1: 4}) == {1}
+    ranked = [[1, 4], [99, 2], []]                      # the empty list is left out of both means
+    t = popularity_terms(ranked, 2, popularity)
+    np.testing.assert_allclose(t["arp"], [(9 + 3) / 2, (0 + 5) / 2, 0])
+    np.testing.assert_allclose(t["tail"], [0.5, 0.5, 0])
+    np.testing.assert_allclose(t["listed"], [1, 1, 0])
+    out = evaluate(ranked, [0, 0, 0], [[]] * 3, ks=(1, 2), popularity=popularity)
+    assert out["ARP@1"] == pytest.approx((9 + 0) / 2) and out["Tail@1"] == pytest.approx(0.5)
+    assert out["ARP@2"] == pytest.approx((6 + 2.5) / 2) and out["Tail@2"] == pytest.approx(0.5)
+    assert "Coverage@1" not in out                      # no n_items: no catalogue metrics
