@@ -20,7 +20,7 @@ from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.data import load_dataset
 from nanogdrt.infra import distributed, validate
 from nanogdrt.llama import Llama
-from nanogdrt.lora import load_adapter
+from nanogdrt.lora import check_adapter, load_adapter
 from nanogdrt.prompt import PromptBuilder
 from nanogdrt.recommend import recommend, score
 from nanogdrt.tokenizer import Tokenizer
@@ -58,7 +58,7 @@ def main(argv=None):
                    help="score = sum log p / len^lp (default: cbs 1.0, the paper lineage; d3 0.0, a plain sum)")
     p.add_argument("--decoding", default="cbs", choices=d3.DECODINGS,
                    help="cbs: constrained beam search; d3: Bao et al. 2024 (nanogdrt/baselines/d3.py)")
-    p.add_argument("--assistant", default=None, help="d3: SASRec folder (python -m nanogdrt.baselines.sasrec) for alpha > 0")
+    p.add_argument("--assistant", type=validate.checked(d3.assistant_problem), default=None, help="d3: SASRec folder (python -m nanogdrt.baselines.sasrec) for alpha > 0")
     p.add_argument("--alpha", type=validate.number(float, min=0, max=1), default=0.0,
                    help="d3: step score (1 - alpha) log p_LM + alpha log p_assistant (D3's code: 0)")
     p.add_argument("--ghost-threshold", type=validate.number(float, above=0), default=d3.GHOST_THRESHOLD,
@@ -67,11 +67,14 @@ def main(argv=None):
                    help="each step's softmax: over the whole vocabulary (transformers', the lineage's) or over "
                         "the trie's allowed tokens only (what MSL's loss trains; a diagnostic)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu | cuda | mps")
+    p.add_argument("--device", type=validate.device, default="cpu", help="cpu | cuda | mps (one this machine has)")
     p.add_argument("--no-fairness", action="store_true", help="skip item groups (MGU/DGU)")
     p.add_argument("--out", required=True, help="JSON-lines file to write")
     args = p.parse_args(argv)                     # every range checked here, before any work
     validate.check_output(p, args.out, "file")
+    model_dir = args.model or ensure_embedded_checkpoint()
+    if args.adapter:                              # its kind and base model, before data and model
+        check_adapter(args.adapter, model_dir)
     dist = distributed.init(args.device)          # under torchrun: this rank's share of the users
     args.device = distributed.rank_device(args.device, dist)
 
@@ -83,7 +86,6 @@ def main(argv=None):
         if not interactions:
             raise SystemExit(f"error: --rows selects no row ({args.split} has "
                              f"{len(getattr(dataset, args.split))} rows)")
-    model_dir = args.model or ensure_embedded_checkpoint()
     model = Llama.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
     builder = PromptBuilder(Tokenizer(model_dir), args.dataset)
     item_group = None

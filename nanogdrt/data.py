@@ -18,7 +18,15 @@ bytes, unless `train_file` names one (the same rule picks valid and test).
 
 Bad rows raise DataError naming the file and the CSV line number, 1-based with the header as line 1
 (for a quoted record spanning several lines, the line where it ends). With skip_bad=True they are
-skipped and counted in RecDataset.skipped instead. File-level problems are never skippable: a split
+skipped and counted in RecDataset.skipped instead. A byte that is not UTF-8 makes its own row bad,
+and only that row: the files are decoded with surrogateescape, so a bad byte cannot take the
+decoder's whole read-ahead buffer (thousands of rows) with it, nor shift the line numbers.
+
+An item whose title is blank (empty, or only whitespace, zero-width and other invisible
+characters: `is_blank`) has no tokens to train on, decode or score (Eq. 2 is undefined for it).
+The load refuses it up front, naming the item and --skip-bad; with skip_bad=True it leaves the
+catalogue (counted under "id2name.json" in RecDataset.skipped) and the rows that use it are
+skipped and counted like any bad row. The Books folder ships one: item 5746, title "". File-level problems are never skippable: a split
 with no data rows, a missing or repeated column, an id2name.json key that is not a plain decimal
 integer or that names an id twice ("7" and "07" would be the same item). A UTF-8 BOM is dropped.
 
@@ -31,6 +39,7 @@ import json
 import os
 import random
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +51,10 @@ MAX_HISTORY = 10     # sliding window of 11 = 10 history items + the target
 MIN_HISTORY = 4      # the released Toy rows have at least 5 item ids
 MAX_MESSAGES = 5     # how many skip messages RecDataset.skipped keeps
 DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)")   # an id2name.json key: ASCII digits, no leading zero
+# Characters that draw nothing although Unicode calls them letters or symbols (Hangul fillers,
+# the braille blank); the categories Z* (spaces), Cc (controls) and Cf (format: zero-width space,
+# joiners, word joiner, BOM, soft hyphen) are invisible by category.
+INVISIBLE = set("\u115f\u1160\u3164\uffa0\u2800")
 
 
 class DataError(ValueError):
@@ -149,6 +162,13 @@ def _pick_file(folder, split, chosen=None):
     return max(files, key=lambda p: p.stat().st_size)
 
 
+def is_blank(title: str) -> bool:
+    """True when `title` shows nothing: str.strip() alone keeps U+200B (zero-width space), U+2060
+    (word joiner), U+FEFF and U+00AD, which tokenize to tokens but name no item a user could see."""
+    return all(c.isspace() or c in INVISIBLE or unicodedata.category(c) in ("Zs", "Zl", "Zp", "Cc", "Cf")
+               for c in title)
+
+
 def _pairs(pairs):
     """json object hook that keeps every (key, value) pair, so a repeated key is seen, not overwritten."""
     return pairs
@@ -158,12 +178,14 @@ def load_titles(path):
     """id2name.json -> {item id: title}. Keys are plain ASCII decimal integers ("7", not "07",
     " 7", "٧" or "+7"), each id once: a key that repeats or means the same id as another is an
     error, as silently keeping the last would change which title an id trains on."""
+    data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")   # a UTF-8 BOM is dropped
     try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8-sig"), object_pairs_hook=_pairs)
+        raw = json.loads(data.decode("utf-8"), object_pairs_hook=_pairs)
     except json.JSONDecodeError as e:
         raise DataError(path, e.lineno, f"invalid JSON: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(path, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except UnicodeDecodeError as e:  # the line of the bad byte, as for the CSVs
+        raise DataError(path, data.count(b"\n", 0, e.start) + 1,
+                        f"not UTF-8 text (byte 0x{data[e.start]:02x}: {e.reason})") from None
     if not isinstance(raw, list):
         raise DataError(path, None, "expected a JSON object: item id -> title")
     titles, key_of = {}, {}
@@ -179,10 +201,44 @@ def load_titles(path):
     return titles
 
 
-def _parse_row(row, titles):
+def drop_blank_titles(titles, path, skip_bad, skipped):
+    """The items of `titles` whose title is blank, removed from it (skip_bad) or refused up front,
+    before any row is read, naming the item and the remedy. Returns the set of dropped ids."""
+    blank = sorted(item for item, title in titles.items() if is_blank(title))
+    if blank and not skip_bad:
+        items = ", ".join(map(str, blank[:MAX_MESSAGES])) + (", ..." if len(blank) > MAX_MESSAGES else "")
+        raise DataError(path, None, f"item{'s' * (len(blank) > 1)} {items}: blank title ({len(blank)} in all): "
+                                    f"nothing to train on, decode or score (Eq. 2); --skip-bad / skip_bad=True "
+                                    f"drops such items from the catalogue, with the rows that use them")
+    for item in blank:
+        if len(skipped.setdefault("messages", [])) < MAX_MESSAGES:
+            skipped["messages"].append(f"{path}: item {item}: blank title {titles[item]!r}, "
+                                       f"dropped from the catalogue")
+        del titles[item]
+    if blank:
+        skipped[Path(path).name] = len(blank)
+    if not titles:
+        raise DataError(path, None, f"no items ({len(blank)} dropped for a blank title)")
+    return set(blank)
+
+
+def _undecodable(values):
+    """The first byte that was not UTF-8 among `values` (strings read with surrogateescape, which
+    maps byte b to the lone surrogate U+DC00 + b), as "0xff", or None."""
+    for value in values:
+        for c in value or "":
+            if "\udc80" <= c <= "\udcff":
+                return f"0x{ord(c) - 0xDC00:02x}"
+    return None
+
+
+def _parse_row(row, titles, dropped=frozenset()):
     """One CSV record -> (history, target); raises ValueError with the reason."""
     if None in row or None in row.values():  # DictReader's marks for too many / too few fields
         raise ValueError("malformed row: wrong number of fields")
+    byte = _undecodable(row.values())
+    if byte:
+        raise ValueError(f"not UTF-8 text (byte {byte})")
     try:
         items = ast.literal_eval(row["item_ids"])  # a Python literal; never eval()
     except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -192,27 +248,31 @@ def _parse_row(row, titles):
     for item in items:
         if not isinstance(item, int) or isinstance(item, bool):
             raise ValueError(f"item id {item!r} is not an integer")
+        if item in dropped:      # a blank title: no tokens to train on or to decode
+            raise ValueError(f"item {item} has no title (blank in id2name.json, dropped from the catalogue)")
         if item not in titles:
             raise ValueError(f"unknown item id {item} (not in id2name.json)")
-        if not titles[item].strip():  # an empty title has no tokens to train on or to decode
-            raise ValueError(f"item {item} has no title")
     if len(items) < 2:
         raise ValueError("empty history: item_ids needs at least one history item and a target")
     return items[:-1], items[-1]
 
 
-def read_split(path, titles, skip_bad=False, skipped=None):
-    """Read one CSV into Interactions; bad rows raise DataError, or are counted when skip_bad."""
+def read_split(path, titles, skip_bad=False, skipped=None, dropped=frozenset()):
+    """Read one CSV into Interactions; bad rows raise DataError, or are counted when skip_bad.
+    `dropped`: items taken out of `titles` for a blank title (their rows are bad rows)."""
     path = Path(path)
     out, n_bad = [], 0
     # utf-8-sig: a byte-order mark (as spreadsheet programs write) is dropped, not read as part of
-    # the first column's name.
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    # the first column's name. surrogateescape: a bad byte becomes a marker in its own row
+    # (_undecodable), instead of an exception that loses the decoder's whole buffer of rows.
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.DictReader(f)
         try:
             header = reader.fieldnames
-        except (csv.Error, UnicodeDecodeError) as e:
+        except csv.Error as e:
             raise DataError(path, 1, f"unreadable header: {e}") from None
+        if header and _undecodable(header):
+            raise DataError(path, 1, f"unreadable header: not UTF-8 text (byte {_undecodable(header)})")
         # file-level problems: no row can be read, so they are not skippable
         if header is None or "item_ids" not in header:
             raise DataError(path, 1, f"missing column 'item_ids' (header: {header})")
@@ -225,7 +285,7 @@ def read_split(path, titles, skip_bad=False, skipped=None):
         while True:
             try:
                 row = next(reader)
-                history, target = _parse_row(row, titles)
+                history, target = _parse_row(row, titles, dropped)
             except StopIteration:
                 break
             except (csv.Error, ValueError) as e:
@@ -274,10 +334,10 @@ def load_dataset(name, data_dir=None, train_file=None, train_samples=None, valid
         if name not in CATEGORIES:
             raise ValueError(f"unknown dataset {name!r} (known: {sorted(CATEGORIES)}, 'synthetic' and 'controlled')")
         folder = find_dataset_dir(name, data_dir)
-        titles = load_titles(folder / "id2name.json")
-        skipped = {}
+        titles, skipped = load_titles(folder / "id2name.json"), {}
+        dropped = drop_blank_titles(titles, folder / "id2name.json", skip_bad, skipped)
         splits = {split: read_split(_pick_file(folder, split, train_file if split == "train" else None),
-                                    titles, skip_bad, skipped) for split in ("train", "valid", "test")}
+                                    titles, skip_bad, skipped, dropped) for split in ("train", "valid", "test")}
         ds = RecDataset(name, titles, splits["train"], splits["valid"], splits["test"], str(folder), skipped)
     ds.train = _subsample(ds.train, train_samples, seed, "train")
     ds.valid = _subsample(ds.valid, valid_samples, seed, "valid")

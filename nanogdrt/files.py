@@ -28,7 +28,7 @@ def atomic_path(target):
     """Yield a temporary path beside `target`; it replaces `target` only if the block succeeds.
 
     The temporary file lies in the same folder (a rename across file systems is not atomic) and
-    is readable like any other output (mkstemp makes it private to the owner). On any failure,
+    is made readable like any other output before the rename. On any failure,
     the rename included (e.g. `target` is a folder), the temporary file is removed."""
     target = Path(target)
     if target.is_dir():
@@ -37,8 +37,10 @@ def atomic_path(target):
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, 0o644)
         yield tmp
+        # Readable like any other output: mkstemp makes the file private to its owner, and a
+        # writer that recreates it (safetensors' save_file) makes it private again.
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -27,6 +27,7 @@ This module knows only modules and names; nothing about recommendation.
 
 import json
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,6 +288,28 @@ def read_adapter_config(folder) -> LoRAConfig:
                           target_modules=tuple(targets))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def _model_name(path_or_id) -> str:
+    """'checkpoints/smollm2-135m-instruct' and 'HuggingFaceTB/SmolLM2-135M-Instruct' -> the last
+    part, lower case: a moved folder or a Hub id still names the same model."""
+    return str(path_or_id).replace("\\", "/").rstrip("/").rpartition("/")[2].lower()
+
+
+def check_adapter(folder, model_dir) -> LoRAConfig:
+    """An adapter folder checked before any model or data is loaded: a readable plain-LoRA
+    adapter_config.json, its safetensors weights, and a base model that is `model_dir`. An
+    adapter decoded on another base model than the one it was trained on gives numbers that mean
+    nothing, even when the shapes agree; a base of None (not recorded) is taken on trust."""
+    config = read_adapter_config(folder)
+    if not (Path(folder) / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{Path(folder) / ADAPTER_WEIGHTS}: not found (nanogdrt reads only "
+                                f"safetensors adapters, never adapter_model.bin)")
+    base = json.loads((Path(folder) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if base and _model_name(base) != _model_name(model_dir):
+        raise ValueError(f"{Path(folder) / ADAPTER_CONFIG}: adapter trained on base model {base!r}, but the model "
+                         f"is {str(model_dir)!r}: pass --model {base} (or the folder of that model)")
+    return config
 
 
 @torch.no_grad()

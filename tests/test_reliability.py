@@ -349,3 +349,204 @@ def test_unwritable_cache_is_a_warning_whoever_runs_it(tiny_model_dir, tmp_path,
     out = relevance.load_or_compute(model, PromptBuilder(Tokenizer(tiny_model_dir), "toy"), "toy",
                                     ["Uno", "Jenga"], tmp_path / "cache")
     assert len(out) == 2 and "relevance cache not written" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 6. real data runs (family 1)
+
+BOOK_DIR = ROOT.parent / "shared" / "data" / "book"
+
+
+def test_blank_titles_are_refused_before_any_model_work_or_leave_the_catalogue(train_py, tmp_path):
+    """A blank title (here zero-width and ideographic spaces, one used by a window and one not)
+    stops train.py in one line naming the items and --skip-bad, before the model is read."""
+    folder = write_folder(tmp_path / "d", {**ROWS, "train.csv": ROWS["train.csv"] + ['2,"[1, 6]",14']},
+                          {**TITLES, "6": "\u200b\u3000", "7": " \ufeff"})
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"id2name.json: items 6, 7: blank title .*--skip-bad") as e:
+        train_py("--dataset", "toy", "--data-dir", folder, "--train-file", "train.csv",
+                 "--model", tmp_path / "no-model", "--out", out)
+    assert "\n" not in str(e.value.code) and not (out / "state").exists()
+    ds = load_dataset("toy", data_dir=folder, skip_bad=True)
+    assert sorted(ds.titles) == [1, 2, 3, 4, 5] and ds.skipped["id2name.json"] == 2 and ds.skipped["train.csv"] == 1
+
+
+@pytest.mark.skipif(not (BOOK_DIR / "id2name.json").is_file(), reason=f"Books data not found at {BOOK_DIR}")
+def test_books_trains_validates_and_tests_with_skip_bad(train_py, tiny_model_dir, tmp_path):
+    """The paper's Books split as shipped (item 5746 has the title "") runs end to end with
+    --skip-bad: the item leaves the catalogue and its 32 training windows are counted."""
+    out = tmp_path / "book"
+    train_py("--dataset", "book", "--data-dir", BOOK_DIR, "--skip-bad", "--model", tiny_model_dir,
+             "--train-samples", 16, "--valid-users", 4, "--test-users", 4, "--epochs", 1, "--out", out)
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"]["items"] == 6_343 and results["dataset"]["skipped"]["id2name.json"] == 1
+    assert results["dataset"]["skipped"]["train.csv"] == 32 and len(results["epochs"]) == 1
+    assert "NDCG@5" in results["test"] and (out / "best_adapter").is_dir()
+
+
+# ----------------------------------------------------------------------------- 7. decoding errors (family 3)
+
+def test_a_bad_byte_skips_or_names_exactly_its_own_line(tmp_path):
+    """A non-UTF-8 byte in row 1,000 of 2,000 (past the decoder's read-ahead buffer): the error
+    names line 1,001 (header = 1), and --skip-bad drops that one row and counts one."""
+    folder = write_folder(tmp_path / "d")
+    lines = [f'{u},"[1, 2, {3 + u % 3}]",{u}'.encode() for u in range(2000)]
+    lines[999] = b'999,"[1, 2, 3]",caf\xe9'                              # latin-1, not UTF-8
+    (folder / "train.csv").write_bytes(HEADER.encode() + b"".join(line + b"\n" for line in lines))
+    with pytest.raises(DataError, match=r"train.csv, line 1001: not UTF-8 text \(byte 0xe9\) .*--skip-bad"):
+        load_dataset("toy", data_dir=folder)
+    ds = load_dataset("toy", data_dir=folder, skip_bad=True)
+    assert len(ds.train) == 1999 and ds.skipped["train.csv"] == 1 and 999 not in [x.row for x in ds.train]
+    assert "train.csv, line 1001" in ds.skipped["messages"][0]
+
+
+def test_a_bad_byte_in_id2name_or_a_header_names_its_line(tmp_path):
+    folder = write_folder(tmp_path / "d")
+    (folder / "id2name.json").write_bytes(b'{"1": "Uno",\n "2": "Jenga",\n "3": "Caf\xe9", "4": "Chess", "5": "Go"}')
+    with pytest.raises(DataError, match=r"id2name.json, line 3: not UTF-8 text \(byte 0xe9"):
+        load_dataset("toy", data_dir=folder)
+    folder = write_folder(tmp_path / "h")
+    (folder / "valid.csv").write_bytes(b"user_id,item_ids,t\xffime\n" + b'0,"[1, 2]",12\n')
+    with pytest.raises(DataError, match=r"valid.csv, line 1: unreadable header: not UTF-8 text \(byte 0xff\)"):
+        load_dataset("toy", data_dir=folder, skip_bad=True)
+
+
+# ----------------------------------------------------------------------------- 8. one line before work (family 4)
+
+@pytest.mark.parametrize("device, message", [("cuda", "--device cuda: CUDA is not available"),
+                                             ("cuda:3", "--device cuda:3: CUDA is not available"),
+                                             ("mps", "--device mps: MPS .* is not available")])
+def test_a_device_this_machine_lacks_is_one_line_before_work(train_py, tmp_path, capsys, monkeypatch,
+                                                            device, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=message):
+        train_py("--model", tmp_path / "no-model", "--out", out, "--device", device)
+    assert not out.exists()
+    with pytest.raises(SystemExit):
+        recommend_cli.main(["--device", device, "--out", str(tmp_path / "r.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]               # argparse's one-line error
+    assert "argument --device" in err and "not available" in err
+
+
+def test_an_assistant_that_is_not_a_sasrec_run_is_one_line(tiny_model_dir, tmp_path, capsys):
+    """A Llama folder has SASRec's two file names (config.json, model.safetensors): its fields tell."""
+    with pytest.raises(SystemExit):
+        recommend_cli.main(["--assistant", str(tiny_model_dir), "--out", str(tmp_path / "r.jsonl")])
+    assert (f"argument --assistant: {tiny_model_dir}: not a SASRec run folder: its config.json is not a "
+            f"SASRec config" in capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        recommend_cli.main(["--assistant", str(tmp_path / "none"), "--out", str(tmp_path / "r.jsonl")])
+    assert "argument --assistant" in capsys.readouterr().err
+
+
+def test_lora_targets_and_rank_are_checked_against_config_json_only(tiny_model_dir, tmp_path):
+    """validate.check_lora builds the model on the meta device: no weights are read (here there
+    are none), so a typo in --lora-targets costs one line, not the data, model and Eq. 3 first."""
+    (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(validate.ArgumentError, match=r"--lora-targets nonexistent_proj: target_modules "
+                                                     r"\['nonexistent_proj'\] match no module .*v_proj"):
+        validate.check_lora(tmp_path, ["nonexistent_proj"], 8)
+    with pytest.raises(validate.ArgumentError, match=r"--lora-r 40: above the width of .*v_proj \(64 -> 32\).*<= 32"):
+        validate.check_lora(tmp_path, ["q_proj", "v_proj"], 40)
+    validate.check_lora(tmp_path, ["q_proj", "v_proj"], 32)
+    validate.check_lora(tmp_path / "absent", ["nonexistent_proj"], 8)        # no config.json: the loader says so
+
+
+def test_adapters_of_the_wrong_kind_or_base_model_are_refused_before_data(tiny_model_dir, tmp_path):
+    from nanogdrt.llama import Llama
+    from nanogdrt.lora import LoRAConfig, inject_lora, save_adapter
+
+    model = Llama.from_pretrained(tiny_model_dir)
+    inject_lora(model, LoRAConfig(r=2))
+    save_adapter(model, tmp_path / "other", LoRAConfig(r=2), "HuggingFaceTB/SmolLM2-1.7B-Instruct")
+    save_adapter(model, tmp_path / "same", LoRAConfig(r=2), "/elsewhere/" + tiny_model_dir.name)
+    assert oct((tmp_path / "same" / "adapter_model.safetensors").stat().st_mode & 0o777) == "0o644"
+    # --dataset toy without a folder would raise FileNotFoundError: these come before the data.
+    argv = ["--model", str(tiny_model_dir), "--dataset", "toy", "--data-dir", str(tmp_path / "none"),
+            "--out", str(tmp_path / "r.jsonl")]
+    with pytest.raises(ValueError, match="adapter trained on base model 'HuggingFaceTB/SmolLM2-1.7B-Instruct'"
+                                         ".*pass --model"):
+        recommend_cli.main(argv + ["--adapter", str(tmp_path / "other")])
+    with pytest.raises(FileNotFoundError, match="adapter_config.json: not found .expected a PEFT adapter folder"):
+        recommend_cli.main(argv + ["--adapter", str(tiny_model_dir)])
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "none")):   # same base, moved: accepted
+        recommend_cli.main(argv + ["--adapter", str(tmp_path / "same")])
+
+
+def test_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, capsys):
+    with pytest.raises(files.OutputError, match="--out '': empty path"):
+        run_folder.check_writable("", "folder")
+    with pytest.raises(SystemExit):
+        recommend_cli.main(["--out", ""])
+    assert "--out '': empty path (name a file)" in capsys.readouterr().err
+
+
+def test_a_refused_run_leaves_no_folder_and_outputs_are_0644(train_py, tiny_model_dir, tmp_path):
+    out = tmp_path / "a" / "run"
+    with pytest.raises(SystemExit, match="dataset 'toy' not found"):
+        train_py("--dataset", "toy", "--data-dir", tmp_path / "none", "--model", tmp_path / "no-model", "--out", out)
+    assert list(tmp_path.iterdir()) == []                  # neither run/ nor a/ (both made by the lock)
+    (tmp_path / "mine").mkdir()
+    claim_run_folder(tmp_path / "mine", resume=False).release()
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []   # the user's folder stays
+
+    from nanogdrt.infra.resume import save_state
+    from nanogdrt.llama import Llama
+    from nanogdrt.lora import LoRAConfig, inject_lora, lora_parameters
+
+    model = Llama.from_pretrained(tiny_model_dir)
+    inject_lora(model, LoRAConfig(r=2))
+    optimizer = torch.optim.AdamW(lora_parameters(model))
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    optimizer.step()
+    save_state(tmp_path / "state", model, optimizer, {"step": 1}, LoRAConfig(r=2), LoRAConfig(r=2))
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "state").iterdir()} == dict.fromkeys(
+        ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "rng.safetensors",
+         "trainer_state.json"], "0o644")
+
+
+def test_analyze_on_a_run_without_epochs_is_one_line_and_writes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    files.write_json(run / "results.json", {"config": {"method": "sft"}, "epochs": [], "test": {},
+                                            "test_target_group_distribution": [], "steps": []})
+    with pytest.raises(SystemExit, match=r"results.json: no epochs \(the run ended before its first validation"):
+        analyze.main(["--runs", str(run), "--out", str(tmp_path / "figures")])
+    assert not (tmp_path / "figures").exists()
+
+
+@pytest.mark.parametrize("meta_line, review_line, message", [
+    ("['A', 'T']\n", None, "meta_Toys_and_Games.json.gz, line 1: expected a Python dict literal with a string 'asin'"),
+    ("{'asin': ['A'], 'title': 'T'}\n", None, "line 1: expected a Python dict literal with a string 'asin'"),
+    (None, '{"reviewerID": ["u"], "asin": "A", "unixReviewTime": 1}\n',
+     "reviews_Toys_and_Games_5.json.gz, line 2: bad review line: 'reviewerID' and 'asin' must be strings"),
+    (None, b'{"reviewerID": "Jos\xe9", "asin": "A", "unixReviewTime": 1}\n',
+     r"reviews_Toys_and_Games_5.json.gz, line 2: not UTF-8 text \(byte 0xe9 at column 20\)"),
+])
+def test_prepare_names_the_malformed_raw_line(tmp_path, meta_line, review_line, message):
+    from test_prepare import write_raw
+
+    raw = tmp_path / "raw"
+    write_raw(raw)
+    reviews, meta = raw / "reviews_Toys_and_Games_5.json.gz", raw / "meta_Toys_and_Games.json.gz"
+    if meta_line:
+        meta.write_bytes(gzip.compress(meta_line.encode() + gzip.decompress(meta.read_bytes())))
+    if review_line:
+        line = review_line if isinstance(review_line, bytes) else review_line.encode()
+        lines = gzip.decompress(reviews.read_bytes()).splitlines(keepends=True)
+        reviews.write_bytes(gzip.compress(lines[0] + line + b"".join(lines[1:])))
+    with pytest.raises(SystemExit, match=message) as e:
+        prepare.main(["toy", "--raw-dir", str(raw), "--out", str(tmp_path / "toy")])
+    assert "\n" not in str(e.value.code) and not (tmp_path / "toy").exists()
+
+
+def test_prepare_never_overwrites_a_dataset_folder(tmp_path):
+    from test_prepare import write_raw
+
+    write_raw(tmp_path / "raw")
+    out = write_folder(tmp_path / "mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit, match=f"--out {out}: already holds a dataset .*choose another --out"):
+        prepare.main(["toy", "--raw-dir", str(tmp_path / "raw"), "--out", str(out)])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

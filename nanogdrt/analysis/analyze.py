@@ -106,7 +106,7 @@ def main(argv=None):
     p.add_argument("--heatmap", type=validate.number(int, min=0), default=0,
                    help="Fig. 1-style token heat maps of N seeded users (heatmap/: PNG, HTML, JSON; "
                         "nanogdrt/analysis/heatmap.py)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=validate.device, default="cpu", help="cpu | cuda | mps (one this machine has)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="figures", help="folder for the PNG files and analysis.json")
     a = p.parse_args(argv)                        # every range checked here, before any work

@@ -61,6 +61,9 @@ def load_run(path) -> Run:
     for key in ("config", "epochs", "test", "test_target_group_distribution", "steps"):
         if key not in results:
             raise ValueError(f"{file}: missing key {key!r} (not a train.py results.json?)")
+    if not isinstance(results["epochs"], list) or not results["epochs"]:   # Fig. 4 and the tables need one
+        raise ValueError(f"{file}: no epochs (the run ended before its first validation; "
+                         f"finish it with train.py --resume)")
     return Run(path, results["config"].get("method", "run").upper(), results["config"], results)
 
 

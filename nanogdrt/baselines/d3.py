@@ -32,10 +32,14 @@ What D3's code does (github.com/SAI990323/DecodingMatters, code/LogitProcesser.p
    default of evaluate.py, and evaluate2.sh sets none, so D3's code has no nonzero default alpha.
 """
 
+import dataclasses
+import json
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from nanogdrt.baselines.sasrec import CONFIG, WEIGHTS, SASRecConfig
 from nanogdrt.beam import ASSISTANT_EPS, NORMALISERS, Scoring, assistant_log_probs  # noqa: F401 (the hook D3 fills)
 from nanogdrt.recommend import Decoding, ghost_share  # noqa: F401 (ghost_share: D3's records)
 
@@ -93,3 +97,24 @@ def decoding(name: str = "cbs", alpha: float = 0.0, assistant=None, item_ids=(),
     lp = LENGTH_PENALTY[name] if length_penalty is None else length_penalty
     return Decoding(beams, top_k, batch_size, lp,
                     lambda histories: scoring(name, alpha, assistant, histories, item_ids, ghost_threshold, normaliser))
+
+
+def assistant_problem(folder) -> str | None:
+    """Why `folder` is not a SASRec run folder (python -m nanogdrt.baselines.sasrec writes
+    config.json with SASRecConfig's fields and model.safetensors), or None. A Llama folder has
+    the same two file names, so the config's fields are what tell them apart."""
+    if folder is None:
+        return None
+    folder, hint = Path(folder), "train one with python -m nanogdrt.baselines.sasrec"
+    if not folder.is_dir():
+        return f"no such folder ({hint})"
+    try:
+        raw = json.loads((folder / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"not a SASRec run folder: no readable {CONFIG} ({hint})"
+    fields = {f.name for f in dataclasses.fields(SASRecConfig)}
+    if not isinstance(raw, dict) or not set(raw) <= fields or "n_items" not in raw:
+        return f"not a SASRec run folder: its {CONFIG} is not a SASRec config ({hint})"
+    if not (folder / WEIGHTS).is_file():
+        return f"not a SASRec run folder: no {WEIGHTS} ({hint})"
+    return None

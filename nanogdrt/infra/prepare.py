@@ -37,7 +37,7 @@ from pathlib import Path
 
 from nanogdrt import files
 from nanogdrt.infra import run_folder, validate
-from nanogdrt.data import CATEGORIES, DataError, make_windows, split_by_time
+from nanogdrt.data import CATEGORIES, DataError, is_blank, make_windows, split_by_time
 
 RAW_URL = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
 CORE = 5             # 5-core filter
@@ -99,13 +99,20 @@ def _raw_file(raw_dir, file, given: bool):
 
 
 def _lines(path):
-    """The text lines of a .json.gz file; a file that is empty, not gzip or cut short is one error."""
+    """The text lines of a .json.gz file; a file that is empty, not gzip or cut short is one error,
+    and a line that is not UTF-8 is an error naming that line (not the gzip)."""
     if path.stat().st_size == 0:
         raise PrepareError(f"{path}: empty file (0 bytes): delete it and download {RAW_URL + path.name} again")
     try:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            yield from enumerate(f, 1)
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        with gzip.open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:   # e.g. a Latin-1 file: the gzip itself is fine
+                    raise DataError(path, line_no, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                                   f"{e.start + 1}); the raw files are UTF-8") from None
+                yield line_no, line
+    except (OSError, EOFError, zlib.error) as e:
         # BadGzipFile (an OSError): not gzip; EOFError: truncated (an interrupted download)
         raise PrepareError(f"{path}: not a complete gzip file of JSON lines ({type(e).__name__}: {e}); delete "
                            f"it and download {RAW_URL + path.name} again") from None
@@ -122,14 +129,17 @@ def read_raw(reviews_path, meta_path, summary=None):
             continue
         try:
             meta = ast.literal_eval(line)
-            asin, title = meta["asin"], meta.get("title")
-        except (ValueError, SyntaxError, AttributeError, KeyError) as e:
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
             raise DataError(meta_path, line_no, f"not a Python dict literal with an 'asin' ({e!r})") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("asin"), str):
+            raise DataError(meta_path, line_no, f"expected a Python dict literal with a string 'asin', got "
+                                                f"{line.strip()[:60]!r}")
+        asin, title = meta["asin"], meta.get("title")
         repeated += asin in seen
         seen.add(asin)
         if not isinstance(title, str):                     # items need a title
             missing += 1
-        elif not title.strip():                            # "" or blanks: nothing to generate
+        elif is_blank(title):                              # "", blanks, zero-width: nothing to generate
             empty += 1
         else:
             titles[asin] = title
@@ -139,9 +149,13 @@ def read_raw(reviews_path, meta_path, summary=None):
             continue
         try:
             r = json.loads(line)
-            reviews.append((r["reviewerID"], r["asin"], int(r["unixReviewTime"])))
+            review = (r["reviewerID"], r["asin"], int(r["unixReviewTime"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise DataError(reviews_path, line_no, f"bad review line ({e!r})") from None
+        if not (isinstance(review[0], str) and isinstance(review[1], str)):   # ids are hashed below
+            raise DataError(reviews_path, line_no, f"bad review line: 'reviewerID' and 'asin' must be strings, "
+                                                   f"got {review[0]!r}, {review[1]!r}")
+        reviews.append(review)
     if not titles:
         raise PrepareError(f"{meta_path}: no item with a title (expected one Python dict per line with "
                            f"'asin' and 'title')")
@@ -234,9 +248,23 @@ def write_dataset(out, id2name, splits, seed=0):
     files.write_text(out / "id2name.json", json.dumps({str(k): v for k, v in id2name.items()}, indent=4))
 
 
+def check_out(out):
+    """`out` may not hold a dataset already: prepare would overwrite its CSVs and id2name.json
+    (the user's, perhaps edited, perhaps from another seed). Checked before the raw files are read."""
+    out = Path(out)
+    held = sorted(p.name for p in (out.glob("*.csv") if out.is_dir() else []))
+    held += ["id2name.json"] * (out / "id2name.json").is_file()
+    if held:
+        raise PrepareError(f"--out {out}: already holds a dataset ({', '.join(held[:4])}{', ...' * (len(held) > 4)}); "
+                           f"choose another --out, or delete those files to rebuild it")
+
+
 def prepare(name, raw_dir=None, out=None, seed=0):
-    """Build data/<name> (or `out`) from the raw 2014 files in `raw_dir` (downloaded if absent)."""
+    """Build data/<name> (or `out`) from the raw 2014 files in `raw_dir` (downloaded if absent);
+    `out` may not hold a dataset already (check_out)."""
     category = CATEGORIES[name]
+    out = Path(out) if out is not None else Path("data") / name
+    check_out(out)
     given = raw_dir is not None
     raw_dir = Path(raw_dir) if given else Path("data") / "raw"
     reviews_path = _raw_file(raw_dir, f"reviews_{category}_5.json.gz", given)
@@ -245,7 +273,6 @@ def prepare(name, raw_dir=None, out=None, seed=0):
     titles, reviews = read_raw(reviews_path, meta_path, summary)
     id2name, splits = preprocess(titles, reviews, BOOK_ITEMS if name == "book" else None, seed, summary)
     summary["windows"] = {k: len(v) for k, v in splits.items()}
-    out = Path(out) if out is not None else Path("data") / name
     write_dataset(out, id2name, splits, seed)
     files.write_json(out / SUMMARY_FILE, summary)
     counts = ", ".join(f"{k} {len(v)}" for k, v in splits.items())

@@ -23,6 +23,7 @@ steps an uninterrupted one would take.
 """
 
 import json
+import os
 import shutil
 import signal
 import threading
@@ -83,12 +84,14 @@ def save_state(folder, model, optimizer, state: dict, lora_config, run_config, r
     save_adapter(model, tmp, lora_config)
     tensors, groups = _optimizer_tensors(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
+    os.chmod(tmp / "optimizer.safetensors", 0o644)          # safetensors writes 0600; outputs are 0644
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     for r, states in enumerate(rank_rng or []):
         rng.update({f"{kind}.rank{r}": s for kind, s in states.items()})
     save_file(rng, str(tmp / "rng.safetensors"))
+    os.chmod(tmp / "rng.safetensors", 0o644)
     (tmp / "trainer_state.json").write_text(json.dumps(
         {**state, "param_groups": groups, "config": asdict(run_config)}, indent=1))
     if folder.exists():

@@ -24,7 +24,10 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_writable(path, kind: str, flag: str = "--out"):
     """Raise OutputError (one line: flag, path, why) unless `path` can be written as a `kind`
-    ("file" or "folder"). Creates nothing: a missing path is judged by its nearest existing parent."""
+    ("file" or "folder"). Creates nothing: a missing path is judged by its nearest existing parent.
+    An empty path is refused, not read as the current folder (Path("") is ".")."""
+    if not str(path).strip():
+        raise OutputError(f"{flag} {str(path)!r}: empty path (name a {kind})")
     path = Path(path)
     if kind == "folder" and path.exists() and not path.is_dir():
         raise OutputError(f"{flag} {path}: exists and is not a folder")
@@ -47,9 +50,14 @@ class RunLock:
     the owner's pid, locked with fcntl.flock.
 
     The kernel drops a flock when its process ends, however it ends (exit, crash, kill -9), so a
-    lock file left by a dead run is stale by construction and the next run takes it. The file
-    itself is left in place (deleting it while another process waits on it would let two runs
-    hold locks on two different files). A second run is refused at once with the holder's pid.
+    lock file left by a dead run is stale by construction and the next run takes it. A second run
+    is refused at once with the holder's pid.
+
+    A run refused before it wrote anything leaves nothing behind: `release` removes the lock file
+    when it is all the folder holds, and the folders `acquire` created. It does so while still
+    holding the lock, and `acquire` checks that the file it locked is still the one at the path
+    (else it retries), so a run that opened the file just before it was removed cannot hold a
+    lock on a deleted file beside a run that holds the new one.
     flock is advisory and local: it does not guard a folder shared over NFS between machines.
     Where fcntl does not exist (Windows) no lock is taken and a warning says so.
 
@@ -59,7 +67,7 @@ class RunLock:
     _held = weakref.WeakValueDictionary()                   # resolved folder -> its RunLock, this process
 
     def __init__(self, folder):
-        self.folder, self._file = Path(folder), None
+        self.folder, self._file, self._created = Path(folder), None, []
 
     def acquire(self):
         try:
@@ -67,20 +75,29 @@ class RunLock:
         except ImportError:
             print(f"warning: no fcntl on this OS: {self.folder} is not locked against a second run")
             return self
+        self._created = [p for p in (self.folder.absolute(), *self.folder.absolute().parents) if not p.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
         key = str(self.folder.resolve())
         previous = RunLock._held.get(key)
         if previous is not None:                            # ours already: hand it over
-            previous.release()
-        f = open(self.folder / LOCK_NAME, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise OutputError(f"{self.folder}: in use by another run (pid {holder}); wait for it to end "
-                              f"or choose another --out") from None
+            self._created = previous._created
+            previous.release(keep=True)
+        while True:
+            f = open(self.folder / LOCK_NAME, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                f.close()
+                raise OutputError(f"{self.folder}: in use by another run (pid {holder}); wait for it to end "
+                                  f"or choose another --out") from None
+            try:
+                if os.fstat(f.fileno()).st_ino == os.stat(self.folder / LOCK_NAME).st_ino:
+                    break                                   # the file at the path: ours
+            except FileNotFoundError:
+                pass
+            f.close()                                       # removed by a run releasing it: again
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
@@ -89,12 +106,27 @@ class RunLock:
         RunLock._held[key] = self
         return self
 
-    def release(self):
-        if self._file is not None:
-            self._file.close()                              # closing drops the flock
-            self._file = None
+    def release(self, keep=False):
+        """Drop the lock; unless `keep`, a folder left holding only the lock file is put back as
+        it was (the lock file removed, and the folders acquire created)."""
+        if self._file is None:
+            return
+        if not keep:
+            try:
+                if [p.name for p in self.folder.iterdir()] == [LOCK_NAME]:
+                    (self.folder / LOCK_NAME).unlink()      # still locked: no run can hold it
+                    for folder in self._created:            # deepest first; stops at one not empty
+                        folder.rmdir()
+            except OSError:
+                pass
+        self._file.close()                                  # closing drops the flock
+        self._file = None
 
-    __del__ = release                                       # a lock object dropped is a lock released
+    def __del__(self):                                      # a lock object dropped is a lock released
+        try:
+            self.release()
+        except Exception:   # noqa: BLE001 (at interpreter exit, modules may already be torn down)
+            pass
 
     def __enter__(self):
         return self.acquire()

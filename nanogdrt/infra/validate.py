@@ -10,15 +10,28 @@ Rules: 0 means 0 where that makes sense (`--weight-decay 0`, `--lora-dropout 0`)
 would make the run empty or undefined (0 epochs, 0 beams, a batch of 0) is refused, never
 replaced by a default. Floats must be finite (`--lr nan` is refused). A string field may declare a `pattern` (a full
 regular-expression match), e.g. `--device`.
+
+Some values are checked against the machine or the disk, still before any work: `--device` must
+name a device this machine has (`device_problem`), `--assistant` a SASRec run folder
+(nanogdrt.baselines.d3.assistant_problem), and `--lora-targets` / `--lora-r` must fit the layers that the model's
+config.json declares (`check_lora`: a meta-device model, no weights read). `check_config` runs the
+device check on a `device` field (CHECKS) and any other given to it; argparse CLIs use `device`
+and `checked(problem)` as `type=`.
 """
 
 import argparse
 import dataclasses
+import json
 import math
 import re
+from pathlib import Path
+
+import torch
 
 from nanogdrt.files import OutputError
 from nanogdrt.infra import run_folder
+from nanogdrt.llama import Llama, LlamaConfig
+from nanogdrt.lora import find_targets
 
 RANGE_KEYS = ("min", "max", "above", "below", "pattern")
 DEVICE = r"cpu|mps|cuda(:[0-9]+)?"                      # what `--device` may name
@@ -50,9 +63,32 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_config(config):
-    """Check every field of the dataclass `config` against its metadata range; raise
-    ArgumentError naming the first bad flag and its allowed range."""
+def device_problem(name) -> str | None:
+    """Why `--device name` cannot run here (None when it can): CUDA or MPS absent, or a CUDA index
+    past the last GPU. Asked before any work, instead of an AssertionError or a long traceback
+    from the first tensor moved there."""
+    if name is None or name == "cpu":
+        return None
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            return "CUDA is not available on this machine (this torch has no GPU, or sees none): use --device cpu"
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+    if name == "mps" and not torch.backends.mps.is_available():
+        return "MPS (Apple GPU) is not available on this machine: use --device cpu"
+    return None
+
+
+# Fields checked against the machine or the disk, beyond their declared range.
+CHECKS = {"device": device_problem}
+
+
+def check_config(config, checks=None):
+    """Check every field of the dataclass `config` against its metadata range, CHECKS and
+    `checks` (field name -> problem function, e.g. d3.assistant_problem, which lives beside the
+    code that reads the folder); raise ArgumentError naming the first bad flag and why."""
+    checks = {**CHECKS, **(checks or {})}
     for f in dataclasses.fields(config):
         bounds = {k: f.metadata[k] for k in RANGE_KEYS if k in f.metadata and k != "pattern"}
         value = getattr(config, f.name)
@@ -62,9 +98,51 @@ def check_config(config):
             pattern = f.metadata.get("pattern")
             if pattern and isinstance(v, str) and not re.fullmatch(pattern, v):
                 why = f"expected {pattern.replace('|', ' | ')}"
+            if not why and f.name in checks:
+                why = checks[f.name](v)
             if why:
                 raise ArgumentError(f"{flag(f.name)} {v}: {why}")
     return config
+
+
+def checked(problem_of):
+    """An argparse `type=` from a problem function: the value, or argparse's one-line error."""
+    def parse(text):
+        why = problem_of(text)
+        if why:
+            raise argparse.ArgumentTypeError(f"{text}: {why}")
+        return text
+    return parse
+
+
+device = checked(lambda name: (None if re.fullmatch(DEVICE, name) else f"expected {DEVICE.replace('|', ' | ')}")
+                  or device_problem(name))
+
+
+def check_lora(model_dir, targets, r):
+    """--lora-targets and --lora-r against the layers that `model_dir`/config.json declares,
+    before any data, weights or relevance scores are read: the model is built on the meta device
+    (shapes only). Every target must name a linear layer, and r may not exceed the smaller side
+    of any targeted layer (B A has rank at most that: a larger r only adds parameters, and its
+    alpha / r scale shrinks the update). A folder without config.json is left to the loader."""
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        config = LlamaConfig.from_hf(json.loads(config_file.read_text()), source=str(config_file))
+    except json.JSONDecodeError as e:
+        raise ArgumentError(f"{config_file}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    with torch.device("meta"):
+        model = Llama(config)
+    try:
+        layers = find_targets(model, targets)
+    except ValueError as e:
+        raise ArgumentError(f"--lora-targets {' '.join(targets)}: {e} ({config_file})") from None
+    name, layer = min(layers.items(), key=lambda kv: min(kv[1].in_features, kv[1].out_features))
+    width = min(layer.in_features, layer.out_features)
+    if r > width:
+        raise ArgumentError(f"--lora-r {r}: above the width of {name} ({layer.in_features} -> "
+                            f"{layer.out_features}), so the rank of B A is at most {width}: use --lora-r <= {width}")
 
 
 def number(kind=int, min=None, max=None, above=None, below=None):
