@@ -4,7 +4,7 @@ VENV    := .venv
 STAMP   := $(VENV)/.installed
 CKPT    := checkpoints/smollm2-135m-instruct/model.safetensors
 
-.PHONY: setup test train tutorials tutorials-check repro gpu-payload gpu-status bench bench-train bench-beam bench-attribution bench-gdrt clean
+.PHONY: setup test train tutorials tutorials-check repro controlled gpu-payload gpu-status bench bench-train bench-beam bench-attribution bench-gdrt clean
 
 setup: $(STAMP) $(CKPT)
 
@@ -33,6 +33,14 @@ TOY ?= ../shared/data/toy
 REPRO_ARGS ?=
 repro: setup
 	$(PY) -m experiments.repro --data-dir $(TOY) $(REPRO_ARGS)
+
+# The controlled world's pre-registered sweep (docs/controlled/plan.md; report: docs/controlled/results.md):
+# stages of minutes, outputs committed in docs/controlled/s<S>/<row>/, finished stages skipped.
+# The gate first: make controlled CONTROLLED_ARGS="--only 'pilot:*'"
+# A session's share: make controlled CONTROLLED_ARGS="--max-minutes 170 --commit"
+CONTROLLED_ARGS ?=
+controlled: setup
+	$(PY) -m experiments.controlled $(CONTROLLED_ARGS)
 
 # The paper's protocol on a lent GPU (docs/gpu_protocol.md): the carried folders .devpayload/1..n
 # (model, gguf wheel, Toy files) and the device calls to make, in order; then what is done.

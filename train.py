@@ -15,8 +15,9 @@ The script follows §3 of the paper, top to bottom:
      they, --grad-accum, --loss-scope and torchrun go through nanogdrt/infra/step.py, with the same losses)
   5. each epoch: NDCG@5 on validation by constrained beam search; the best adapter is kept
   6. the best adapter is tested: NDCG/HR@5,10, MGU/DGU@5,10, top-1 item-group distribution
-Everything lands in <out>/: results.json, best_adapter/ (PEFT format), PNG figures, and state/
-(the last checkpoint: `--resume` continues an interrupted run and ends where it would have).
+Everything lands in <out>/: results.json, best_adapter/ (PEFT format), PNG figures, state/
+(the last checkpoint: `--resume` continues an interrupted run and ends where it would have), and
+with --snapshot-every N the adapter every N optimizer steps in snapshots/step-<k>/.
 """
 
 import dataclasses
@@ -40,6 +41,7 @@ from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.controlled import ControlledConfig
 from nanogdrt.data import load_dataset
 from nanogdrt.infra import distributed, step
+from nanogdrt.infra.validate import check_lora
 from nanogdrt.infra.config import parse_args
 from nanogdrt.infra.resume import StopOnSigterm, claim_run_folder, load_state, save_state
 from nanogdrt.llama import Llama, compile_blocks
@@ -268,6 +270,11 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state["step"], state["batch"] = state["step"] + 1, b + 1
+                if cfg.snapshot_every and state["step"] % cfg.snapshot_every == 0 and dist.main:
+                    # The adapter as it is now, for curves over training steps (Fig. 4/9); atomic
+                    # per file, so a resumed run rewrites a half-written snapshot whole.
+                    save_adapter(model, out / "snapshots" / f"step-{state['step']}", training.lora,
+                                 str(run.model_dir))
                 # The log of every step lives in the checkpoint, so a resumed run reports all of them.
                 state["steps"].append({"step": state["step"], "loss": log["loss"],
                                        "group_loss": log["group_loss"].tolist(), "q": log["q"].tolist()})
@@ -385,6 +392,8 @@ def print_table(cfg, test, times):
 
 def main(argv=None):
     cfg = parse_args(argv, __doc__.split("\n\n")[0])   # every option: nanogdrt/infra/config.py
+    # LoRA targets and rank against the model's config.json: before the lock, the data and the model.
+    check_lora(cfg.model or ensure_embedded_checkpoint(), cfg.lora_targets, cfg.lora_r)
     dist = distributed.init(cfg.device)                    # torchrun: one rank of N; else rank 0 of 1
     cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, dist))   # cuda -> cuda:<local rank>
     say = print if dist.main else (lambda *args, **kwargs: None)

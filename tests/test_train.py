@@ -176,7 +176,8 @@ def test_toy_dataset_end_to_end_on_a_tiny_model(train_py, tiny_model_dir, toy_di
 def test_help_lists_every_option_with_its_default(train_py, capsys):
     train_py("--help")
     text = " ".join(capsys.readouterr().out.split())        # argparse wraps lines
-    for expected in ("--dataset DATASET toy | clothing | book | synthetic (embedded, offline) (default: synthetic)",
+    for expected in ("--dataset DATASET toy | clothing | book | synthetic (embedded, offline) | controlled",
+                     "--shortcut SHORTCUT controlled only",
                      "--method {sft,gdrt,msl,msl+gdrt,reweight,group-mean}", "--loss-scope {step,micro,rank-micro}", "--grouping {kmeans,quantile}", "--epochs EPOCHS training epochs",
                      "--lora-targets LORA_TARGETS [LORA_TARGETS ...]", "(default: ['q_proj', 'v_proj'])",
                      "--lr LR AdamW learning rate of the LoRA parameters (MSL's recipe: 1e-4", "none) [> 0] (default: 0.0005)",
@@ -245,3 +246,19 @@ def test_compile_trains_the_same_steps(run, tmp_path):
     assert b["config"]["compile"] is True and len(a["steps"]) == len(b["steps"]) == 6
     for x, y in zip(a["steps"], b["steps"]):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-5)
+
+
+def test_snapshot_every_saves_the_adapter_of_those_steps(run, tmp_path):
+    """--snapshot-every 3 on 2 epochs of 6 steps: snapshots at steps 3, 6, 9, 12 and no other;
+    the one at the end of the best epoch is the best adapter, bit for bit; training moves it."""
+    run(tmp_path / "snap", "--snapshot-every", "3")
+    res = json.loads((tmp_path / "snap" / "results.json").read_text())
+    snaps = tmp_path / "snap" / "snapshots"
+    assert sorted(p.name for p in snaps.iterdir()) == ["step-12", "step-3", "step-6", "step-9"]
+    weights = lambda folder: load_file(str(folder / "adapter_model.safetensors"))   # noqa: E731
+    best, at_best = weights(tmp_path / "snap" / "best_adapter"), weights(snaps / f"step-{6 * res['best_epoch']}")
+    assert best.keys() == at_best.keys() and all(torch.equal(best[k], at_best[k]) for k in best)
+    first, last = weights(snaps / "step-3"), weights(snaps / "step-12")
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+    assert (snaps / "step-3" / "adapter_config.json").is_file()
+    assert res["config"]["snapshot_every"] == 3

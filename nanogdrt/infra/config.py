@@ -14,7 +14,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-from nanogdrt.baselines.d3 import DECODINGS
+from nanogdrt.baselines.d3 import DECODINGS, assistant_problem
 from nanogdrt.baselines.methods import METHODS
 from nanogdrt.infra.validate import DEVICE, RANGE_KEYS, ArgumentError, check_config, describe
 
@@ -94,6 +94,9 @@ class RunConfig:
     out: str | None = option(None, "run folder (default: runs/<dataset>-<method>)")
     resume: bool = option(False, "continue from <out>/state")
     save_every: int = option(50, "checkpoint every N optimizer steps", min=1)
+    snapshot_every: int = option(0, "also save the LoRA adapter every N optimizer steps to "
+                                    "<out>/snapshots/step-<k>/ (0: off), e.g. for the top-1 share over "
+                                    "training steps (the paper's Fig. 4/9)", min=0)
     max_steps: int | None = option(None, "stop after N optimizer steps in all (then --resume)", min=1)
     skip_bad: bool = option(False, "skip malformed data rows (counted in results.json)")
     group_by_length: bool = option(True, "batch examples in plain random order (default: random pools of "
@@ -139,7 +142,8 @@ def parse_args(argv=None, description: str = "") -> RunConfig:
             args[key] = value
     if args["epochs"] is None:                             # datasets without defaults (clothing, book)
         args["epochs"] = 2
-    args["out"] = args["out"] or f"runs/{args['dataset']}-{args['method']}"
+    if args["out"] is None:                                # "" is refused by claim_run_folder, not defaulted
+        args["out"] = f"runs/{args['dataset']}-{args['method']}"
     if args["dataset"] != "controlled" and (args["shortcut"] or args["world_seed"]):
         raise ArgumentError("--shortcut and --world-seed set the controlled world: use them with --dataset controlled")
-    return check_config(RunConfig(**args))        # every range, before any work
+    return check_config(RunConfig(**args), checks={"assistant": assistant_problem})   # before any work
