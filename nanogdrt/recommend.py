@@ -5,7 +5,7 @@ list of items; NDCG@K and HR@K measure accuracy, MGU@K and DGU@K how far the rec
 groups stray from the users' histories, with the N_ITEM_GROUPS = 5 item groups formed by item
 relevance (Eq. 2) under the *base* model.
 
-`Decoding` holds every knob of the search, its scoring hook included (`beam.Scoring`: plain CBS
+`Decoding` holds every knob of the search, its scoring hook included (`scoring.Scoring`: plain CBS
 by default; D3 fills it, `nanogdrt.baselines.d3.decoding`). The command line is `recommend.py`
 at the repository root.
 """
@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from nanogdrt import metrics
-from nanogdrt.beam import Scoring, beam_search
+from nanogdrt.beam import beam_search
+from nanogdrt.scoring import Scoring
 
 
 def cbs_scoring(histories: Sequence[Sequence[int]]) -> Scoring:

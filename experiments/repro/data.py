@@ -163,7 +163,7 @@ def main(argv=None):
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="decode: score = sum log p / len^lp (1: the lineage's; 0: the plain sum)")
     p.add_argument("--normaliser", default="vocab", choices=list(d3.NORMALISERS),
-                   help="decode: each step's softmax (nanogdrt.beam.Scoring.normaliser; allowed is a diagnostic)")
+                   help="decode: each step's softmax (nanogdrt.scoring.Scoring.normaliser; allowed is a diagnostic)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", required=True)

@@ -21,7 +21,7 @@ over A_t is unchanged by any logit outside A_t and by a common shift of those in
 loss pushes it toward 0 on every training title. At a forced position it is the whole score.
 
 The test: the phase `diagnose` of experiments/repro decodes the chosen MSL row and SFT again on
-the same test users with `--normaliser allowed` (nanogdrt.beam.Scoring): every step's softmax over
+the same test users with `--normaliser allowed` (nanogdrt.scoring.Scoring): every step's softmax over
 the allowed tokens, the distribution MSL's loss trains (at tau 1), so a forced token scores log 1 = 0
 and only the branching positions rank the titles. Length normalisation interferes: with the
 lineage's length_penalty 1 a title's score is a mean over its tokens, and zero-cost forced tokens

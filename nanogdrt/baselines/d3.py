@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from nanogdrt.baselines.sasrec import CONFIG, WEIGHTS, SASRecConfig
-from nanogdrt.beam import ASSISTANT_EPS, NORMALISERS, Scoring, assistant_log_probs  # noqa: F401 (the hook D3 fills)
+from nanogdrt.scoring import ASSISTANT_EPS, NORMALISERS, Scoring, assistant_log_probs  # noqa: F401 (the hook D3 fills)
 from nanogdrt.recommend import Decoding, ghost_share  # noqa: F401 (ghost_share: D3's records)
 
 GHOST_THRESHOLD = 0.99   # p_LM above which a decoded token counts as a ghost token (our choice)
