@@ -7,10 +7,10 @@ A row is a folder of docs/repro/ (`sft-s0`, `gdrt-G5-tau0.5-s0`, ...); a report 
 "GDRT", ...) names the row a table shows (`row_names`).
 """
 
-import hashlib
 import json
 from pathlib import Path
 
+from nanogdrt.infra.stages import sha256
 from nanogdrt.stats import SELECT_KEYS, TABLE_KEYS, choose
 
 __all__ = ["TABLE_KEYS", "SELECT_KEYS", "parse_grid", "gdrt_row", "control_row", "msl_row", "sha256",
@@ -36,10 +36,6 @@ def control_row(g, seed=0) -> str:
 
 def msl_row(tau, seed=0) -> str:
     return f"msl-tau{tau:g}-s{seed}"
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def best_valid(train_results: Path) -> dict:
