@@ -68,6 +68,8 @@ class Plan:
         args = ["--dataset", a.dataset] + (["--data-dir", a.data_dir] if a.data_dir else [])
         if a.dataset == "synthetic":
             args += ["--synthetic-size", a.synthetic_size]
+        if a.skip_bad:
+            args += ["--skip-bad"]
         return args + (["--model", a.model] if a.model else []) + ["--device", a.device]
 
     def train_argv(self, row, method, seed, extra=()):
@@ -162,7 +164,8 @@ class Plan:
             self.stages.append(Stage(row, "baselines", [
                 sys.executable, "-m", "nanogdrt.baselines.sasrec", "--dataset", a.dataset,
                 *(["--data-dir", a.data_dir] if a.data_dir else []),
-                *(["--synthetic-size", a.synthetic_size] if a.dataset == "synthetic" else []), "--loss", loss,
+                *(["--synthetic-size", a.synthetic_size] if a.dataset == "synthetic" else []),
+                *(["--skip-bad"] if a.skip_bad else []), "--loss", loss,
                 "--test-samples", str(a.other_test_users), "--seed", "0", "--device", a.device,
                 "--item-groups", str(docs / "item_groups.json"), "--out", str(docs / row), *a.sasrec_extra],
                 [docs / row / "results.json"], 15, collect=lambda row=row: self.collect_sasrec(row)))

@@ -63,6 +63,8 @@ def parser():
     p.add_argument("--dataset", default="toy")
     p.add_argument("--data-dir", default="../shared/data/toy")
     p.add_argument("--synthetic-size", default="small", choices=["full", "small"], help="synthetic only")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="every command drops malformed rows and blank titles, counted (Books: item 5746)")
     p.add_argument("--model", default=None, help="base model folder (default: embedded SmolLM2-135M)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--train-file", default="train_1000.csv")
