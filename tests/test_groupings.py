@@ -1,4 +1,4 @@
-"""nanogdrt.analysis.groupings: each independent item grouping on a hand-made catalogue (popularity
+"""nanogdrt.analysis.groupings and regroup: each independent item grouping on a hand-made catalogue (popularity
 with ties and never-seen items, the n-gram scores against brute-force counting and a hand-computed
 case, length strata), the Fig. 8 distance by hand, MGU/DGU and the paired draw against metrics.py
 and stats.py, the CLI on the small synthetic dataset, and its one-line refusals."""
@@ -12,6 +12,7 @@ import pytest
 
 from nanogdrt import metrics, stats, synthetic
 from nanogdrt.analysis import groupings as G
+from nanogdrt.analysis import regroup as R
 from nanogdrt.data import Interaction, load_dataset
 
 
@@ -97,8 +98,8 @@ def test_length_groups_by_hand():
 
 def test_total_variation_by_hand():
     """Top-1 shares (1/2, 1/4, 1/4, 0, 0) against targets' (1/4, 1/4, 1/4, 1/4, 0): 1/2 (1/4 + 1/4)."""
-    assert G.total_variation([2, 1, 1, 0, 0], [1, 1, 1, 1, 0]) == pytest.approx(0.25)
-    assert G.total_variation([1, 0, 0, 0, 0], [0, 0, 0, 0, 3]) == pytest.approx(1.0)
+    assert R.total_variation([2, 1, 1, 0, 0], [1, 1, 1, 1, 0]) == pytest.approx(0.25)
+    assert R.total_variation([1, 0, 0, 0, 0], [0, 0, 0, 0, 3]) == pytest.approx(1.0)
 
 
 def small_case(seed=0):
@@ -118,7 +119,7 @@ def test_fig8_and_metrics_against_metrics_py():
     target shares (metrics.group_distribution); A - B is paired on the common users."""
     ds, a, b, group = small_case()
     by_row = {x.row: x for x in ds.test}
-    ta, tb = (G.terms(r, by_row, ds.titles, group) for r in (a, b))
+    ta, tb = (R.terms(r, by_row, ds.titles, group) for r in (a, b))
     point = {k: v[0] for k, v in ta.table(np.ones((1, len(a)))).items()}
     ev = metrics.evaluate([r["topk_item_ids"] for r in a], [r["target_item_id"] for r in a],
                           [by_row[r["row"]].history for r in a], group)
@@ -127,7 +128,7 @@ def test_fig8_and_metrics_against_metrics_py():
     p = metrics.group_distribution([r["topk_item_ids"][0] for r in a], group)
     q = metrics.group_distribution([r["target_item_id"] for r in a], group)
     assert point["TV"] == pytest.approx(0.5 * np.abs(p - q).sum(), abs=1e-12)
-    d = G.paired_cells(tb, ta, B=20, seed=3)
+    d = R.paired_cells(tb, ta, B=20, seed=3)
     sub = ta.subset(tb.rows).table(np.ones((1, len(b))))
     assert d["TV"][0] == pytest.approx(tb.table(np.ones((1, len(b))))["TV"][0] - sub["TV"][0], abs=1e-12)
 
@@ -136,8 +137,8 @@ def test_paired_draw_is_stats_paired():
     """The paired MGU@5/DGU@5 intervals are stats.paired's to the last digit: the same resamples."""
     ds, a, b, group = small_case(1)
     by_row = {x.row: x for x in ds.test}
-    ta, tb = (G.terms(r, by_row, ds.titles, group) for r in (a, b))
-    ours = G.paired_cells(tb, ta, B=50, seed=7)
+    ta, tb = (R.terms(r, by_row, ds.titles, group) for r in (a, b))
+    ours = R.paired_cells(tb, ta, B=50, seed=7)
     theirs = stats.paired(tb.users[5], ta.users[5], 50, 7)
     assert ours["MGU@5"] == theirs["MGU@5"] and ours["DGU@5"] == theirs["DGU@5"]
 
@@ -156,7 +157,7 @@ def test_cli_on_a_tiny_case(tmp_path, capsys):
     ds, a, b, group = small_case(2)
     argv = write_rows(tmp_path, a, b, group) + ["--ref", "A", "--bootstrap", "30",
                                                 "--out", str(tmp_path / "o.json"), "--md", str(tmp_path / "o.md")]
-    G.main(argv)
+    R.main(argv)
     out = json.loads((tmp_path / "o.json").read_text())
     assert list(out["groupings"]) == ["eq2", "popularity", "ngram", "length"]
     assert all(sum(g["sizes"]) == len(ds.titles) for g in out["groupings"].values())
@@ -167,7 +168,7 @@ def test_cli_on_a_tiny_case(tmp_path, capsys):
                           [by_row[r["row"]].history for r in a], group)
     assert out["rows"]["A"]["eq2"]["DGU@5"][0] == pytest.approx(ev["DGU@5"], abs=1e-12)
     md = (tmp_path / "o.md").read_text()
-    assert md.splitlines()[2].startswith("Command: `python -m nanogdrt.analysis.groupings A=")
+    assert md.splitlines()[2].startswith("Command: `python -m nanogdrt.analysis.regroup A=")
     assert md == capsys.readouterr().out
     assert "| B - A | popularity |" in md
 
@@ -189,7 +190,7 @@ def test_bad_input_is_one_line(tmp_path, change, message):
     (tmp_path / "bad.json").write_text(json.dumps({str(k): 9 if k == 1 else v for k, v in group.items()}))
     (tmp_path / "short.json").write_text(json.dumps({str(k): v for k, v in group.items() if k != 1}))
     with pytest.raises(SystemExit) as e:
-        G.main(change(argv, tmp_path))
+        R.main(change(argv, tmp_path))
     text = str(e.value)
     assert message in text and "\n" not in text
 
@@ -200,5 +201,5 @@ def test_refuses_a_training_split_too_small_for_popularity(tmp_path):
     a = [{"row": x.row, "target_item_id": x.target, "topk_item_ids": [x.target]} for x in ds.test]
     argv = write_rows(tmp_path, a, a, {i: 1 + i % 5 for i in ds.titles})
     with pytest.raises(SystemExit) as e:
-        G.main([x if x != "small" else "full" for x in argv])
+        R.main([x if x != "small" else "full" for x in argv])
     assert str(e.value).startswith("--train-file: popularity: the training counts of 1669 windows fill only 4")
