@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 import nanogdrt
-from nanogdrt import files, loss, metrics, relevance, synthetic
+from nanogdrt import files, grouping, loss, metrics, relevance, synthetic
 from nanogdrt.analysis import plots
 from nanogdrt.baselines import d3, methods, sasrec
 from nanogdrt.baselines.methods import GROUP_WEIGHTINGS, METHODS, TargetLoss
@@ -130,7 +130,8 @@ class Training:
 
 def method_setup(cfg, run: Setup, item_group, say):
     """What a method needs once per run, and what it logs about it (results.json "method"):
-    MSL's trie nodes of every target token, Reweight's example weights (Eq. 2's item groups)."""
+    MSL's trie nodes of every target token, Reweight's example weights (over IFairLRS's popularity
+    groups, or Eq. 2's item groups with --reweight-groups eq2)."""
     method, nodes, weight, log = METHODS[cfg.method], None, None, {}
     if method.per_token == "msl":
         run.trie.to(cfg.device)                             # the allowed sets are looked up on the device
@@ -139,13 +140,27 @@ def method_setup(cfg, run: Setup, item_group, say):
         log["tau_msl"] = cfg.tau_msl
         say(f"MSL: {log['single_allowed_token_share']:.1%} of the target positions allow a single token")
     if method.weighting == "examples":
+        if cfg.reweight_groups == "popularity":
+            item_group = popularity_of(cfg, run.dataset.titles)
         n_item_groups = max(item_group.values())
         group_w, weight = methods.reweight_example_weights(run.dataset.train, item_group, n_item_groups,
                                                            cfg.reweight_power)
-        log.update(item_groups="Eq. 2", power=cfg.reweight_power, group_weights=group_w.tolist(),
+        log.update(item_groups={"eq2": "Eq. 2", "popularity": "IFairLRS popularity"}[cfg.reweight_groups],
+                   power=cfg.reweight_power, group_weights=group_w.tolist(),
                    example_weight_min=float(weight.min()), example_weight_max=float(weight.max()))
         say(f"Reweight: example weights {log['example_weight_min']:.3f} .. {log['example_weight_max']:.3f}")
     return nodes, weight, log
+
+
+def popularity_of(cfg, titles) -> dict[int, int]:
+    """IFairLRS's popularity groups, counted over the dataset's whole training file (load_dataset's
+    rule: train.csv, else the largest train*.csv), not the run's sample: IFairLRS counts every
+    interaction, and a 1,000-window sample leaves most items tied at zero."""
+    full = load_dataset(cfg.dataset, data_dir=cfg.data_dir, skip_bad=cfg.skip_bad,
+                        synthetic=synthetic.SMALL if cfg.synthetic_size == "small" else None,
+                        controlled=(ControlledConfig(seed=cfg.world_seed, shortcut=cfg.shortcut)
+                                    if cfg.dataset == "controlled" else None))
+    return grouping.popularity_groups(full.train, titles)
 
 
 def data_parallel(net, cfg, dist, say):

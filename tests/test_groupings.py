@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 
-from nanogdrt import metrics, stats, synthetic
+from nanogdrt import grouping, metrics, stats, synthetic
 from nanogdrt.analysis import groupings as G
 from nanogdrt.analysis import regroup as R
 from nanogdrt.data import Interaction, load_dataset
@@ -28,7 +28,7 @@ def test_popularity_groups_by_hand():
     windows = [([3, 6], 1), ([3, 6], 1), ([7], 1), ([10], 2), ([], 2), ([], 3), ([], 3), ([], 4), ([], 5)]
     train = [Interaction(h, t, r) for r, (h, t) in enumerate(windows)]
     catalogue = {i: f"item {i}" for i in range(1, 11)}
-    got = G.popularity_groups(train, catalogue)
+    got = grouping.popularity_groups(train, catalogue)
     assert got == {1: 1, 3: 1, 2: 2, 4: 2, 5: 2, 6: 3, 7: 4, 10: 4, 8: 5, 9: 5}
 
 
@@ -36,7 +36,7 @@ def test_popularity_refuses_too_few_levels():
     """Three windows cannot rank ten items into five groups once ties stay together."""
     train = [Interaction([], t, r) for r, t in enumerate([1, 2, 3])]
     with pytest.raises(ValueError, match="fill only 2 of 5 groups"):
-        G.popularity_groups(train, {i: "t" for i in range(1, 11)})
+        grouping.popularity_groups(train, {i: "t" for i in range(1, 11)})
 
 
 # ----------------------------------------------------------------------------- n-gram relevance

@@ -153,8 +153,11 @@ class Plan:
         for t in a.msl_taus:
             self.add_train("baselines", msl_row(t), "msl", 0, ("--tau-msl", str(t)))
         self.add_train("baselines", "msl-gdrt-s0", "msl+gdrt", 0, self.msl_gdrt_extra)
-        self.add_train("baselines", "reweight-s0", "reweight", 0, ("--reweight-power", str(a.reweight_power)))
-        for row in ("msl-gdrt-s0", "reweight-s0"):
+        self.add_train("baselines", "reweight-s0", "reweight", 0,          # our v2 variant: Eq. 2's groups
+                       ("--reweight-power", str(a.reweight_power), "--reweight-groups", "eq2"))
+        self.add_train("baselines", "reweight-pop-s0", "reweight", 0,      # IFairLRS's popularity groups
+                       ("--reweight-power", str(a.reweight_power), "--reweight-groups", "popularity"))
+        for row in ("msl-gdrt-s0", "reweight-s0", "reweight-pop-s0"):
             self.add_test("baselines", row, a.other_test_users)
         self.stages.append(Stage("test:msl", "baselines", lambda plan: plan.decode_argv(
             plan.chosen("msl"), a.other_test_users), [], self.test_minutes(a.other_test_users)))

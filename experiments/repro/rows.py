@@ -53,10 +53,12 @@ def chosen(docs, rows) -> str | None:
 
 def row_names(docs, grid: str) -> dict:
     """Report label -> docs/repro folder, for the rows that exist (tested). GDRT: the grid's chosen
-    row; MSL: the chosen one of the MSL taus that were trained."""
+    row; MSL: the chosen one of the MSL taus that were trained. Reweight: IFairLRS's popularity groups;
+    the Eq. 2 variant (our v2 row) is a labelled extra."""
     docs = Path(docs)
     msl = sorted(p.name for p in docs.glob("msl-tau*-s0"))
     gdrt = chosen(docs, [gdrt_row(g, t) for g, t in parse_grid(grid)])
     labels = {"Base model": "base", "SFT": "sft-s0", "GDRT": gdrt, "MSL": chosen(docs, msl), "MSL+GDRT": "msl-gdrt-s0",
-              "Reweight": "reweight-s0", "SFT+D3": "sft-d3", "SASRec": "sasrec", "SASRec++": "sasrec-pp"}
+              "Reweight": "reweight-pop-s0", "Reweight (Eq. 2 groups)": "reweight-s0", "SFT+D3": "sft-d3",
+              "SASRec": "sasrec", "SASRec++": "sasrec-pp"}
     return {k: v for k, v in labels.items() if v and (docs / v / "test_predictions.jsonl").exists()}

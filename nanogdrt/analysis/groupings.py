@@ -5,6 +5,7 @@ Eq. 2 relevance, and GDRT's token groups (Eq. 3) come from the same base-model s
 partly optimises the yardstick that judges it. These groupings are built without the base model:
 
     popularity   IFairLRS's popularity groups (the Reweight baseline's) from training-target counts
+                 (nanogdrt.grouping.popularity_groups: Reweight trains with them too)
     ngram        Eq. 2's notion, "predictable from the title's own prefix", under a count-based
                  n-gram model of the catalogue's titles instead of the LLM
     length       title length in tokens
@@ -28,45 +29,6 @@ NGRAM_ORDER = 3
 
 
 # ----------------------------------------------------------------------------- the groupings
-
-def popularity_groups(train, catalogue, n_groups: int = N_ITEM_GROUPS) -> dict[int, int]:
-    """Popularity groups as IFairLRS (Jiang et al., WWW 2024; the paper's Reweight [30]) builds them,
-    group 1 = the most popular items, from the training windows `train` (data.Interaction).
-
-    What IFairLRS does. Its repository (JiangM-C/IFairLRS) ships the MovieLens groups as a file,
-    movie_pop_count_5.csv (title -> Pop 0..4), which code/finetune_gen_weight_popularity.py (the
-    reweighting: per group, share among training histories / share among training targets) and
-    code/evaluate_all_pop.py read; the code that built the file is not in the repository. The paper
-    divides items into five groups by their number of interactions. From the file: every movie of
-    movies.dat has a label (the code looks a movie up by its line in movies.dat), so items with no
-    interaction are in it, obscure ones at 0; 4 is the most popular (Toy Story, Star Wars); and the
-    labels read as equal-count quintiles of items (a movie of ~500 ratings, Grumpier Old Men, is in
-    group 4, which equal-interaction bins would keep for the ~100 most rated).
-
-    Here, and where we depart:
-    - counts: each training window's target counts once for its item (the training-target
-      frequency). On the full training split that is one count per interaction, IFairLRS's count,
-      for all but a user's first MIN_HISTORY items. Ties are broken by the item's count among the
-      same windows' histories (as Reweight counts them: once per window it appears in), then kept
-      together: a Toy training file is a sample (5,000 windows) on which 72% of the items are never
-      a target, and cutting that tie by item id would make the groups partly arbitrary.
-    - boundaries: equal-size groups by rank (grouping.quantile_groups: sizes differ by at most one)
-      up to ties: a run of equal (target, history) counts is never split and goes whole to the group
-      of its most popular rank. Items never seen in training are one such run: the least popular.
-    - labels: group 1 = most popular (IFairLRS's 4), mirroring Eq. 2's group 1 = the items a
-      biased model over-recommends.
-    Independent of the base model: counts of the training data only."""
-    target, history = Counter(x.target for x in train), Counter(i for x in train for i in x.history)
-    items = sorted(catalogue)
-    scale = max(history.values(), default=0) + 1               # (target, history) as one exact number
-    value = np.array([target[i] * scale + history[i] for i in items], dtype=np.float64)
-    groups = grouping.quantile_groups(value, n_groups)
-    filled = len(set(groups.tolist()))
-    if filled < n_groups:
-        raise ValueError(f"popularity: the training counts of {len(train)} windows fill only {filled} of "
-                         f"{n_groups} groups (ties kept together); give a larger training file")
-    return dict(zip(items, groups.tolist()))
-
 
 def ngrams(ids: Sequence[int], order: int):
     """(context, token) of every order 1..`order` at every position of `ids`: the context is the

@@ -48,7 +48,8 @@ import numpy as np
 
 from nanogdrt import files, metrics, stats, synthetic
 from nanogdrt.analysis.compare import check_targets, check_users, dataset_name, read_run
-from nanogdrt.analysis.groupings import NGRAM_ORDER, build_groupings, describe, popularity_groups
+from nanogdrt.analysis.groupings import NGRAM_ORDER, build_groupings, describe
+from nanogdrt.grouping import popularity_groups
 from nanogdrt.data import load_dataset
 from nanogdrt.grouping import N_ITEM_GROUPS
 

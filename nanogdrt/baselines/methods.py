@@ -24,7 +24,8 @@ all of it. Every weighting is computed by `loss.gdrt_loss` or `loss.sft_loss` (`
 no method has its own copy of Eq. 1 or Eq. 5.
 
 The per-token losses are `loss.token_nll` and `msl.msl_token_loss`; the weights of
-Reweight are `reweight.reweight_group_weights` over the item groups of Eq. 2.
+Reweight are `reweight.reweight_group_weights` over item groups: IFairLRS's popularity groups
+(`train.py --reweight-groups popularity`) or the Eq. 2 groups of the metrics (the default, our v2 row).
 """
 
 import math

@@ -69,8 +69,12 @@ class RunConfig:
                                      "compute it", choices=["step", "micro", "rank-micro"])
     tau_msl: float = option(4.5, "MSL's softmax temperature (MSL's recipe for Toy: 4.5)", above=0)
     reweight_power: float = option(1.0, "Reweight: IFairLRS's group weights raised to this power (our knob, "
-                                        "not IFairLRS's): 1 = IFairLRS, 0 = uniform = SFT. Item groups: Eq. 2's",
-                                   min=0)
+                                        "not IFairLRS's): 1 = IFairLRS, 0 = uniform = SFT", min=0)
+    reweight_groups: str = option("popularity", "Reweight's item groups: popularity = IFairLRS's (training-target "
+                                                "frequency quintiles over the dataset's whole training file, "
+                                                "grouping.popularity_groups); eq2 = Eq. 2 under the base model (the "
+                                                "fairness metric's own groups: our v2 variant, a labelled extra)",
+                                  choices=["eq2", "popularity"])
     grouping: str = option("kmeans", "how tokens are split by relevance", choices=["kmeans", "quantile"])
     regroup_every_epoch: bool = option(False, "re-score Eq. 3 with the current model at each later epoch "
                                              "(default: the base model scores Eq. 2/3 once)")
