@@ -45,7 +45,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Recommend with constrained beam search and print metrics.")
     p.add_argument("--model", default=None, help="Hugging Face Llama folder (default: embedded SmolLM2-135M)")
     p.add_argument("--adapter", default=None, help="PEFT/nanogdrt LoRA adapter folder (default: base model)")
-    p.add_argument("--dataset", default="synthetic", help="toy | clothing | book | synthetic")
+    p.add_argument("--dataset", default="synthetic", help="toy | clothing | book | synthetic | controlled, or the name of "
+                   "your own folder (with --data-dir; docs/data_format.md)")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     g = p.add_mutually_exclusive_group()
@@ -87,7 +88,7 @@ def main(argv=None):
             raise SystemExit(f"error: --rows selects no row ({args.split} has "
                              f"{len(getattr(dataset, args.split))} rows)")
     model = Llama.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), device=args.device)
-    builder = PromptBuilder(Tokenizer(model_dir), args.dataset)
+    builder = PromptBuilder(Tokenizer(model_dir), dataset.template)
     item_group = None
     if not args.no_fairness:  # groups come from the base model, before any adapter
         item_group = relevance.dataset_item_groups(model, builder, dataset, shard=dist)

@@ -80,7 +80,7 @@ def load_data_and_model(cfg, say) -> Setup:
     model_dir = Path(cfg.model) if cfg.model else ensure_embedded_checkpoint()
     model = Llama.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     tokenizer = Tokenizer(model_dir)
-    builder = PromptBuilder(tokenizer, dataset.name)
+    builder = PromptBuilder(tokenizer, dataset.template)
     say(f"{cfg.dataset}: {len(dataset.titles)} items, {len(dataset.train)} train / {len(dataset.valid)} "
         f"valid / {len(dataset.test)} test windows; model {model_dir}; method {cfg.method}")
     # D3's text-free assistant (a SASRec) for the test; bad D3 options fail here, before training.

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from nanogdrt.baselines.d3 import DECODINGS, assistant_problem
 from nanogdrt.baselines.methods import METHODS
+from nanogdrt.data import DATASET_NAME, dataset_template, find_dataset_dir
 from nanogdrt.infra.validate import DEVICE, RANGE_KEYS, ArgumentError, check_config, describe
 
 
@@ -31,8 +32,9 @@ def option(default, help, **argparse_kwargs):
 class RunConfig:
     """Every setting of a run, saved in results.json. A None count is filled per dataset below."""
     dataset: str = option("synthetic", "toy | clothing | book | synthetic (embedded, offline) | controlled "
-                                       "(the embedded world with a planted shortcut, nanogdrt/controlled.py)",
-                          pattern="toy|clothing|book|synthetic|controlled")
+                                       "(the embedded world with a planted shortcut, nanogdrt/controlled.py) | "
+                                       "any other name: your own folder (--data-dir) with a prompt.json "
+                                       "(docs/data_format.md)", pattern=DATASET_NAME.pattern)
     data_dir: str | None = option(None, "dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
     train_file: str | None = option(None, "which train*.csv of the folder (toy: train_1000.csv)")
     shortcut: float = option(0.0, "controlled only: P(the next item is a generic one whatever the history), "
@@ -150,4 +152,16 @@ def parse_args(argv=None, description: str = "") -> RunConfig:
         args["out"] = f"runs/{args['dataset']}-{args['method']}"
     if args["dataset"] != "controlled" and (args["shortcut"] or args["world_seed"]):
         raise ArgumentError("--shortcut and --world-seed set the controlled world: use them with --dataset controlled")
-    return check_config(RunConfig(**args), checks={"assistant": assistant_problem})   # before any work
+    cfg = check_config(RunConfig(**args), checks={"assistant": assistant_problem})   # before any work
+    return check_dataset_folder(cfg)
+
+
+def check_dataset_folder(cfg: RunConfig) -> RunConfig:
+    """A folder dataset's folder and prompt template (nanogdrt.data), before the run folder, the
+    model or any row is touched: a misspelt name or a missing prompt.json ends the run here."""
+    if cfg.dataset not in ("synthetic", "controlled"):
+        try:
+            dataset_template(cfg.dataset, find_dataset_dir(cfg.dataset, cfg.data_dir))
+        except (OSError, ValueError) as e:
+            raise ArgumentError(f"--dataset {cfg.dataset}: {e}") from None
+    return cfg
