@@ -11,7 +11,7 @@ The script follows §3 of the paper, top to bottom:
   3. §3.2: 1-D k-means over the target tokens' relevance -> G token groups
   4. LoRA fine-tuning; each step weights the group losses L(g) by Q = softmax(L(g) / tau) (Eq. 5):
      token NLL -> loss.gdrt_loss (or loss.sft_loss, Eq. 1) -> backward -> clip -> AdamW step
-     (--method also runs the baselines MSL, MSL+GDRT and IFairLRS's Reweight: nanogdrt/baselines/methods.py;
+     (--method also runs the baselines MSL, MSL+GDRT, IFairLRS's Reweight and CFT: nanogdrt/baselines/methods.py;
      they, --grad-accum, --loss-scope and torchrun go through nanogdrt/infra/step.py, with the same losses)
   5. each epoch: NDCG@5 on validation by constrained beam search; the best adapter is kept
   6. the best adapter is tested: NDCG/HR@5,10, MGU/DGU@5,10, top-1 item-group distribution
@@ -34,7 +34,7 @@ from tqdm import tqdm
 import nanogdrt
 from nanogdrt import files, grouping, loss, metrics, relevance, synthetic
 from nanogdrt.analysis import plots
-from nanogdrt.baselines import d3, methods, sasrec
+from nanogdrt.baselines import cft, d3, methods, sasrec
 from nanogdrt.baselines.methods import GROUP_WEIGHTINGS, METHODS, TargetLoss
 from nanogdrt.batches import collate, epoch_batches, make_examples
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
@@ -131,8 +131,9 @@ class Training:
 def method_setup(cfg, run: Setup, item_group, say):
     """What a method needs once per run, and what it logs about it (results.json "method"):
     MSL's trie nodes of every target token, Reweight's example weights (over IFairLRS's popularity
-    groups, or Eq. 2's item groups with --reweight-groups eq2)."""
-    method, nodes, weight, log = METHODS[cfg.method], None, None, {}
+    groups, or Eq. 2's item groups with --reweight-groups eq2), CFT's counterfactual prompt (checked
+    against every training title)."""
+    method, nodes, weight, prompt, log = METHODS[cfg.method], None, None, None, {}
     if method.per_token == "msl":
         run.trie.to(cfg.device)                             # the allowed sets are looked up on the device
         nodes = methods.target_nodes_of(run.trie, run.examples)
@@ -149,7 +150,13 @@ def method_setup(cfg, run: Setup, item_group, say):
                    power=cfg.reweight_power, group_weights=group_w.tolist(),
                    example_weight_min=float(weight.min()), example_weight_max=float(weight.max()))
         say(f"Reweight: example weights {log['example_weight_min']:.3f} .. {log['example_weight_max']:.3f}")
-    return nodes, weight, log
+    if method.per_token == "cft":
+        ids = cft.counterfactual_prompt(run.builder, run.dataset.template,
+                                        [run.dataset.titles[x.target] for x in run.dataset.train])
+        prompt = torch.tensor(ids, device=cfg.device)
+        log.update(alpha=cft.ALPHA, beta=cft.BETA, counterfactual_prompt=run.tokenizer.decode(ids))
+        say(f"CFT: alpha {cft.ALPHA}, weights 1 -> {cft.BETA}; counterfactual prompt of {len(ids)} tokens")
+    return nodes, weight, prompt, log
 
 
 def popularity_of(cfg, titles) -> dict[int, int]:
@@ -187,9 +194,10 @@ def setup_training(cfg, run: Setup, item_group, dist, say) -> Training:
     run.model.to(cfg.device)
     if cfg.compile:  # after inject_lora: the compiled blocks then trace the LoRA layers too
         compile_blocks(run.model)
-    nodes, example_weight, method_log = method_setup(cfg, run, item_group, say)
+    nodes, example_weight, prompt, method_log = method_setup(cfg, run, item_group, say)
     data = step.StepData(run.examples, nodes, example_weight, run.tokenizer.pad_id)
-    net = data_parallel(TargetLoss(run.model, METHODS[cfg.method].per_token, run.trie, cfg.tau_msl), cfg, dist, say)
+    net = TargetLoss(run.model, METHODS[cfg.method].per_token, run.trie, cfg.tau_msl, prompt)
+    net = data_parallel(net, cfg, dist, say)
     optimizer = torch.optim.AdamW(lora_parameters(run.model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return Training(lora, data, net, optimizer, method_log)
 

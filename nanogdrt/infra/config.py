@@ -44,8 +44,9 @@ class RunConfig:
     synthetic_size: str = option("full", "synthetic only: full (2,000 items) or small (120 items, for "
                                          "tutorials and smoke tests)", choices=["full", "small"])
     method: str = option("gdrt", "SFT (Eq. 1), GDRT (Eq. 5), MSL's masked softmax, MSL with GDRT's group "
-                                 "weights, IFairLRS's reweighting, or group-mean (our control: GDRT's groups, Q "
-                                 "fixed uniform) (nanogdrt/baselines/methods.py)", choices=list(METHODS))
+                                 "weights, IFairLRS's reweighting, CFT's counterfactual fine-tuning, or "
+                                 "group-mean (our control: GDRT's groups, Q fixed uniform) "
+                                 "(nanogdrt/baselines/methods.py)", choices=list(METHODS))
     model: str | None = option(None, "Hugging Face Llama folder (default: embedded SmolLM2-135M-Instruct)")
     train_samples: int | None = option(None, "seeded sample of training windows (MSL's recipe: 10,000; the GDRT "
                                                "paper gives none)", min=1)
