@@ -7,6 +7,8 @@
     msl+gdrt    MSL's masked softmax                 Q(g_t) / N_{g_t}
     reweight    NLL                                  w_{b(t)} / N  (IFairLRS's weight of the example)
     group-mean  NLL                                  (1 / G') / N_{g_t}  (G' = groups present)
+    llara       NLL, LLaRA's hybrid prompt (llara.py)  1 / N
+    llara+gdrt  NLL, LLaRA's hybrid prompt             Q(g_t) / N_{g_t}
 
 `group-mean` is our control, not the paper's: GDRT's token groups with the worst case taken out,
 i.e. Q fixed uniform (the tau -> inf limit of Eq. 5), so every group's mean loss counts equally.
@@ -48,6 +50,8 @@ METHODS = {
     "msl+gdrt": Method("msl", "groups"),
     "reweight": Method("nll", "examples"),
     "group-mean": Method("nll", "uniform-groups"),
+    "llara": Method("nll", "mean"),          # the input differs (item slots): llara.LLaRALoss, not TargetLoss
+    "llara+gdrt": Method("nll", "groups"),
 }
 GROUP_WEIGHTINGS = ("groups", "uniform-groups")   # the weightings that weight each group's mean loss
 
