@@ -31,8 +31,8 @@ is tokenized in segments between them; `HybridPromptBuilder` does the same, cutt
 each slot and writing the placeholder id there.
 
 Where we depart, and why:
-- Candidates. LLaRA's prompt lists 20 candidate titles with their own slots and asks the model to
-  choose (the [CansHere] / [CansEmb] branch). Table 3 is evaluated by constrained beam search over
+- Candidates. LLaRA's prompt lists candidate titles (main.py's --cans_num: 10; train_movielens.sh:
+  20) with their own slots and asks the model to choose (the [CansHere] / [CansEmb] branch). Table 3 is evaluated by constrained beam search over
   the full catalogue, as every LLM row here, so the candidate list is dropped: one slot per
   history item, none for candidates or the target.
 - The placeholder. LLaRA adds [PH], [HistoryEmb] and resizes the embedding table. Resizing would
