@@ -34,7 +34,7 @@ from tqdm import tqdm
 import nanogdrt
 from nanogdrt import files, grouping, loss, metrics, relevance, synthetic
 from nanogdrt.analysis import plots
-from nanogdrt.baselines import cft, d3, methods, sasrec
+from nanogdrt.baselines import cft, d3, llara, methods, sasrec
 from nanogdrt.baselines.methods import GROUP_WEIGHTINGS, METHODS, TargetLoss
 from nanogdrt.batches import collate, epoch_batches, make_examples
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
@@ -66,6 +66,7 @@ class Setup:
     examples: list             # PromptIds of every training window: prompt ids + the target title's ids
     trie: Trie                 # every title's ids: constrained decoding (and MSL's allowed tokens)
     assistant: object | None   # D3's text-free assistant (a SASRec) for the test, if any
+    llara: object | None = None  # LLaRA (--sasrec): the projector and the SASRec item table of the prompt's slots
 
 
 def load_data_and_model(cfg, say) -> Setup:
@@ -77,18 +78,22 @@ def load_data_and_model(cfg, say) -> Setup:
                            synthetic=synthetic.SMALL if cfg.synthetic_size == "small" else None,
                            controlled=(ControlledConfig(seed=cfg.world_seed, shortcut=cfg.shortcut)
                                        if cfg.dataset == "controlled" else None))
+    rec = llara.load_sasrec(cfg.sasrec, dataset.titles, cfg.device) if cfg.sasrec else None   # before the LLM
     model_dir = Path(cfg.model) if cfg.model else ensure_embedded_checkpoint()
     model = Llama.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     tokenizer = Tokenizer(model_dir)
-    builder = PromptBuilder(tokenizer, dataset.template)
+    builder = (PromptBuilder(tokenizer, dataset.template) if rec is None
+               else llara.HybridPromptBuilder(tokenizer, dataset.template))
     say(f"{cfg.dataset}: {len(dataset.titles)} items, {len(dataset.train)} train / {len(dataset.valid)} "
         f"valid / {len(dataset.test)} test windows; model {model_dir}; method {cfg.method}")
     # D3's text-free assistant (a SASRec) for the test; bad D3 options fail here, before training.
     assistant = sasrec.load(cfg.assistant, device=cfg.device) if cfg.assistant else None
     d3.decoding(cfg.decoding, cfg.alpha, assistant, list(dataset.titles))
-    examples = make_examples(builder, dataset.train, dataset.titles)
+    soft = None if rec is None else llara.LLaRA(rec, model.config.hidden_size, builder.placeholder).to(cfg.device)
+    examples = (make_examples(builder, dataset.train, dataset.titles) if soft is None
+                else llara.training_examples(builder, dataset.train, dataset.titles))   # slots: -(item + 1)
     return Setup(dataset, model_dir, model, tokenizer, builder, examples, Trie.from_titles(dataset.titles, builder),
-                 assistant)
+                 assistant, soft)
 
 
 def relevance_groups(run: Setup, cfg, cached=True, dist=None) -> DatasetGroups:
@@ -156,6 +161,8 @@ def method_setup(cfg, run: Setup, item_group, say):
         prompt = torch.tensor(ids, device=cfg.device)
         log.update(alpha=cft.ALPHA, beta=cft.BETA, counterfactual_prompt=run.tokenizer.decode(ids))
         say(f"CFT: alpha {cft.ALPHA}, weights 1 -> {cft.BETA}; counterfactual prompt of {len(ids)} tokens")
+    if run.llara is not None:
+        log["llara"] = llara.describe(run.llara, cfg.sasrec)
     return nodes, weight, prompt, log
 
 
@@ -196,9 +203,15 @@ def setup_training(cfg, run: Setup, item_group, dist, say) -> Training:
         compile_blocks(run.model)
     nodes, example_weight, prompt, method_log = method_setup(cfg, run, item_group, say)
     data = step.StepData(run.examples, nodes, example_weight, run.tokenizer.pad_id)
-    net = TargetLoss(run.model, METHODS[cfg.method].per_token, run.trie, cfg.tau_msl, prompt)
+    if run.llara is not None and dist.enabled:
+        raise ValueError("--method llara under torchrun is not supported yet (text-only steps leave the projector "
+                         "unused, which DDP refuses)")
+    net = (TargetLoss(run.model, METHODS[cfg.method].per_token, run.trie, cfg.tau_msl, prompt)
+           if run.llara is None
+           else llara.LLaRALoss(run.model, run.llara))
     net = data_parallel(net, cfg, dist, say)
-    optimizer = torch.optim.AdamW(lora_parameters(run.model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = lora_parameters(run.model) + (list(run.llara.projector.parameters()) if run.llara else [])
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return Training(lora, data, net, optimizer, method_log)
 
 
@@ -268,6 +281,8 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
         rank_rng = dist.gather([distributed.rng_state(cfg.device)], dist.world) if dist.enabled else None
         if dist.main:
             save_state(out / "state", model, optimizer, state, training.lora, cfg, rank_rng)
+            if run.llara is not None:
+                run.llara.save(out / "state")
 
     # SIGTERM (preemption, a deadline) stops after the current step with a checkpoint: no step lost.
     stopped, sigterm = False, StopOnSigterm(active=not dist.enabled)
@@ -280,6 +295,8 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
             bar = tqdm(range(state["batch"], len(steps)), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        initial=state["batch"], total=len(steps), disable=not dist.main)
             for b in bar:
+                if run.llara is not None:   # LLaRA's curriculum: hybrid prompts this step with p = step / total
+                    run.llara.start_step(state["step"] + 1, cfg.epochs * len(steps), cfg.seed)
                 if plain:
                     ids, mask, token_groups = collate(run.examples, groups.token_groups, steps[b][0],
                                                       training.data.pad_id, cfg.device)     # (B, T) each
@@ -298,9 +315,12 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
                     # per file, so a resumed run rewrites a half-written snapshot whole.
                     save_adapter(model, out / "snapshots" / f"step-{state['step']}", training.lora,
                                  str(run.model_dir))
+                    if run.llara is not None:
+                        run.llara.save(out / "snapshots" / f"step-{state['step']}")
                 # The log of every step lives in the checkpoint, so a resumed run reports all of them.
                 state["steps"].append({"step": state["step"], "loss": log["loss"],
-                                       "group_loss": log["group_loss"].tolist(), "q": log["q"].tolist()})
+                                       "group_loss": log["group_loss"].tolist(), "q": log["q"].tolist(),
+                                       **({"hybrid": run.llara.hybrid} if run.llara is not None else {})})
                 bar.set_postfix(loss=f"{log['loss']:.3f}", **method_postfix(cfg, log, training.method_log))
                 stopped = (cfg.max_steps is not None and state["step"] >= cfg.max_steps) or sigterm.requested
                 if stopped or state["step"] % cfg.save_every == 0:
@@ -312,6 +332,8 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
             # Step 5: choose on validation (the paper's protocol), never on test.
             if validate(run, groups.item_group, cfg, epoch, state, dist) and dist.main:
                 save_adapter(model, out / "best_adapter", training.lora, str(run.model_dir))
+                if run.llara is not None:
+                    run.llara.save(out / "best_adapter")
             state["epoch"], state["batch"] = epoch + 1, 0
             checkpoint()
     return stopped, sigterm.requested, groups
@@ -322,6 +344,8 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
 def evaluate(run: Setup, interactions, item_group, decoding: Decoding, desc, dist=distributed.Dist()):
     """Top-K for every user (split across data-parallel ranks, gathered in order on all) + metrics."""
     run.model.eval()                                       # no LoRA dropout while decoding
+    if run.llara is not None:                              # LLaRA decodes the hybrid prompt: slots projected
+        decoding = dataclasses.replace(decoding, soft_tokens=run.llara.soft_tokens)
     # --compile is for the training step: decoding's cached, ever-changing shapes would only
     # recompile, so compiled blocks run eagerly here (a no-op when nothing is compiled).
     with torch.compiler.set_stance("force_eager"):
@@ -352,6 +376,8 @@ def test_best(run: Setup, item_group, cfg, dist):
     """The test split's metrics and per-user records under the best epoch's adapter."""
     dist.barrier()                                          # rank 0 has written best_adapter/
     load_adapter(run.model, Path(cfg.out) / "best_adapter")
+    if run.llara is not None:
+        run.llara.load(Path(cfg.out) / "best_adapter")
     decoding = d3.decoding(cfg.decoding, cfg.alpha, run.assistant, run.trie.item_ids(), beams=cfg.beams,
                            batch_size=cfg.eval_batch_size)
     return evaluate(run, run.dataset.test, item_group, decoding, "test", dist)
@@ -437,6 +463,8 @@ def main(argv=None):
     # Step 4: LoRA on the frozen model; only its parameters are trained, by the method's loss.
     training = setup_training(cfg, run, groups.item_group, dist, say)
     state = start_or_resume(out, cfg, run.model, training.optimizer, dist, say)
+    if cfg.resume and run.llara is not None:
+        run.llara.load(out / "state")
     state["method"] = training.method_log                  # recomputed by a resumed run: the same numbers
     out.mkdir(parents=True, exist_ok=True)                 # only now: an existing run was refused above
     run.model.train()

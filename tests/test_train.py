@@ -178,7 +178,7 @@ def test_help_lists_every_option_with_its_default(train_py, capsys):
     text = " ".join(capsys.readouterr().out.split())        # argparse wraps lines
     for expected in ("--dataset DATASET toy | clothing | book | synthetic (embedded, offline) | controlled",
                      "--shortcut SHORTCUT controlled only",
-                     "--method {sft,gdrt,msl,msl+gdrt,reweight,group-mean,cft}", "--loss-scope {step,micro,rank-micro}", "--grouping {kmeans,quantile}", "--epochs EPOCHS training epochs",
+                     "--method {sft,gdrt,msl,msl+gdrt,reweight,group-mean,cft,llara,llara+gdrt}", "--loss-scope {step,micro,rank-micro}", "--grouping {kmeans,quantile}", "--epochs EPOCHS training epochs",
                      "--lora-targets LORA_TARGETS [LORA_TARGETS ...]", "(default: ['q_proj', 'v_proj'])",
                      "--lr LR AdamW learning rate of the LoRA parameters (MSL's recipe: 1e-4", "none) [> 0] (default: 0.0005)",
                      "--regroup-every-epoch re-score", "--no-group-by-length batch examples", "--no-test stop"):

@@ -8,6 +8,8 @@
     reweight    NLL                                  w_{b(t)} / N  (IFairLRS's weight of the example)
     group-mean  NLL                                  (1 / G') / N_{g_t}  (G' = groups present)
     cft         CFT's l_t (two forwards, cft.py)     1 / N  (= CFT's weighted mean: l_t carries w_t / w_bar)
+    llara       NLL, LLaRA's hybrid prompt (llara.py)  1 / N
+    llara+gdrt  NLL, LLaRA's hybrid prompt             Q(g_t) / N_{g_t}
 
 `group-mean` is our control, not the paper's: GDRT's token groups with the worst case taken out,
 i.e. Q fixed uniform (the tau -> inf limit of Eq. 5), so every group's mean loss counts equally.
@@ -52,6 +54,8 @@ METHODS = {
     "reweight": Method("nll", "examples"),
     "group-mean": Method("nll", "uniform-groups"),
     "cft": Method("cft", "mean"),
+    "llara": Method("nll", "mean"),          # the input differs (item slots): llara.LLaRALoss, not TargetLoss
+    "llara+gdrt": Method("nll", "groups"),
 }
 GROUP_WEIGHTINGS = ("groups", "uniform-groups")   # the weightings that weight each group's mean loss
 

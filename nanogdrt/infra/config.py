@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 
 from nanogdrt.baselines.d3 import DECODINGS, assistant_problem
+from nanogdrt.baselines.llara import METHODS as LLARA_METHODS
 from nanogdrt.baselines.methods import METHODS
 from nanogdrt.data import DATASET_NAME, dataset_template, find_dataset_dir
 from nanogdrt.infra.validate import DEVICE, RANGE_KEYS, ArgumentError, check_config, describe
@@ -90,6 +91,8 @@ class RunConfig:
     decoding: str = option("cbs", "decoding of the test (validation: cbs): constrained beam search or D3 "
                                   "(Bao et al. 2024, nanogdrt/baselines/d3.py)", choices=DECODINGS)
     assistant: str | None = option(None, "d3: SASRec folder (python -m nanogdrt.baselines.sasrec), weighted by --alpha")
+    sasrec: str | None = option(None, "llara, llara+gdrt: SASRec folder (python -m nanogdrt.baselines.sasrec) whose "
+                                      "frozen item embeddings, projected, fill the prompt's item slots")
     alpha: float = option(0.0, "d3: step score (1 - alpha) log p_LM + alpha log p_assistant (D3's code: 0)",
                           min=0, max=1)
     seed: int = option(0, "seed of sampling, batching, LoRA init and dropout", min=0)
@@ -153,7 +156,10 @@ def parse_args(argv=None, description: str = "") -> RunConfig:
         args["out"] = f"runs/{args['dataset']}-{args['method']}"
     if args["dataset"] != "controlled" and (args["shortcut"] or args["world_seed"]):
         raise ArgumentError("--shortcut and --world-seed set the controlled world: use them with --dataset controlled")
-    cfg = check_config(RunConfig(**args), checks={"assistant": assistant_problem})   # before any work
+    if (args["method"] in LLARA_METHODS) != (args["sasrec"] is not None):
+        raise ArgumentError(f"--method {args['method']}: --sasrec DIR goes with --method llara or llara+gdrt, "
+                            "and only with them")
+    cfg = check_config(RunConfig(**args), checks={"assistant": assistant_problem, "sasrec": assistant_problem})   # before any work
     return check_dataset_folder(cfg)
 
 
