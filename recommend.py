@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from nanogdrt import files, relevance, synthetic
+from nanogdrt import files, metrics, relevance, synthetic
 from nanogdrt.baselines import d3, llara, sasrec
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.data import load_dataset
@@ -76,16 +76,26 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", type=validate.device, default="cpu", help="cpu | cuda | mps (one this machine has)")
     p.add_argument("--no-fairness", action="store_true", help="skip item groups (MGU/DGU)")
+    p.add_argument("--k", type=validate.number(int, min=1), nargs="+", default=[5, 10],
+                   help="cut-offs K of the metrics @K; each <= --beams (the lists' length), except the standard 5 "
+                        "and 10, kept with a warning")
+    p.add_argument("--beyond-accuracy", action="store_true",
+                   help="also Coverage@K, ARP@K, Tail@K and Gini@K (nanogdrt/metrics.py; popularity: the targets of "
+                        "the dataset's training windows)")
     p.add_argument("--out", required=True, help="JSON-lines file to write")
     args = p.parse_args(argv)                     # every range checked here, before any work
     validate.check_output(p, args.out, "file")
     if args.sasrec and not args.adapter:
         p.error("--sasrec (LLaRA) needs the run's --adapter folder, which holds the projector")
+    args.k = sorted(set(args.k))
+    validate.check_cutoffs(args.k, args.beams)
     model_dir = args.model or ensure_embedded_checkpoint()
     if args.adapter:                              # its kind and base model, before data and model
         check_adapter(args.adapter, model_dir)
     dist = distributed.init(args.device)          # under torchrun: this rank's share of the users
     args.device = distributed.rank_device(args.device, dist)
+    if validate.cutoff_warning(args.k, args.beams) and dist.main:
+        print(validate.cutoff_warning(args.k, args.beams))
 
     kwargs = {f"{args.split}_samples": args.users}
     dataset = load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed,
@@ -109,7 +119,8 @@ def main(argv=None):
     assistant = sasrec.load(args.assistant, device=args.device) if args.assistant else None
     trie = Trie.from_titles(dataset.titles, builder)
     decoding = d3.decoding(args.decoding, args.alpha, assistant, trie.item_ids(), args.ghost_threshold,
-                           args.normaliser, args.length_penalty, beams=args.beams, batch_size=args.batch_size)
+                           args.normaliser, args.length_penalty, beams=args.beams, top_k=max(10, *args.k),
+                           batch_size=args.batch_size)   # lists of 10 items, or of --k's largest
     if rec is not None:                           # LLaRA: the hybrid prompt, its slots projected
         soft = llara.LLaRA(rec, model.config.hidden_size, builder.placeholder).to(args.device)
         soft.load(args.adapter)
@@ -120,7 +131,9 @@ def main(argv=None):
     if not dist.main:
         return
     files.write_jsonl(args.out, records)
-    result = score(records, interactions, dataset.titles, item_group)
+    beyond = ({"n_items": len(dataset.titles), "popularity": metrics.target_popularity(x.target for x in dataset.train)}
+              if args.beyond_accuracy else {})
+    result = score(records, interactions, dataset.titles, item_group, ks=args.k, **beyond)
     print(f"{len(records)} users of {args.dataset}/{args.split} in {seconds:.1f} s "
           f"({seconds / max(len(records), 1):.3f} s/user) -> {args.out}")
     print("  ".join(f"{k} {v:.4f}" for k, v in result.items()))

@@ -15,7 +15,9 @@ The script follows §3 of the paper, top to bottom:
      they, --grad-accum, --loss-scope and torchrun go through nanogdrt/infra/step.py, with the same losses)
   5. each epoch: NDCG@5 on validation by constrained beam search; the best adapter is kept
   6. the best adapter is tested: NDCG/HR@5,10, MGU/DGU@5,10, top-1 item-group distribution
-Everything lands in <out>/: results.json, best_adapter/ (PEFT format), PNG figures, state/
+     (--k: other cut-offs; --beyond-accuracy: Coverage, ARP, Tail and Gini too)
+Everything lands in <out>/: results.json, steps.jsonl (one line per optimizer step; TensorBoard's
+events too with --tensorboard), best_adapter/ (PEFT format), PNG figures, state/
 (the last checkpoint: `--resume` continues an interrupted run and ends where it would have), and
 with --snapshot-every N the adapter every N optimizer steps in snapshots/step-<k>/.
 """
@@ -41,7 +43,8 @@ from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.controlled import ControlledConfig
 from nanogdrt.data import load_dataset
 from nanogdrt.infra import distributed, step
-from nanogdrt.infra.validate import check_lora
+from nanogdrt.infra.step_log import StepLog
+from nanogdrt.infra.validate import check_lora, cutoff_warning
 from nanogdrt.infra.config import parse_args
 from nanogdrt.infra.resume import StopOnSigterm, claim_run_folder, load_state, save_state
 from nanogdrt.llama import Llama, compile_blocks
@@ -286,7 +289,10 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
 
     # SIGTERM (preemption, a deadline) stops after the current step with a checkpoint: no step lost.
     stopped, sigterm = False, StopOnSigterm(active=not dist.enabled)
-    with sigterm:
+    # <out>/steps.jsonl (and TensorBoard): one line per step, appended as training goes.
+    step_log = StepLog(out, state["step"], run.examples, optimizer, METHODS[cfg.method].weighting in GROUP_WEIGHTINGS,
+                       cfg.tensorboard, active=dist.main)
+    with sigterm, step_log:
         for epoch in range(state["epoch"], cfg.epochs):
             if cfg.regroup_every_epoch and epoch > 0:
                 groups = regroup_or_restore(run, cfg, state, groups, dist)
@@ -297,6 +303,7 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
             for b in bar:
                 if run.llara is not None:   # LLaRA's curriculum: hybrid prompts this step with p = step / total
                     run.llara.start_step(state["step"] + 1, cfg.epochs * len(steps), cfg.seed)
+                started = time.perf_counter()
                 if plain:
                     ids, mask, token_groups = collate(run.examples, groups.token_groups, steps[b][0],
                                                       training.data.pad_id, cfg.device)     # (B, T) each
@@ -309,6 +316,7 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
                 torch.nn.utils.clip_grad_norm_(lora_parameters(model), cfg.clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                step_s = time.perf_counter() - started
                 state["step"], state["batch"] = state["step"] + 1, b + 1
                 if cfg.snapshot_every and state["step"] % cfg.snapshot_every == 0 and dist.main:
                     # The adapter as it is now, for curves over training steps (Fig. 4/9); atomic
@@ -321,6 +329,8 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
                 state["steps"].append({"step": state["step"], "loss": log["loss"],
                                        "group_loss": log["group_loss"].tolist(), "q": log["q"].tolist(),
                                        **({"hybrid": run.llara.hybrid} if run.llara is not None else {})})
+                step_log.write(state["steps"][-1], epoch + 1, steps[b], step_s,
+                               elapsed_s=trained_before + time.perf_counter() - t)
                 bar.set_postfix(loss=f"{log['loss']:.3f}", **method_postfix(cfg, log, training.method_log))
                 stopped = (cfg.max_steps is not None and state["step"] >= cfg.max_steps) or sigterm.requested
                 if stopped or state["step"] % cfg.save_every == 0:
@@ -341,7 +351,16 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
 
 # ----------------------------------------------------------------------------- steps 5-6: evaluation
 
-def evaluate(run: Setup, interactions, item_group, decoding: Decoding, desc, dist=distributed.Dist()):
+def measures(cfg, dataset) -> dict:
+    """What `score` computes besides the defaults: the cut-offs (--k) and, with --beyond-accuracy,
+    the catalogue's size and each item's popularity phi, its count among the training targets."""
+    if not cfg.beyond_accuracy:
+        return {"ks": cfg.k}
+    return {"ks": cfg.k, "n_items": len(dataset.titles),
+            "popularity": metrics.target_popularity(x.target for x in dataset.train)}
+
+
+def evaluate(run: Setup, interactions, item_group, decoding: Decoding, desc, cfg, dist=distributed.Dist()):
     """Top-K for every user (split across data-parallel ranks, gathered in order on all) + metrics."""
     run.model.eval()                                       # no LoRA dropout while decoding
     if run.llara is not None:                              # LLaRA decodes the hybrid prompt: slots projected
@@ -352,7 +371,7 @@ def evaluate(run: Setup, interactions, item_group, decoding: Decoding, desc, dis
         records = recommend(run.model, run.builder, run.trie, interactions, run.dataset.titles, decoding,
                             progress=dist.main, dist=dist)
     run.model.train()
-    result = score(records, interactions, run.dataset.titles, item_group)
+    result = score(records, interactions, run.dataset.titles, item_group, **measures(cfg, run.dataset))
     top1 = [r["topk_item_ids"][0] for r in records if r["topk_item_ids"]]
     result["top1_group_distribution"] = metrics.group_distribution(top1, item_group).tolist()
     if dist.main:
@@ -362,8 +381,8 @@ def evaluate(run: Setup, interactions, item_group, decoding: Decoding, desc, dis
 
 def validate(run: Setup, item_group, cfg, epoch, state, dist) -> bool:
     """The metrics on validation after `epoch`, logged in `state`; True when NDCG@5 is the best yet."""
-    result, _ = evaluate(run, run.dataset.valid, item_group, Decoding(beams=cfg.beams, batch_size=cfg.eval_batch_size),
-                         f"epoch {epoch + 1} valid", dist)
+    decoding = Decoding(beams=cfg.beams, top_k=max(10, *cfg.k), batch_size=cfg.eval_batch_size)
+    result, _ = evaluate(run, run.dataset.valid, item_group, decoding, f"epoch {epoch + 1} valid", cfg, dist)
     state["epochs"].append({"epoch": epoch + 1, "step": state["step"], "valid": result,
                             "top1_group1_share": result["top1_group_distribution"][0]})
     if state["best"] is None or result["NDCG@5"] > state["best"]["NDCG@5"]:   # ties keep the earlier epoch
@@ -379,8 +398,8 @@ def test_best(run: Setup, item_group, cfg, dist):
     if run.llara is not None:
         run.llara.load(Path(cfg.out) / "best_adapter")
     decoding = d3.decoding(cfg.decoding, cfg.alpha, run.assistant, run.trie.item_ids(), beams=cfg.beams,
-                           batch_size=cfg.eval_batch_size)
-    return evaluate(run, run.dataset.test, item_group, decoding, "test", dist)
+                           top_k=max(10, *cfg.k), batch_size=cfg.eval_batch_size)   # lists of 10, or --k's largest
+    return evaluate(run, run.dataset.test, item_group, decoding, "test", cfg, dist)
 
 
 # ----------------------------------------------------------------------------- results
@@ -412,6 +431,11 @@ def write_results(cfg, run: Setup, groups: DatasetGroups, state, tested, times, 
         "steps": state["steps"],
         "wall_times": times,
     }
+    if cfg.beyond_accuracy:     # what ARP@K and Tail@K count against (nanogdrt/metrics.py)
+        phi = measures(cfg, dataset)["popularity"]
+        results["beyond_accuracy"] = {"catalogue_items": len(dataset.titles), "popularity": "training-window targets",
+                                      "training_windows": len(dataset.train), "items_with_phi": len(phi),
+                                      "head_items": len(metrics.head_items(phi))}
     files.write_json(out / "results.json", results)
     plots.run_figures(out, cfg.method, cfg.tau, state["steps"], test["top1_group_distribution"], target_dist)
     print_table(cfg, test, times)
@@ -432,6 +456,11 @@ def print_table(cfg, test, times):
     print("\n| method | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     print(f"| {cfg.method.upper()} | " + " | ".join(f"{test[k]:.4f}" for k in keys) + " |")
+    if cfg.k != [5, 10] or cfg.beyond_accuracy:   # --k, --beyond-accuracy: one row per cut-off
+        names = ["NDCG", "HR", "MGU", "DGU"] + (["Coverage", "ARP", "Tail", "Gini"] if cfg.beyond_accuracy else [])
+        print("\n| K | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 1) + "|")
+        for k in cfg.k:
+            print(f"| {k} | " + " | ".join(f"{test[f'{n}@{k}']:.4f}" for n in names) + " |")
     print(f"wall time: {times['total_s']:.0f} s (grouping {times['grouping_s']:.0f} s, "
           f"train+valid {times['train_and_valid_s']:.0f} s, test {times['test_s']:.0f} s); "
           f"results in {cfg.out}/results.json")
@@ -446,6 +475,8 @@ def main(argv=None):
     dist = distributed.init(cfg.device)                    # torchrun: one rank of N; else rank 0 of 1
     cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, dist))   # cuda -> cuda:<local rank>
     say = print if dist.main else (lambda *args, **kwargs: None)
+    if cutoff_warning(cfg.k, cfg.beams):                   # --beams below 10: @10 counts the top --beams only
+        say(cutoff_warning(cfg.k, cfg.beams))
     out, times, t0 = Path(cfg.out), {}, time.perf_counter()
     # Before any work: --out writable and locked for this run (a second run is refused), its
     # checkpoint present when resuming, absent otherwise. The lock is held until main() returns.

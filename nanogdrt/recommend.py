@@ -72,11 +72,13 @@ def ghost_share(records: list[dict]) -> float | None:
     return ghosts / tokens if tokens and any("ghost_tokens" in r for r in records) else None
 
 
-def score(records, interactions, titles, item_group=None) -> dict:
-    """Metrics dict (NDCG/HR@5,10, and MGU/DGU@5,10 when item groups are given; ghost_share,
+def score(records, interactions, titles, item_group=None, ks=(5, 10), popularity=None, n_items=None) -> dict:
+    """Metrics dict (NDCG/HR@K at each of `ks`, and MGU/DGU@K when item groups are given; the
+    beyond-accuracy metrics with `n_items` / `popularity`, as `metrics.evaluate`; ghost_share,
     the share of ghost tokens among the recommended titles' tokens, when they were counted)."""
     result = metrics.evaluate([r["topk_item_ids"] for r in records], [x.target for x in interactions],
-                              [x.history for x in interactions], item_group=item_group, titles=titles)
+                              [x.history for x in interactions], item_group=item_group, titles=titles,
+                              ks=tuple(ks), popularity=popularity, n_items=n_items)
     share = ghost_share(records)
     if share is not None:
         result["ghost_share"] = share

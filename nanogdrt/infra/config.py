@@ -18,7 +18,9 @@ from nanogdrt.baselines.d3 import DECODINGS, assistant_problem
 from nanogdrt.baselines.llara import METHODS as LLARA_METHODS
 from nanogdrt.baselines.methods import METHODS
 from nanogdrt.data import DATASET_NAME, dataset_template, find_dataset_dir
-from nanogdrt.infra.validate import DEVICE, RANGE_KEYS, ArgumentError, check_config, describe
+from nanogdrt.infra.step_log import tensorboard_problem
+from nanogdrt.infra.validate import (DEVICE, RANGE_KEYS, STANDARD_CUTOFFS, ArgumentError, check_config, check_cutoffs,
+                                     describe)
 
 
 def option(default, help, **argparse_kwargs):
@@ -87,6 +89,11 @@ class RunConfig:
     lora_dropout: float = option(0.05, "dropout on the LoRA path (MSL's recipe)", min=0, below=1)
     lora_targets: list[str] = option(["q_proj", "v_proj"], "module names that get LoRA (MSL's recipe)", nargs="+")
     beams: int = option(10, "beam width of constrained beam search (paper and MSL: 10)", min=1)
+    k: list[int] = option([5, 10], "cut-offs K of the metrics @K (validation and test); must include 5 and 10 "
+                                   "(validation selects on NDCG@5, the table shows @5 and @10); others <= --beams",
+                          nargs="+", min=1)
+    beyond_accuracy: bool = option(False, "also Coverage@K, ARP@K, Tail@K and Gini@K (nanogdrt/metrics.py; "
+                                          "popularity: the training windows' targets) in results.json and the table")
     eval_batch_size: int = option(32, "users decoded at once (slots refilled as users finish)", min=1)
     decoding: str = option("cbs", "decoding of the test (validation: cbs): constrained beam search or D3 "
                                   "(Bao et al. 2024, nanogdrt/baselines/d3.py)", choices=DECODINGS)
@@ -107,6 +114,9 @@ class RunConfig:
     snapshot_every: int = option(0, "also save the LoRA adapter every N optimizer steps to "
                                     "<out>/snapshots/step-<k>/ (0: off), e.g. for the top-1 share over "
                                     "training steps (the paper's Fig. 4/9)", min=0)
+    tensorboard: bool = option(False, "also write every step's log (<out>/steps.jsonl) as TensorBoard scalars in "
+                                      "<out>: tensorboard --logdir <out> (the optional extra: pip install -e "
+                                      "\".[tensorboard]\")")
     max_steps: int | None = option(None, "stop after N optimizer steps in all (then --resume)", min=1)
     skip_bad: bool = option(False, "skip malformed data rows (counted in results.json)")
     group_by_length: bool = option(True, "batch examples in plain random order (default: random pools of "
@@ -159,7 +169,10 @@ def parse_args(argv=None, description: str = "") -> RunConfig:
     if (args["method"] in LLARA_METHODS) != (args["sasrec"] is not None):
         raise ArgumentError(f"--method {args['method']}: --sasrec DIR goes with --method llara or llara+gdrt, "
                             "and only with them")
-    cfg = check_config(RunConfig(**args), checks={"assistant": assistant_problem, "sasrec": assistant_problem})   # before any work
+    args["k"] = sorted(set(args["k"]))
+    cfg = check_config(RunConfig(**args), checks={"assistant": assistant_problem, "sasrec": assistant_problem,
+                                                  "tensorboard": tensorboard_problem})   # before any work
+    check_cutoffs(cfg.k, cfg.beams, required=STANDARD_CUTOFFS)
     return check_dataset_folder(cfg)
 
 
