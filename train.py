@@ -11,11 +11,13 @@ The script follows §3 of the paper, top to bottom:
   3. §3.2: 1-D k-means over the target tokens' relevance -> G token groups
   4. LoRA fine-tuning; each step weights the group losses L(g) by Q = softmax(L(g) / tau) (Eq. 5):
      token NLL -> loss.gdrt_loss (or loss.sft_loss, Eq. 1) -> backward -> clip -> AdamW step
-     (--method also runs the baselines MSL, MSL+GDRT and IFairLRS's Reweight: nanogdrt/baselines/methods.py;
+     (--method also runs the baselines MSL, MSL+GDRT, IFairLRS's Reweight and CFT: nanogdrt/baselines/methods.py;
      they, --grad-accum, --loss-scope and torchrun go through nanogdrt/infra/step.py, with the same losses)
   5. each epoch: NDCG@5 on validation by constrained beam search; the best adapter is kept
   6. the best adapter is tested: NDCG/HR@5,10, MGU/DGU@5,10, top-1 item-group distribution
-Everything lands in <out>/: results.json, best_adapter/ (PEFT format), PNG figures, state/
+     (--k: other cut-offs; --beyond-accuracy: Coverage, ARP, Tail and Gini too)
+Everything lands in <out>/: results.json, steps.jsonl (one line per optimizer step; TensorBoard's
+events too with --tensorboard), best_adapter/ (PEFT format), PNG figures, state/
 (the last checkpoint: `--resume` continues an interrupted run and ends where it would have), and
 with --snapshot-every N the adapter every N optimizer steps in snapshots/step-<k>/.
 """
@@ -32,16 +34,17 @@ import torch
 from tqdm import tqdm
 
 import nanogdrt
-from nanogdrt import files, loss, metrics, relevance, synthetic
+from nanogdrt import files, grouping, loss, metrics, relevance, synthetic
 from nanogdrt.analysis import plots
-from nanogdrt.baselines import d3, methods, sasrec
+from nanogdrt.baselines import cft, d3, llara, methods, sasrec
 from nanogdrt.baselines.methods import GROUP_WEIGHTINGS, METHODS, TargetLoss
 from nanogdrt.batches import collate, epoch_batches, make_examples
 from nanogdrt.checkpoint import ensure_embedded_checkpoint
 from nanogdrt.controlled import ControlledConfig
 from nanogdrt.data import load_dataset
 from nanogdrt.infra import distributed, step
-from nanogdrt.infra.validate import check_lora
+from nanogdrt.infra.step_log import StepLog
+from nanogdrt.infra.validate import check_lora, cutoff_warning
 from nanogdrt.infra.config import parse_args
 from nanogdrt.infra.resume import StopOnSigterm, claim_run_folder, load_state, save_state
 from nanogdrt.llama import Llama, compile_blocks
@@ -66,6 +69,7 @@ class Setup:
     examples: list             # PromptIds of every training window: prompt ids + the target title's ids
     trie: Trie                 # every title's ids: constrained decoding (and MSL's allowed tokens)
     assistant: object | None   # D3's text-free assistant (a SASRec) for the test, if any
+    llara: object | None = None  # LLaRA (--sasrec): the projector and the SASRec item table of the prompt's slots
 
 
 def load_data_and_model(cfg, say) -> Setup:
@@ -77,18 +81,22 @@ def load_data_and_model(cfg, say) -> Setup:
                            synthetic=synthetic.SMALL if cfg.synthetic_size == "small" else None,
                            controlled=(ControlledConfig(seed=cfg.world_seed, shortcut=cfg.shortcut)
                                        if cfg.dataset == "controlled" else None))
+    rec = llara.load_sasrec(cfg.sasrec, dataset.titles, cfg.device) if cfg.sasrec else None   # before the LLM
     model_dir = Path(cfg.model) if cfg.model else ensure_embedded_checkpoint()
     model = Llama.from_pretrained(model_dir, dtype=getattr(torch, cfg.dtype), device=cfg.device)
     tokenizer = Tokenizer(model_dir)
-    builder = PromptBuilder(tokenizer, dataset.name)
+    builder = (PromptBuilder(tokenizer, dataset.template) if rec is None
+               else llara.HybridPromptBuilder(tokenizer, dataset.template))
     say(f"{cfg.dataset}: {len(dataset.titles)} items, {len(dataset.train)} train / {len(dataset.valid)} "
         f"valid / {len(dataset.test)} test windows; model {model_dir}; method {cfg.method}")
     # D3's text-free assistant (a SASRec) for the test; bad D3 options fail here, before training.
     assistant = sasrec.load(cfg.assistant, device=cfg.device) if cfg.assistant else None
     d3.decoding(cfg.decoding, cfg.alpha, assistant, list(dataset.titles))
-    examples = make_examples(builder, dataset.train, dataset.titles)
+    soft = None if rec is None else llara.LLaRA(rec, model.config.hidden_size, builder.placeholder).to(cfg.device)
+    examples = (make_examples(builder, dataset.train, dataset.titles) if soft is None
+                else llara.training_examples(builder, dataset.train, dataset.titles))   # slots: -(item + 1)
     return Setup(dataset, model_dir, model, tokenizer, builder, examples, Trie.from_titles(dataset.titles, builder),
-                 assistant)
+                 assistant, soft)
 
 
 def relevance_groups(run: Setup, cfg, cached=True, dist=None) -> DatasetGroups:
@@ -130,8 +138,10 @@ class Training:
 
 def method_setup(cfg, run: Setup, item_group, say):
     """What a method needs once per run, and what it logs about it (results.json "method"):
-    MSL's trie nodes of every target token, Reweight's example weights (Eq. 2's item groups)."""
-    method, nodes, weight, log = METHODS[cfg.method], None, None, {}
+    MSL's trie nodes of every target token, Reweight's example weights (over IFairLRS's popularity
+    groups, or Eq. 2's item groups with --reweight-groups eq2), CFT's counterfactual prompt (checked
+    against every training title)."""
+    method, nodes, weight, prompt, log = METHODS[cfg.method], None, None, None, {}
     if method.per_token == "msl":
         run.trie.to(cfg.device)                             # the allowed sets are looked up on the device
         nodes = methods.target_nodes_of(run.trie, run.examples)
@@ -139,13 +149,35 @@ def method_setup(cfg, run: Setup, item_group, say):
         log["tau_msl"] = cfg.tau_msl
         say(f"MSL: {log['single_allowed_token_share']:.1%} of the target positions allow a single token")
     if method.weighting == "examples":
+        if cfg.reweight_groups == "popularity":
+            item_group = popularity_of(cfg, run.dataset.titles)
         n_item_groups = max(item_group.values())
         group_w, weight = methods.reweight_example_weights(run.dataset.train, item_group, n_item_groups,
                                                            cfg.reweight_power)
-        log.update(item_groups="Eq. 2", power=cfg.reweight_power, group_weights=group_w.tolist(),
+        log.update(item_groups={"eq2": "Eq. 2", "popularity": "IFairLRS popularity"}[cfg.reweight_groups],
+                   power=cfg.reweight_power, group_weights=group_w.tolist(),
                    example_weight_min=float(weight.min()), example_weight_max=float(weight.max()))
         say(f"Reweight: example weights {log['example_weight_min']:.3f} .. {log['example_weight_max']:.3f}")
-    return nodes, weight, log
+    if method.per_token == "cft":
+        ids = cft.counterfactual_prompt(run.builder, run.dataset.template,
+                                        [run.dataset.titles[x.target] for x in run.dataset.train])
+        prompt = torch.tensor(ids, device=cfg.device)
+        log.update(alpha=cft.ALPHA, beta=cft.BETA, counterfactual_prompt=run.tokenizer.decode(ids))
+        say(f"CFT: alpha {cft.ALPHA}, weights 1 -> {cft.BETA}; counterfactual prompt of {len(ids)} tokens")
+    if run.llara is not None:
+        log["llara"] = llara.describe(run.llara, cfg.sasrec)
+    return nodes, weight, prompt, log
+
+
+def popularity_of(cfg, titles) -> dict[int, int]:
+    """IFairLRS's popularity groups, counted over the dataset's whole training file (load_dataset's
+    rule: train.csv, else the largest train*.csv), not the run's sample: IFairLRS counts every
+    interaction, and a 1,000-window sample leaves most items tied at zero."""
+    full = load_dataset(cfg.dataset, data_dir=cfg.data_dir, skip_bad=cfg.skip_bad,
+                        synthetic=synthetic.SMALL if cfg.synthetic_size == "small" else None,
+                        controlled=(ControlledConfig(seed=cfg.world_seed, shortcut=cfg.shortcut)
+                                    if cfg.dataset == "controlled" else None))
+    return grouping.popularity_groups(full.train, titles)
 
 
 def data_parallel(net, cfg, dist, say):
@@ -172,10 +204,17 @@ def setup_training(cfg, run: Setup, item_group, dist, say) -> Training:
     run.model.to(cfg.device)
     if cfg.compile:  # after inject_lora: the compiled blocks then trace the LoRA layers too
         compile_blocks(run.model)
-    nodes, example_weight, method_log = method_setup(cfg, run, item_group, say)
+    nodes, example_weight, prompt, method_log = method_setup(cfg, run, item_group, say)
     data = step.StepData(run.examples, nodes, example_weight, run.tokenizer.pad_id)
-    net = data_parallel(TargetLoss(run.model, METHODS[cfg.method].per_token, run.trie, cfg.tau_msl), cfg, dist, say)
-    optimizer = torch.optim.AdamW(lora_parameters(run.model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if run.llara is not None and dist.enabled:
+        raise ValueError("--method llara under torchrun is not supported yet (text-only steps leave the projector "
+                         "unused, which DDP refuses)")
+    net = (TargetLoss(run.model, METHODS[cfg.method].per_token, run.trie, cfg.tau_msl, prompt)
+           if run.llara is None
+           else llara.LLaRALoss(run.model, run.llara))
+    net = data_parallel(net, cfg, dist, say)
+    trainable = lora_parameters(run.model) + (list(run.llara.projector.parameters()) if run.llara else [])
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return Training(lora, data, net, optimizer, method_log)
 
 
@@ -245,10 +284,15 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
         rank_rng = dist.gather([distributed.rng_state(cfg.device)], dist.world) if dist.enabled else None
         if dist.main:
             save_state(out / "state", model, optimizer, state, training.lora, cfg, rank_rng)
+            if run.llara is not None:
+                run.llara.save(out / "state")
 
     # SIGTERM (preemption, a deadline) stops after the current step with a checkpoint: no step lost.
     stopped, sigterm = False, StopOnSigterm(active=not dist.enabled)
-    with sigterm:
+    # <out>/steps.jsonl (and TensorBoard): one line per step, appended as training goes.
+    step_log = StepLog(out, state["step"], run.examples, optimizer, METHODS[cfg.method].weighting in GROUP_WEIGHTINGS,
+                       cfg.tensorboard, active=dist.main)
+    with sigterm, step_log:
         for epoch in range(state["epoch"], cfg.epochs):
             if cfg.regroup_every_epoch and epoch > 0:
                 groups = regroup_or_restore(run, cfg, state, groups, dist)
@@ -257,6 +301,9 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
             bar = tqdm(range(state["batch"], len(steps)), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        initial=state["batch"], total=len(steps), disable=not dist.main)
             for b in bar:
+                if run.llara is not None:   # LLaRA's curriculum: hybrid prompts this step with p = step / total
+                    run.llara.start_step(state["step"] + 1, cfg.epochs * len(steps), cfg.seed)
+                started = time.perf_counter()
                 if plain:
                     ids, mask, token_groups = collate(run.examples, groups.token_groups, steps[b][0],
                                                       training.data.pad_id, cfg.device)     # (B, T) each
@@ -269,15 +316,21 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
                 torch.nn.utils.clip_grad_norm_(lora_parameters(model), cfg.clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                step_s = time.perf_counter() - started
                 state["step"], state["batch"] = state["step"] + 1, b + 1
                 if cfg.snapshot_every and state["step"] % cfg.snapshot_every == 0 and dist.main:
                     # The adapter as it is now, for curves over training steps (Fig. 4/9); atomic
                     # per file, so a resumed run rewrites a half-written snapshot whole.
                     save_adapter(model, out / "snapshots" / f"step-{state['step']}", training.lora,
                                  str(run.model_dir))
+                    if run.llara is not None:
+                        run.llara.save(out / "snapshots" / f"step-{state['step']}")
                 # The log of every step lives in the checkpoint, so a resumed run reports all of them.
                 state["steps"].append({"step": state["step"], "loss": log["loss"],
-                                       "group_loss": log["group_loss"].tolist(), "q": log["q"].tolist()})
+                                       "group_loss": log["group_loss"].tolist(), "q": log["q"].tolist(),
+                                       **({"hybrid": run.llara.hybrid} if run.llara is not None else {})})
+                step_log.write(state["steps"][-1], epoch + 1, steps[b], step_s,
+                               elapsed_s=trained_before + time.perf_counter() - t)
                 bar.set_postfix(loss=f"{log['loss']:.3f}", **method_postfix(cfg, log, training.method_log))
                 stopped = (cfg.max_steps is not None and state["step"] >= cfg.max_steps) or sigterm.requested
                 if stopped or state["step"] % cfg.save_every == 0:
@@ -289,6 +342,8 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
             # Step 5: choose on validation (the paper's protocol), never on test.
             if validate(run, groups.item_group, cfg, epoch, state, dist) and dist.main:
                 save_adapter(model, out / "best_adapter", training.lora, str(run.model_dir))
+                if run.llara is not None:
+                    run.llara.save(out / "best_adapter")
             state["epoch"], state["batch"] = epoch + 1, 0
             checkpoint()
     return stopped, sigterm.requested, groups
@@ -296,16 +351,27 @@ def train(cfg, run: Setup, training: Training, groups: DatasetGroups, state, dis
 
 # ----------------------------------------------------------------------------- steps 5-6: evaluation
 
-def evaluate(run: Setup, interactions, item_group, decoding: Decoding, desc, dist=distributed.Dist()):
+def measures(cfg, dataset) -> dict:
+    """What `score` computes besides the defaults: the cut-offs (--k) and, with --beyond-accuracy,
+    the catalogue's size and each item's popularity phi, its count among the training targets."""
+    if not cfg.beyond_accuracy:
+        return {"ks": cfg.k}
+    return {"ks": cfg.k, "n_items": len(dataset.titles),
+            "popularity": metrics.target_popularity(x.target for x in dataset.train)}
+
+
+def evaluate(run: Setup, interactions, item_group, decoding: Decoding, desc, cfg, dist=distributed.Dist()):
     """Top-K for every user (split across data-parallel ranks, gathered in order on all) + metrics."""
     run.model.eval()                                       # no LoRA dropout while decoding
+    if run.llara is not None:                              # LLaRA decodes the hybrid prompt: slots projected
+        decoding = dataclasses.replace(decoding, soft_tokens=run.llara.soft_tokens)
     # --compile is for the training step: decoding's cached, ever-changing shapes would only
     # recompile, so compiled blocks run eagerly here (a no-op when nothing is compiled).
     with torch.compiler.set_stance("force_eager"):
         records = recommend(run.model, run.builder, run.trie, interactions, run.dataset.titles, decoding,
                             progress=dist.main, dist=dist)
     run.model.train()
-    result = score(records, interactions, run.dataset.titles, item_group)
+    result = score(records, interactions, run.dataset.titles, item_group, **measures(cfg, run.dataset))
     top1 = [r["topk_item_ids"][0] for r in records if r["topk_item_ids"]]
     result["top1_group_distribution"] = metrics.group_distribution(top1, item_group).tolist()
     if dist.main:
@@ -315,8 +381,8 @@ def evaluate(run: Setup, interactions, item_group, decoding: Decoding, desc, dis
 
 def validate(run: Setup, item_group, cfg, epoch, state, dist) -> bool:
     """The metrics on validation after `epoch`, logged in `state`; True when NDCG@5 is the best yet."""
-    result, _ = evaluate(run, run.dataset.valid, item_group, Decoding(beams=cfg.beams, batch_size=cfg.eval_batch_size),
-                         f"epoch {epoch + 1} valid", dist)
+    decoding = Decoding(beams=cfg.beams, top_k=max(10, *cfg.k), batch_size=cfg.eval_batch_size)
+    result, _ = evaluate(run, run.dataset.valid, item_group, decoding, f"epoch {epoch + 1} valid", cfg, dist)
     state["epochs"].append({"epoch": epoch + 1, "step": state["step"], "valid": result,
                             "top1_group1_share": result["top1_group_distribution"][0]})
     if state["best"] is None or result["NDCG@5"] > state["best"]["NDCG@5"]:   # ties keep the earlier epoch
@@ -329,9 +395,11 @@ def test_best(run: Setup, item_group, cfg, dist):
     """The test split's metrics and per-user records under the best epoch's adapter."""
     dist.barrier()                                          # rank 0 has written best_adapter/
     load_adapter(run.model, Path(cfg.out) / "best_adapter")
+    if run.llara is not None:
+        run.llara.load(Path(cfg.out) / "best_adapter")
     decoding = d3.decoding(cfg.decoding, cfg.alpha, run.assistant, run.trie.item_ids(), beams=cfg.beams,
-                           batch_size=cfg.eval_batch_size)
-    return evaluate(run, run.dataset.test, item_group, decoding, "test", dist)
+                           top_k=max(10, *cfg.k), batch_size=cfg.eval_batch_size)   # lists of 10, or --k's largest
+    return evaluate(run, run.dataset.test, item_group, decoding, "test", cfg, dist)
 
 
 # ----------------------------------------------------------------------------- results
@@ -363,6 +431,11 @@ def write_results(cfg, run: Setup, groups: DatasetGroups, state, tested, times, 
         "steps": state["steps"],
         "wall_times": times,
     }
+    if cfg.beyond_accuracy:     # what ARP@K and Tail@K count against (nanogdrt/metrics.py)
+        phi = measures(cfg, dataset)["popularity"]
+        results["beyond_accuracy"] = {"catalogue_items": len(dataset.titles), "popularity": "training-window targets",
+                                      "training_windows": len(dataset.train), "items_with_phi": len(phi),
+                                      "head_items": len(metrics.head_items(phi))}
     files.write_json(out / "results.json", results)
     plots.run_figures(out, cfg.method, cfg.tau, state["steps"], test["top1_group_distribution"], target_dist)
     print_table(cfg, test, times)
@@ -383,6 +456,11 @@ def print_table(cfg, test, times):
     print("\n| method | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     print(f"| {cfg.method.upper()} | " + " | ".join(f"{test[k]:.4f}" for k in keys) + " |")
+    if cfg.k != [5, 10] or cfg.beyond_accuracy:   # --k, --beyond-accuracy: one row per cut-off
+        names = ["NDCG", "HR", "MGU", "DGU"] + (["Coverage", "ARP", "Tail", "Gini"] if cfg.beyond_accuracy else [])
+        print("\n| K | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 1) + "|")
+        for k in cfg.k:
+            print(f"| {k} | " + " | ".join(f"{test[f'{n}@{k}']:.4f}" for n in names) + " |")
     print(f"wall time: {times['total_s']:.0f} s (grouping {times['grouping_s']:.0f} s, "
           f"train+valid {times['train_and_valid_s']:.0f} s, test {times['test_s']:.0f} s); "
           f"results in {cfg.out}/results.json")
@@ -397,6 +475,8 @@ def main(argv=None):
     dist = distributed.init(cfg.device)                    # torchrun: one rank of N; else rank 0 of 1
     cfg = dataclasses.replace(cfg, device=distributed.rank_device(cfg.device, dist))   # cuda -> cuda:<local rank>
     say = print if dist.main else (lambda *args, **kwargs: None)
+    if cutoff_warning(cfg.k, cfg.beams):                   # --beams below 10: @10 counts the top --beams only
+        say(cutoff_warning(cfg.k, cfg.beams))
     out, times, t0 = Path(cfg.out), {}, time.perf_counter()
     # Before any work: --out writable and locked for this run (a second run is refused), its
     # checkpoint present when resuming, absent otherwise. The lock is held until main() returns.
@@ -414,6 +494,8 @@ def main(argv=None):
     # Step 4: LoRA on the frozen model; only its parameters are trained, by the method's loss.
     training = setup_training(cfg, run, groups.item_group, dist, say)
     state = start_or_resume(out, cfg, run.model, training.optimizer, dist, say)
+    if cfg.resume and run.llara is not None:
+        run.llara.load(out / "state")
     state["method"] = training.method_log                  # recomputed by a resumed run: the same numbers
     out.mkdir(parents=True, exist_ok=True)                 # only now: an existing run was refused above
     run.model.train()

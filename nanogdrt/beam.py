@@ -72,6 +72,7 @@ from tqdm import tqdm
 
 from nanogdrt.kv_cache import KVCache
 from nanogdrt.scoring import Scoring, assistant_log_probs
+from nanogdrt.soft_tokens import first_soft_position, soft_embeddings
 from nanogdrt.tree_cache import BeamTreeCache
 from nanogdrt.trie import Trie
 
@@ -95,11 +96,12 @@ class Recommendation:
 @torch.no_grad()
 def beam_search(model, prompts: list[list[int]], trie: Trie, beams: int = 10, top_k: int = 10,
                 length_penalty: float = 1.0, batch_size: int = 32, progress: bool = False,
-                scoring: Scoring = Scoring()) -> list[Recommendation]:
+                scoring: Scoring = Scoring(), soft_tokens=None) -> list[Recommendation]:
     """Top-`top_k` catalogue titles for each prompt (token ids, e.g. `PromptBuilder.build().ids`).
 
     `batch_size` users are searched at once. Moves `trie` to the model's device. The results
     come back in the order of `prompts`. `scoring`: CBS (default) or D3 (see the module docstring).
+    `soft_tokens`: one `SoftTokens` (or None) per prompt, input vectors at given positions (soft_tokens.py).
     """
     if not 1 <= top_k <= beams:
         raise ValueError(f"top_k ({top_k}) must be between 1 and the number of beams ({beams})")
@@ -107,6 +109,8 @@ def beam_search(model, prompts: list[list[int]], trie: Trie, beams: int = 10, to
         raise ValueError("beam_search needs at least one non-empty prompt")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if soft_tokens is not None and len(soft_tokens) != len(prompts):
+        raise ValueError(f"{len(soft_tokens)} soft-token entries for {len(prompts)} prompts")
     trie.to(model.lm_head.weight.device)
     results: list[Recommendation | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc="beam search", unit="user", disable=not progress)
@@ -117,7 +121,7 @@ def beam_search(model, prompts: list[list[int]], trie: Trie, beams: int = 10, to
 
     # Users of similar prompt length share the batch at the same time: less attention padding.
     queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    _search(model, prompts, queue, trie, beams, length_penalty, min(batch_size, len(prompts)), done, scoring)
+    _search(model, prompts, queue, trie, beams, length_penalty, min(batch_size, len(prompts)), done, scoring, soft_tokens)
     bar.close()
     return results
 
@@ -127,9 +131,10 @@ def _recommendation(trie: Trie, scores: list[float], nodes: list[int], ghosts=No
     return Recommendation([i[0] for i in items], scores, [trie.tokens_of(n) for n in nodes], items, ghosts)
 
 
-def _prefill_common_prefix(model, prompts: list[list[int]]) -> KVCache | None:
-    """KV cache (batch 1) of the longest prefix all prompts share, leaving each at least one token."""
+def _prefill_common_prefix(model, prompts: list[list[int]], limit: int | None = None) -> KVCache | None:
+    """KV cache (batch 1) of the longest prefix all prompts share before `limit`, leaving each one token."""
     first, n = prompts[0], min(len(p) for p in prompts) - 1
+    n = n if limit is None else min(n, limit)
     for p in prompts[1:]:
         n = next((i for i in range(n) if p[i] != first[i]), n)
     if n == 0:
@@ -140,8 +145,8 @@ def _prefill_common_prefix(model, prompts: list[list[int]]) -> KVCache | None:
     return cache
 
 
-def _prefill(model, prompts: list[list[int]], head: KVCache | None):
-    """Right-padded prefill of N prompts after the shared head.
+def _prefill(model, prompts: list[list[int]], head: KVCache | None, soft=None):
+    """Right-padded prefill of N prompts after the shared head (with `soft`: their soft tokens).
 
     Returns (their cache, the hidden state (N, C) at each prompt's last token, lengths (N,)).
     """
@@ -157,7 +162,9 @@ def _prefill(model, prompts: list[list[int]], head: KVCache | None):
     cache = model.new_cache(N, h + T)
     if head is not None:  # every row starts with the same head
         cache.start_with(head)
-    hidden = model.hidden_states(ids.to(device), mask.to(device), context=cache)  # (N, T, C)
+    ids, mask = ids.to(device), mask.to(device)
+    embeds = None if soft is None else soft_embeddings(model.model.embed_tokens, ids, soft, offset=h)
+    hidden = model.hidden_states(ids, mask, context=cache, inputs_embeds=embeds)  # (N, T, C)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     return cache, hidden[torch.arange(N, device=device), lengths - h - 1], lengths
 
@@ -182,20 +189,20 @@ def _allowed_log_probs(model, hidden, allowed, alive, normaliser="vocab"):
 
 
 def _search(model, prompts, queue: list[int], trie: Trie, B: int, length_penalty: float,
-            n_slots: int, done, scoring: Scoring = Scoring()):
+            n_slots: int, done, scoring: Scoring = Scoring(), soft_tokens=None):
     """Beam search of every user in `queue`, `n_slots` at a time; calls done(user, scores, nodes,
     ghosts) with each user's finished hypotheses (normalised scores, leaf nodes, ghost-token counts
     or None), best first."""
     device, config = model.lm_head.weight.device, model.config
     dtype = model.lm_head.weight.dtype
-    head = _prefill_common_prefix(model, [prompts[u] for u in queue])
+    head = _prefill_common_prefix(model, [prompts[u] for u in queue], first_soft_position(soft_tokens))
     queue = deque(queue)
     cache = BeamTreeCache(config.num_hidden_layers, n_slots, B, config.num_key_value_heads,
                           max(len(p) for p in prompts) + B * FIRST_CACHE_STEPS, config.head_dim,
                           dtype=dtype, device=device)
     state = Slots.empty(n_slots, B, config.hidden_size, dtype, device,
                         trie.n_nodes if scoring.uses_assistant else 0)
-    _refill(model, prompts, queue, head, cache, state, trie, scoring)
+    _refill(model, prompts, queue, head, cache, state, trie, scoring, soft_tokens)
     while True:
         cand = _candidates(model, trie, state, scoring)
         _finalise(state, cand, length_penalty)
@@ -204,7 +211,7 @@ def _search(model, prompts, queue: list[int], trie: Trie, B: int, length_penalty
         if not queue and not _shrink(state, cache):
             return
         _feed(model, cache, state)
-        _refill(model, prompts, queue, head, cache, state, trie, scoring)
+        _refill(model, prompts, queue, head, cache, state, trie, scoring, soft_tokens)
         if cache.dead_columns() > COMPACT_WHEN_DEAD:
             cache.compact()
 
@@ -267,17 +274,18 @@ def _score(logp: torch.Tensor, length: torch.Tensor, length_penalty: float) -> t
 
 
 def _refill(model, prompts, queue: deque, head: KVCache | None, cache: BeamTreeCache, s: Slots,
-            trie: Trie, scoring: Scoring):
-    """Start the next users in the empty slots: prefill their prompts, one live beam each (D3:
-    and map the assistant's item probabilities onto the trie, once per user)."""
+            trie: Trie, scoring: Scoring, soft_tokens=None):
+    """Start the next users in the empty slots: prefill their prompts (and soft tokens), one live
+    beam each (D3: and map the assistant's item probabilities onto the trie, once per user)."""
     free = [i for i, u in enumerate(s.user) if u is None]
     take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
     if not take:
         return
     slots = torch.tensor(free[:len(take)], device=s.scores.device)
     for i in range(0, len(take), PREFILL_USERS):  # the queue is sorted by prompt length
-        part = slots[i:i + PREFILL_USERS]
-        prompt_cache, last, lengths = _prefill(model, [prompts[u] for u in take[i:i + PREFILL_USERS]], head)
+        part, users = slots[i:i + PREFILL_USERS], take[i:i + PREFILL_USERS]
+        soft = [soft_tokens[u] for u in users] if soft_tokens is not None else None
+        prompt_cache, last, lengths = _prefill(model, [prompts[u] for u in users], head, soft)
         cache.load_prompts(part, prompt_cache, lengths)
         s.hidden[part, 0] = last
     # One live beam at the root (transformers starts the other B - 1 at -1e9, which only ever

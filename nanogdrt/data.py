@@ -1,4 +1,5 @@
-"""Datasets: load the windows (history -> next item) of toy / clothing / book / synthetic / controlled.
+"""Datasets: load the windows (history -> next item) of toy / clothing / book / synthetic / controlled,
+or of your own folder.
 
 The paper (GDRT, §4.1.1) follows BIGRec and MSL: each user's items in time order are cut into
 sliding windows of at most 10 history items + 1 target, and all windows, sorted by the target's
@@ -14,7 +15,11 @@ A dataset folder holds `train*.csv`, `valid*.csv`, `test*.csv` and `id2name.json
 -> title). Each CSV has an `item_ids` column: a Python-literal list, history items first and the
 target last (other columns are carried along and ignored). With several `train*.csv` (the Toy folder
 has train_1000.csv and train_5000.csv) `train.csv` is used if present, else the largest file in
-bytes, unless `train_file` names one (the same rule picks valid and test).
+bytes, unless `train_file` names one (the same rule picks valid and test). Any folder in this
+format is a dataset under any name (`load_dataset("shop", data_dir=...)`, train.py --dataset shop
+--data-dir DIR): toy, clothing and book have MSL's prompt templates built in, every other name takes
+its template from the folder's `prompt.json` (`dataset_template`). The format, file by file:
+docs/data_format.md; a checker for leakage, missing items and the like: nanogdrt.infra.check_data.
 
 Bad rows raise DataError naming the file and the CSV line number, 1-based with the header as line 1
 (for a quoted record spanning several lines, the line where it ends). With skip_bad=True they are
@@ -26,9 +31,10 @@ An item whose title is blank (empty, or only whitespace, zero-width and other in
 characters: `is_blank`) has no tokens to train on, decode or score (Eq. 2 is undefined for it).
 The load refuses it up front, naming the item and --skip-bad; with skip_bad=True it leaves the
 catalogue (counted under "id2name.json" in RecDataset.skipped) and the rows that use it are
-skipped and counted like any bad row. The Books folder ships one: item 5746, title "". File-level problems are never skippable: a split
-with no data rows, a missing or repeated column, an id2name.json key that is not a plain decimal
-integer or that names an id twice ("7" and "07" would be the same item). A UTF-8 BOM is dropped.
+skipped and counted like any bad row. The Books folder ships one: item 5746, title "".
+File-level problems are never skippable: a split with no data rows, a missing or repeated column,
+an id2name.json key that is not a plain decimal integer or that names an id twice ("7" and "07"
+would be the same item), a bad prompt.json. A UTF-8 BOM is dropped.
 
 Build a folder from the raw Amazon 2014 files with `python -m nanogdrt.infra.prepare toy [--raw-dir DIR]`.
 """
@@ -44,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanogdrt.controlled import ControlledConfig, generate as generate_world
+from nanogdrt.prompt import TEMPLATES, Template
 from nanogdrt.synthetic import SyntheticConfig, generate
 
 CATEGORIES = {"toy": "Toys_and_Games", "clothing": "Clothing_Shoes_and_Jewelry", "book": "Books"}
@@ -51,6 +58,10 @@ MAX_HISTORY = 10     # sliding window of 11 = 10 history items + the target
 MIN_HISTORY = 4      # the released Toy rows have at least 5 item ids
 MAX_MESSAGES = 5     # how many skip messages RecDataset.skipped keeps
 DECIMAL = re.compile(r"-?(0|[1-9][0-9]*)")   # an id2name.json key: ASCII digits, no leading zero
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")   # a folder dataset's name (part of paths)
+PROMPT_FILE = "prompt.json"   # a folder's prompt template (load_template); toy/clothing/book have theirs built in
+HISTORY_SLOT = "{history}"    # where prompt.json's "history" sentence takes the quoted titles
+PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 # Characters that draw nothing although Unicode calls them letters or symbols (Hangul fillers,
 # the braille blank); the categories Z* (spaces), Cc (controls) and Cf (format: zero-width space,
 # joiners, word joiner, BOM, soft hyphen) are invisible by category.
@@ -82,6 +93,7 @@ class RecDataset:
     source: str
     # file name -> number of skipped rows, plus "messages": the first few reasons (skip_bad=True)
     skipped: dict = field(default_factory=dict)
+    template: Template | None = None   # its prompt (PromptBuilder): built-in, or the folder's prompt.json
 
 
 # ----------------------------------------------------------------------------- windows and splits
@@ -112,7 +124,7 @@ def generated_dataset(name, titles, sequences, source) -> RecDataset:
     """Generated titles and sequences, windowed and split like the real data; row = index in its split."""
     splits = [[Interaction(history, target, row) for row, (_, history, target, _) in enumerate(part)]
               for part in split_by_time(make_windows(sequences))]
-    return RecDataset(name, titles, *splits, source=source, skipped={})
+    return RecDataset(name, titles, *splits, source=source, skipped={}, template=TEMPLATES[name])
 
 
 def synthetic_dataset(config: SyntheticConfig = SyntheticConfig()) -> RecDataset:
@@ -132,6 +144,9 @@ def controlled_dataset(config: ControlledConfig = ControlledConfig()) -> RecData
 
 def find_dataset_dir(name, data_dir=None):
     """`data_dir` if given, else $NANOGDRT_DATA/<name>, else data/<name> (relative to cwd)."""
+    if not DATASET_NAME.fullmatch(name):   # the name becomes part of paths: data/<name>, runs/<name>-<method>
+        raise ValueError(f"dataset name {name!r}: expected letters, digits, '_', '-' or '.', "
+                         f"starting with a letter or digit")
     if data_dir is not None:
         folder = Path(data_dir)
     elif os.environ.get("NANOGDRT_DATA"):
@@ -139,15 +154,23 @@ def find_dataset_dir(name, data_dir=None):
     else:
         folder = Path("data") / name
     if not (folder / "id2name.json").is_file():
+        if name in CATEGORIES:
+            missing = (f"{folder} has no id2name.json. Build it from the Amazon 2014 files with "
+                       f"`python -m nanogdrt.infra.prepare {name}` (downloads, or takes them from --raw-dir), ")
+        else:   # a misspelt built-in name lands here too
+            missing = (f"it is not built in ({', '.join(CATEGORIES)}, synthetic, controlled), and {folder} has no "
+                       f"id2name.json. Your own dataset is a folder of train*.csv, valid*.csv, test*.csv, "
+                       f"id2name.json and {PROMPT_FILE} (docs/data_format.md): ")
         raise FileNotFoundError(
-            f"dataset {name!r} not found: {folder} has no id2name.json. Build it from the Amazon 2014 "
-            f"files with `python -m nanogdrt.infra.prepare {name}` (downloads, or takes them from --raw-dir), "
-            f"point to an existing folder with --data-dir DIR (or $NANOGDRT_DATA), "
-            f"or use --dataset synthetic for the embedded offline dataset.")
+            f"dataset {name!r} not found: {missing}point to an existing folder with --data-dir DIR "
+            f"(or $NANOGDRT_DATA), or use --dataset synthetic for the embedded offline dataset.")
     return folder
 
 
-def _pick_file(folder, split, chosen=None):
+def split_file(folder, split, chosen=None):
+    """The CSV file of `split` ("train", "valid" or "test") in `folder`: `chosen` if given, else
+    <split>.csv, else the largest <split>*.csv."""
+    folder = Path(folder)
     if chosen is not None:
         path = folder / chosen
         if not path.is_file():
@@ -160,6 +183,61 @@ def _pick_file(folder, split, chosen=None):
         raise FileNotFoundError(f"{folder}: no {split}*.csv file")
     # released folders ship subsets such as train_1000.csv beside train_5000.csv: take the fullest
     return max(files, key=lambda p: p.stat().st_size)
+
+
+def load_template(path) -> Template:
+    """prompt.json -> the Template it describes (prompt.py): {"instruction": the task sentence,
+    "history": the sentence before the titles, ending in " {history}"}, e.g. Toy's
+    {"instruction": "Given a list of toys ...", "history": "The user has played the following toys
+    before: {history}"}. {history} stands for the quoted titles and must close the sentence, after
+    one space: the prompt's input ends with the titles (MSL's template), and that space opens the
+    first item's span. No other {placeholder} is filled, so one is refused rather than sent
+    to the model verbatim."""
+    data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        fields = json.loads(data.decode("utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(path, e.lineno, f"invalid JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, data.count(b"\n", 0, e.start) + 1, f"not UTF-8 text ({e.reason})") from None
+    keys = ("instruction", "history")
+    if not isinstance(fields, dict) or set(fields) != set(keys):
+        got = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
+        raise DataError(path, None, f"expected a JSON object with exactly the keys {list(keys)} (got {got})")
+    for key in keys:
+        if not isinstance(fields[key], str) or is_blank(fields[key]):
+            raise DataError(path, None, f"{key!r}: expected a non-blank string")
+        unknown = sorted(set(PLACEHOLDER.findall(fields[key])) - {HISTORY_SLOT})
+        if unknown or (key == "instruction" and HISTORY_SLOT in fields[key]):
+            raise DataError(path, None, f"{key!r}: placeholder {(unknown or [HISTORY_SLOT])[0]} is never filled "
+                                        f"(the only one is {HISTORY_SLOT}, at the end of 'history')")
+    sentence = fields["history"].removesuffix(HISTORY_SLOT)
+    if (fields["history"].count(HISTORY_SLOT) != 1 or not fields["history"].endswith(" " + HISTORY_SLOT)
+            or is_blank(sentence) or sentence[-2].isspace()):
+        raise DataError(path, None, f"'history': expected a sentence, one space, then {HISTORY_SLOT} at the very "
+                                    f"end, e.g. \"The user has played the following toys before: {HISTORY_SLOT}\" "
+                                    f"(got {fields['history']!r})")
+    return Template(fields["instruction"], sentence)
+
+
+def dataset_template(name, folder) -> Template:
+    """The prompt template of the dataset `name` in `folder`. toy, clothing and book use their
+    built-in template (MSL's); a prompt.json beside one of them is refused unless it says the
+    same, so that a run named "toy" always has MSL's Toy prompt and compares with every other toy
+    run (a different prompt for the same files: give the folder another name, --dataset my-toy
+    --data-dir DIR). Any other name needs `folder`/prompt.json, checked here, before any row is read."""
+    path = Path(folder) / PROMPT_FILE
+    if name in CATEGORIES:
+        if path.is_file() and load_template(path) != TEMPLATES[name]:
+            raise DataError(path, None, f"differs from the built-in template of {name!r} (MSL's), which a "
+                                        f"dataset of that name always uses: to use this file, name the "
+                                        f"dataset otherwise (--dataset my-{name} --data-dir {folder})")
+        return TEMPLATES[name]
+    if not path.is_file():
+        raise DataError(path, None, f"missing: dataset {name!r} has no built-in prompt template (those are "
+                                    f"{', '.join(CATEGORIES)}), so its folder needs a {PROMPT_FILE} "
+                                    f"(docs/data_format.md)")
+    return load_template(path)
 
 
 def is_blank(title: str) -> bool:
@@ -232,7 +310,7 @@ def _undecodable(values):
     return None
 
 
-def _parse_row(row, titles, dropped=frozenset()):
+def parse_row(row, titles, dropped=frozenset()):
     """One CSV record -> (history, target); raises ValueError with the reason."""
     if None in row or None in row.values():  # DictReader's marks for too many / too few fields
         raise ValueError("malformed row: wrong number of fields")
@@ -257,11 +335,12 @@ def _parse_row(row, titles, dropped=frozenset()):
     return items[:-1], items[-1]
 
 
-def read_split(path, titles, skip_bad=False, skipped=None, dropped=frozenset()):
-    """Read one CSV into Interactions; bad rows raise DataError, or are counted when skip_bad.
-    `dropped`: items taken out of `titles` for a blank title (their rows are bad rows)."""
+def csv_records(path):
+    """The records of one split CSV, after its header checks, as (line, row): `line` is where the
+    record ends (1-based, header = 1), `row` a dict of its fields, or the csv.Error that made the
+    record unreadable (a broken quote, a NUL byte: a bad row like any other). Header problems
+    raise DataError: no row can be read, so they are not skippable."""
     path = Path(path)
-    out, n_bad = [], 0
     # utf-8-sig: a byte-order mark (as spreadsheet programs write) is dropped, not read as part of
     # the first column's name. surrogateescape: a bad byte becomes a marker in its own row
     # (_undecodable), instead of an exception that loses the decoder's whole buffer of rows.
@@ -273,32 +352,42 @@ def read_split(path, titles, skip_bad=False, skipped=None, dropped=frozenset()):
             raise DataError(path, 1, f"unreadable header: {e}") from None
         if header and _undecodable(header):
             raise DataError(path, 1, f"unreadable header: not UTF-8 text (byte {_undecodable(header)})")
-        # file-level problems: no row can be read, so they are not skippable
         if header is None or "item_ids" not in header:
             raise DataError(path, 1, f"missing column 'item_ids' (header: {header})")
         repeated = sorted({name for name in header if header.count(name) > 1})
         if repeated:   # DictReader would silently keep the last column of that name
             raise DataError(path, 1, f"repeated column name(s) {repeated}")
-        # next(reader) sits inside the try: a broken quote or a NUL byte raises csv.Error while
-        # reading, and that row must be skippable like one that parses to bad item ids.
-        row_index = 0
         while True:
             try:
                 row = next(reader)
-                history, target = _parse_row(row, titles, dropped)
             except StopIteration:
-                break
-            except (csv.Error, ValueError) as e:
-                error = DataError(path, reader.line_num, str(e))  # line_num: where the record ends
-                if not skip_bad:  # the remedy on the error's first line: a run stops here otherwise
-                    raise DataError(path, reader.line_num,
-                                    f"{e} (--skip-bad / skip_bad=True skips such rows and counts them)") from None
-                n_bad += 1  # counted, and a few messages kept, so a run reports what it dropped
-                if skipped is not None and len(skipped.setdefault("messages", [])) < MAX_MESSAGES:
-                    skipped["messages"].append(str(error))
-            else:
-                out.append(Interaction(history, target, row_index))
-            row_index += 1  # bad rows count too: `row` stays the row's index in the file
+                return
+            except csv.Error as e:   # the reader moves past the record: the next one still reads
+                row = e
+            yield reader.line_num, row
+
+
+def read_split(path, titles, skip_bad=False, skipped=None, dropped=frozenset()):
+    """Read one CSV into Interactions; bad rows raise DataError, or are counted when skip_bad.
+    `dropped`: items taken out of `titles` for a blank title (their rows are bad rows)."""
+    path = Path(path)
+    out, n_bad = [], 0
+    # bad rows count too: an Interaction's `row` stays the row's index in the file
+    for row_index, (line, row) in enumerate(csv_records(path)):
+        try:
+            if isinstance(row, csv.Error):
+                raise row
+            history, target = parse_row(row, titles, dropped)
+        except (csv.Error, ValueError) as e:
+            error = DataError(path, line, str(e))
+            if not skip_bad:  # the remedy on the error's first line: a run stops here otherwise
+                raise DataError(path, line,
+                                f"{e} (--skip-bad / skip_bad=True skips such rows and counts them)") from None
+            n_bad += 1  # counted, and a few messages kept, so a run reports what it dropped
+            if skipped is not None and len(skipped.setdefault("messages", [])) < MAX_MESSAGES:
+                skipped["messages"].append(str(error))
+        else:
+            out.append(Interaction(history, target, row_index))
     if n_bad and skipped is not None:
         skipped[path.name] = n_bad
     if not out:   # caught here, before any model work, not as an empty tensor at the first step
@@ -331,14 +420,14 @@ def load_dataset(name, data_dir=None, train_file=None, train_samples=None, valid
     elif name == "controlled":
         ds = controlled_dataset(controlled or ControlledConfig())
     else:
-        if name not in CATEGORIES:
-            raise ValueError(f"unknown dataset {name!r} (known: {sorted(CATEGORIES)}, 'synthetic' and 'controlled')")
         folder = find_dataset_dir(name, data_dir)
+        template = dataset_template(name, folder)     # before any row is read
         titles, skipped = load_titles(folder / "id2name.json"), {}
         dropped = drop_blank_titles(titles, folder / "id2name.json", skip_bad, skipped)
-        splits = {split: read_split(_pick_file(folder, split, train_file if split == "train" else None),
+        splits = {split: read_split(split_file(folder, split, train_file if split == "train" else None),
                                     titles, skip_bad, skipped, dropped) for split in ("train", "valid", "test")}
-        ds = RecDataset(name, titles, splits["train"], splits["valid"], splits["test"], str(folder), skipped)
+        ds = RecDataset(name, titles, splits["train"], splits["valid"], splits["test"], str(folder), skipped,
+                        template)
     ds.train = _subsample(ds.train, train_samples, seed, "train")
     ds.valid = _subsample(ds.valid, valid_samples, seed, "valid")
     ds.test = _subsample(ds.test, test_samples, seed, "test")

@@ -7,12 +7,15 @@ of squares) with the divide-and-conquer speed-up of Grønlund et al. 2017, vecto
 recursion level. `quantile` gives equal-size groups instead (the paper's footnote 2).
 
 Item groups. The fairness metrics MGU/DGU (§4.1.4) cut the catalogue into N_ITEM_GROUPS = 5
-equal-size groups by Eq. 2 item relevance, group 1 = most relevant (`item_groups`).
+equal-size groups by Eq. 2 item relevance, group 1 = most relevant (`item_groups`). IFairLRS's
+popularity groups (Reweight's, and a grouping GDRT never saw) cut it by training-target counts
+(`popularity_groups`).
 
 Both equal-size splits are one function, `quantile_groups`: rank r (0 = highest value) goes to
 chunk r of `np.array_split` (sizes differ by at most one, the larger groups first).
 """
 
+from collections import Counter
 from typing import Sequence
 
 import numpy as np
@@ -57,6 +60,46 @@ def item_groups(relevance: dict[int, float], n_groups: int = N_ITEM_GROUPS) -> d
 
 
 # ----------------------------------------------------------------------------- k-means (§3.2)
+
+def popularity_groups(train, catalogue, n_groups: int = N_ITEM_GROUPS) -> dict[int, int]:
+    """Popularity groups as IFairLRS (Jiang et al., WWW 2024; the paper's Reweight [30]) builds them,
+    group 1 = the most popular items, from the training windows `train` (data.Interaction).
+
+    What IFairLRS does. Its repository (JiangM-C/IFairLRS) ships the MovieLens groups as a file,
+    movie_pop_count_5.csv (title -> Pop 0..4), which code/finetune_gen_weight_popularity.py (the
+    reweighting: per group, share among training histories / share among training targets) and
+    code/evaluate_all_pop.py read; the code that built the file is not in the repository. The paper
+    divides items into five groups by their number of interactions. From the file: every movie of
+    movies.dat has a label (the code looks a movie up by its line in movies.dat), so items with no
+    interaction are in it, obscure ones at 0; 4 is the most popular (Toy Story, Star Wars); and the
+    labels read as equal-count quintiles of items (a movie of ~500 ratings, Grumpier Old Men, is in
+    group 4, which equal-interaction bins would keep for the ~100 most rated).
+
+    Here, and where we depart:
+    - counts: each training window's target counts once for its item (the training-target
+      frequency). On the full training split that is one count per interaction, IFairLRS's count,
+      for all but a user's first MIN_HISTORY items. Ties are broken by the item's count among the
+      same windows' histories (as Reweight counts them: once per window it appears in), then kept
+      together: a Toy training file is a sample (5,000 windows) on which 72% of the items are never
+      a target, and cutting that tie by item id would make the groups partly arbitrary.
+    - boundaries: equal-size groups by rank (grouping.quantile_groups: sizes differ by at most one)
+      up to ties: a run of equal (target, history) counts is never split and goes whole to the group
+      of its most popular rank. Items never seen in training are one such run: the least popular.
+    - labels: group 1 = most popular (IFairLRS's 4), mirroring Eq. 2's group 1 = the items a
+      biased model over-recommends.
+    Independent of the base model: counts of the training data only (the fairness check of
+    nanogdrt/analysis/regroup.py and Reweight's `--reweight-groups popularity`)."""
+    target, history = Counter(x.target for x in train), Counter(i for x in train for i in x.history)
+    items = sorted(catalogue)
+    scale = max(history.values(), default=0) + 1               # (target, history) as one exact number
+    value = np.array([target[i] * scale + history[i] for i in items], dtype=np.float64)
+    groups = quantile_groups(value, n_groups)
+    filled = len(set(groups.tolist()))
+    if filled < n_groups:
+        raise ValueError(f"popularity: the training counts of {len(train)} windows fill only {filled} of "
+                         f"{n_groups} groups (ties kept together); give a larger training file")
+    return dict(zip(items, groups.tolist()))
+
 
 def _kmeans_dp(x: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
     """Exact weighted 1-D k-means of sorted distinct x (m >= k) -> cluster index 0..k-1 per value.

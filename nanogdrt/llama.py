@@ -307,15 +307,18 @@ class Llama(nn.Module):
         # Not persistent: derived from the config, and absent from Hugging Face checkpoints.
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, context: AttentionContext | None = None):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, context: AttentionContext | None = None,
+                      inputs_embeds=None):
         """input_ids (B, T) -> final-normed hidden states (B, T, C).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (left or right). With a context
         (a KV cache, say), it covers only the tokens given now; the cache remembers the earlier
         ones, and the context alone decides positions and attention (see `AttentionContext`).
+        inputs_embeds (B, T, C), instead of input_ids: the input vectors themselves, e.g. token
+        embeddings with some rows replaced (soft tokens, nanogdrt/soft_tokens.py).
         """
-        B, T = input_ids.shape
-        x = self.model.embed_tokens(input_ids)                                  # (B, T, C)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds   # (B, T, C)
+        B, T = x.shape[:2]
         mask = None  # None: plain causal attention, the fast path
         if context is not None:
             positions = context.positions(attention_mask, T)
@@ -323,7 +326,7 @@ class Llama(nn.Module):
         elif attention_mask is not None and not bool(attention_mask.all()):
             positions, mask = padding_positions_and_mask(attention_mask)
         else:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            positions = torch.arange(T, device=x.device).expand(B, T)
         if position_ids is not None:
             positions = position_ids
         # cos/sin once per forward, shared by every layer (they depend on positions only).

@@ -119,6 +119,13 @@ def gini_index(counts, n_items):
     return np.where(total > 0, ((2 * j - n_items - 1) * x).sum(-1) / (n_items * np.maximum(total, 1e-300)), 0.0)
 
 
+def target_popularity(targets) -> dict[int, int]:
+    """phi: {item: how many of `targets` it is}, e.g. the targets of a dataset's training windows
+    (`x.target for x in dataset.train`), the popularity of ARP@K and Tail@K. Items never a target
+    are absent (phi 0)."""
+    return dict(Counter(targets))
+
+
 def head_items(popularity, share=HEAD_SHARE) -> set:
     """The short head: the top `share` of the items with a positive training count, by count; items
     tied with the last one in are kept together (no tie broken by id). Everything else is tail."""

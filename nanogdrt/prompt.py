@@ -63,6 +63,8 @@ PREAMBLE = ("Below is an instruction that describes a task, paired with an input
 
 @dataclass(frozen=True)
 class Template:
+    """One dataset's wording; any other dataset folder states its own in prompt.json, as
+    {"instruction": ..., "history": "... {history}"} (nanogdrt.data.load_template)."""
     instruction: str  # the task sentence
     history: str      # MSL's history_prompt: the sentence before the titles, ending in ": "
 
@@ -102,14 +104,17 @@ class PromptIds:
 class PromptBuilder:
     """Builds PromptIds for one dataset's template with one tokenizer (title ids are cached)."""
 
-    def __init__(self, tokenizer: Tokenizer, dataset: str):
-        if dataset not in TEMPLATES:
-            raise ValueError(f"no prompt template for dataset {dataset!r} (known: {sorted(TEMPLATES)})")
+    def __init__(self, tokenizer: Tokenizer, dataset: "str | Template"):
+        """`dataset`: a name with a built-in template (TEMPLATES), or a Template, e.g. a loaded
+        dataset's `RecDataset.template` (a folder's prompt.json: nanogdrt.data.load_template)."""
+        if not isinstance(dataset, Template) and dataset not in TEMPLATES:
+            raise ValueError(f"no prompt template for dataset {dataset!r} (known: {sorted(TEMPLATES)}; "
+                             f"for a folder dataset pass its RecDataset.template)")
         if tokenizer.special_suffix:
             raise ValueError(f"the tokenizer appends {tokenizer.special_suffix} after every text "
                              "(add_eos_token?): prompts for generation cannot end in special tokens")
         self.tokenizer = tokenizer
-        t = TEMPLATES[dataset]
+        t = dataset if isinstance(dataset, Template) else TEMPLATES[dataset]
         # The head stops at the colon: the space after it opens the history (see the docstring).
         self.head = f"{PREAMBLE}### Instruction:\n{t.instruction}\n\n### Input:\n{t.history.rstrip(' ')}"
         self.gap = t.history[len(t.history.rstrip(" ")):]   # " "

@@ -6,7 +6,8 @@ groups stray from the users' histories, with the N_ITEM_GROUPS = 5 item groups f
 relevance (Eq. 2) under the *base* model.
 
 `Decoding` holds every knob of the search, its scoring hook included (`scoring.Scoring`: plain CBS
-by default; D3 fills it, `nanogdrt.baselines.d3.decoding`). The command line is `recommend.py`
+by default; D3 fills it, `nanogdrt.baselines.d3.decoding`), and its soft-token hook (none by
+default; LLaRA's item slots, `nanogdrt.baselines.llara`). The command line is `recommend.py`
 at the repository root.
 """
 
@@ -16,6 +17,7 @@ from typing import Callable, Sequence
 from nanogdrt import metrics
 from nanogdrt.beam import beam_search
 from nanogdrt.scoring import Scoring
+from nanogdrt.soft_tokens import SoftTokens
 
 
 def cbs_scoring(histories: Sequence[Sequence[int]]) -> Scoring:
@@ -32,6 +34,8 @@ class Decoding:
     batch_size: int = 32            # users decoded at once (slots refilled as users finish)
     length_penalty: float = 1.0     # score = sum log p / len^lp: transformers' default, the lineage's
     scoring: Callable[[Sequence[Sequence[int]]], Scoring] = field(default=cbs_scoring)
+    # soft_tokens(prompts, histories): each prompt's soft tokens (nanogdrt/soft_tokens.py); None: ids only
+    soft_tokens: Callable[[list[list[int]], Sequence[Sequence[int]]], list[SoftTokens | None]] | None = None
 
 
 def recommend(model, builder, trie, interactions, titles, decoding: Decoding = Decoding(),
@@ -46,9 +50,11 @@ def recommend(model, builder, trie, interactions, titles, decoding: Decoding = D
         records = recommend(model, builder, trie, mine, titles, decoding, progress and dist.main) if mine else []
         return dist.gather(records, len(interactions))
     prompts = [builder.for_interaction(x, titles, with_target=False).ids for x in interactions]
+    histories = [x.history for x in interactions]
+    soft = decoding.soft_tokens(prompts, histories) if decoding.soft_tokens is not None else None
     results = beam_search(model, prompts, trie, beams=decoding.beams, top_k=min(decoding.top_k, decoding.beams),
                           batch_size=decoding.batch_size, length_penalty=decoding.length_penalty,
-                          progress=progress, scoring=decoding.scoring([x.history for x in interactions]))
+                          progress=progress, scoring=decoding.scoring(histories), soft_tokens=soft)
     records = [{"row": x.row, "prompt_ids": p, "target_item_id": x.target,
                 "topk_item_ids": r.item_ids, "scores": r.scores}
                for x, p, r in zip(interactions, prompts, results)]
@@ -66,11 +72,13 @@ def ghost_share(records: list[dict]) -> float | None:
     return ghosts / tokens if tokens and any("ghost_tokens" in r for r in records) else None
 
 
-def score(records, interactions, titles, item_group=None) -> dict:
-    """Metrics dict (NDCG/HR@5,10, and MGU/DGU@5,10 when item groups are given; ghost_share,
+def score(records, interactions, titles, item_group=None, ks=(5, 10), popularity=None, n_items=None) -> dict:
+    """Metrics dict (NDCG/HR@K at each of `ks`, and MGU/DGU@K when item groups are given; the
+    beyond-accuracy metrics with `n_items` / `popularity`, as `metrics.evaluate`; ghost_share,
     the share of ghost tokens among the recommended titles' tokens, when they were counted)."""
     result = metrics.evaluate([r["topk_item_ids"] for r in records], [x.target for x in interactions],
-                              [x.history for x in interactions], item_group=item_group, titles=titles)
+                              [x.history for x in interactions], item_group=item_group, titles=titles,
+                              ks=tuple(ks), popularity=popularity, n_items=n_items)
     share = ghost_share(records)
     if share is not None:
         result["ghost_share"] = share

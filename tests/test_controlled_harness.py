@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from experiments.controlled import report, rules
-from experiments.controlled.runner import main as controlled_main, sha256
+from experiments.controlled.runner import main as controlled_main
+from nanogdrt.infra.stages import sha256
 from nanogdrt import controlled
 from nanogdrt.controlled import ControlledConfig
 from nanogdrt.data import load_dataset

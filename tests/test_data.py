@@ -44,8 +44,8 @@ def test_folder_lookup_and_missing_message(tmp_path, monkeypatch):
         load_dataset("toy")
     for hint in ("python -m nanogdrt.infra.prepare toy", "--data-dir", "--dataset synthetic"):
         assert hint in str(e.value)
-    with pytest.raises(ValueError, match="unknown dataset"):
-        load_dataset("movies")
+    with pytest.raises(FileNotFoundError, match="data/movies has no id2name.json.*prompt.json"):
+        load_dataset("movies")   # a name of your own: its folder, with a prompt.json
 
 
 def test_train_file_choice(tmp_path):

@@ -29,7 +29,8 @@ ROOMS = ("baselines", "analysis", "infra")
 # Within a harness, each module may import only the modules listed before it (bottom first).
 HARNESS_LAYERS = {
     "experiments.repro": [f"experiments.repro.{m}" for m in
-                          ("rows", "data", "robust", "normaliser", "figures", "report", "plan", "runner", "__main__")],
+                          ("rows", "data", "primary", "robust", "normaliser", "figures", "report", "plan", "runner",
+                           "__main__")],
     "experiments.controlled": [f"experiments.controlled.{m}" for m in
                                ("settings", "rules", "measures", "summary", "report", "plan", "runner", "__main__")],
     "experiments.gpu": [f"experiments.gpu.{m}" for m in ("transfer", "plan", "report", "protocol", "__main__",

@@ -68,8 +68,11 @@ def test_train_refuses_out_of_range_flags_before_any_work(train_py, tmp_path, fl
 def test_every_range_is_declared_once_and_shown_in_help(train_py, capsys):
     train_py("--help")
     assert "[>= 1]" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--dataset toys: expected toy . clothing . book . synthetic"):
+    with pytest.raises(SystemExit, match=r"--dataset toys: dataset 'toys' not found: it is not built in "
+                                         r"\(toy, clothing, book, synthetic, controlled\), and data/toys has no"):
         train_py("--dataset", "toys")
+    with pytest.raises(SystemExit, match="--dataset ../toy: expected"):
+        train_py("--dataset", "../toy")
     assert validate.problem(3, min=1) is None and validate.describe(min=0, below=1) == ">= 0 and < 1"
 
 

@@ -178,7 +178,7 @@ def test_help_lists_every_option_with_its_default(train_py, capsys):
     text = " ".join(capsys.readouterr().out.split())        # argparse wraps lines
     for expected in ("--dataset DATASET toy | clothing | book | synthetic (embedded, offline) | controlled",
                      "--shortcut SHORTCUT controlled only",
-                     "--method {sft,gdrt,msl,msl+gdrt,reweight,group-mean}", "--loss-scope {step,micro,rank-micro}", "--grouping {kmeans,quantile}", "--epochs EPOCHS training epochs",
+                     "--method {sft,gdrt,msl,msl+gdrt,reweight,group-mean,cft,llara,llara+gdrt}", "--loss-scope {step,micro,rank-micro}", "--grouping {kmeans,quantile}", "--epochs EPOCHS training epochs",
                      "--lora-targets LORA_TARGETS [LORA_TARGETS ...]", "(default: ['q_proj', 'v_proj'])",
                      "--lr LR AdamW learning rate of the LoRA parameters (MSL's recipe: 1e-4", "none) [> 0] (default: 0.0005)",
                      "--regroup-every-epoch re-score", "--no-group-by-length batch examples", "--no-test stop"):
@@ -212,8 +212,24 @@ def test_baseline_methods_run_and_log_what_is_special(small_run, tmp_path, metho
         assert 0 < share < 1 and res["method"]["tau_msl"] == 4.5
     else:
         info = res["method"]
-        assert info["item_groups"] == "Eq. 2" and len(info["group_weights"]) == 5
+        assert info["item_groups"] == "IFairLRS popularity" and len(info["group_weights"]) == 5
         assert 0 <= info["example_weight_min"] <= info["example_weight_max"]
+
+
+def test_reweight_groups_are_ifairlrs_popularity_over_the_whole_training_file(small_run, tmp_path):
+    """--reweight-groups popularity (the default): the group weights are IFairLRS's over the popularity
+    quintiles of the dataset's whole training split (not the 12-window sample); eq2: Eq. 2's groups."""
+    from nanogdrt import grouping, synthetic
+    from nanogdrt.baselines.reweight import reweight_group_weights
+    from nanogdrt.data import load_dataset
+    res = small_run(tmp_path / "pop", "--method", "reweight")
+    full = load_dataset("synthetic", synthetic=synthetic.SMALL)
+    sample = load_dataset("synthetic", synthetic=synthetic.SMALL, train_samples=12, seed=0).train
+    pop = grouping.popularity_groups(full.train, full.titles)
+    w = reweight_group_weights([x.history for x in sample], [x.target for x in sample], pop, 5)
+    assert res["method"]["group_weights"] == pytest.approx(w.tolist())
+    eq2 = small_run(tmp_path / "eq2", "--method", "reweight", "--reweight-groups", "eq2")
+    assert eq2["method"]["item_groups"] == "Eq. 2"
 
 
 def test_group_mean_control_trains_as_gdrt_at_a_huge_tau(small_run, tmp_path):

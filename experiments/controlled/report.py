@@ -23,7 +23,7 @@ from experiments.controlled.settings import (ALPHA, BOOTSTRAP, MATERIAL_COST, PR
                                              s_name)
 from experiments.controlled.summary import (METRICS, ROWS, SEEDED, against_knob, cell, get, load, mean_interval,
                                             training_curves)
-from nanogdrt import files
+from nanogdrt import files, inference
 from nanogdrt.stats import spearman
 
 S1_RATIOS = ("task ratio (paper, of means)", "prefix ratio (paper, of means)", "task ratio (per-token)")
@@ -48,13 +48,10 @@ def one_sided(d, null=0.0) -> dict:
 
 
 def holm(ps: dict) -> dict:
-    """Holm-adjusted p-values (step-down, monotone); NaN (a claim without runs) stays NaN, unranked."""
-    valid = sorted((p, k) for k, p in ps.items() if p == p)
-    out, running = {k: float("nan") for k in ps}, 0.0
-    for i, (p, k) in enumerate(valid):
-        running = max(running, min(1.0, (len(valid) - i) * p))
-        out[k] = running
-    return out
+    """Holm-adjusted p-values (nanogdrt.inference.holm) over the claims that have runs; NaN (a claim
+    without runs) stays NaN and does not count in the family's size."""
+    ranked = inference.holm({k: p for k, p in ps.items() if p == p}).adjusted
+    return {k: ranked.get(k, float("nan")) for k in ps}
 
 
 def primary(data) -> list[dict]:

@@ -13,66 +13,19 @@ seeds) and are recorded in every command. The top layer of experiments/controlle
 """
 
 import argparse
-import fnmatch
-import json
 import os
-import platform
 import shlex
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from experiments.controlled.plan import PHASES, Plan, Stage
 from experiments.controlled.settings import Settings, parse_grid
-from nanogdrt import files
+from nanogdrt.infra import stages
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def sha256(path: Path) -> str:
-    import hashlib
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-class Manifest:
-    """docs/controlled/manifest.json: per stage, its commands, wall time, machine, and the sha256 of
-    every file in the folders it wrote, rewritten atomically after each stage."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.stages = json.loads(path.read_text()) if path.exists() else {}
-
-    def record(self, name, commands, seconds, outputs: list[Path]):
-        checksums = {}
-        for f in sorted({f for out in outputs for f in (out.parent.rglob("*") if out.parent != self.path.parent
-                                                         else [out])}):
-            if f.is_file():
-                checksums[os.path.relpath(f, self.path.parent)] = sha256(f)
-        plain = [shlex.join(["python" if x == sys.executable else x for x in argv]) for argv in commands]
-        self.stages[name] = {"commands": plain, "seconds": round(seconds, 1),
-                             "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                             "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
-                             "sha256": checksums}
-        files.write_json(self.path, self.stages)
-
-
-def run_command(argv, env, deadline) -> bool:
-    """One command in its own process group; False when it ran past the deadline (stopped)."""
-    proc = subprocess.Popen(argv, cwd=ROOT, start_new_session=True, env=env)
-    try:
-        rc = proc.wait(timeout=None if deadline is None else max(deadline - time.time(), 1))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)              # the command's own process group only
-        proc.wait()
-        return False
-    if rc:
-        raise SystemExit(f"command failed (exit {rc}): {shlex.join(argv)}")
-    return True
-
-
-def run_stage(plan: Plan, st: Stage, manifest: Manifest, deadline) -> bool:
+def run_stage(plan: Plan, st: Stage, manifest: stages.Manifest, deadline) -> bool:
     """The stage's steps not yet done, in order; False when stopped at --max-minutes."""
     print(f"\n=== {st.name} (~{st.minutes:.0f} min)", flush=True)
     # Eq. 2/3 of the 200 titles under the base model, once, beside the committed outputs.
@@ -84,48 +37,26 @@ def run_stage(plan: Plan, st: Stage, manifest: Manifest, deadline) -> bool:
             continue                                     # e.g. the pilot's base step, done by base:s0
         argv = step.argv(plan) if callable(step.argv) else list(step.argv)
         print(f"--- {shlex.join(argv)}", flush=True)
-        if not run_command(argv, env, deadline):
+        if not stages.run_command(argv, ROOT, env, deadline):
             print(f"=== {st.name}: stopped at --max-minutes; rerun to continue", flush=True)
             return False
         if step.collect:
             step.collect()
         commands.append(argv)
-    manifest.record(st.name, commands, time.time() - start, st.outputs)   # the report: its commands only
+    manifest.record(st.name, {"commands": [stages.plain_command(c) for c in commands]}, time.time() - start,
+                    st.outputs)   # the report: its commands only
     return True
 
 
-def commit_stage(a, st: Stage, repo: Path):
+def commit_stage(a, st: Stage, repo: Path, manifest):
     """--commit: one commit per finished stage, of the committed outputs only."""
-    paths = [str(Path(p).resolve()) for p in (a.docs, a.figures, a.results) if Path(p).exists()]
-    subprocess.run(["git", "add", "--", *paths], cwd=repo, check=True)
-    if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=repo).returncode == 0:
-        return
-    took = json.loads((Path(a.docs) / "manifest.json").read_text()).get(st.name, {}).get("seconds", 0) / 60
-    subprocess.run(["git", "commit", "-q", "-m", f"Controlled world: stage {st.name} ({took:.1f} min)", "--", *paths],
-                   cwd=repo, check=True)
-    print(f"=== {st.name}: committed", flush=True)
-
-
-def git_root(a) -> Path:
-    here = Path(a.docs).resolve()
-    while not here.exists():
-        here = here.parent
-    found = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True)
-    if found.returncode:
-        raise SystemExit(f"error: --commit: {a.docs} is not inside a git work tree")
-    return Path(found.stdout.strip())
+    message = f"Controlled world: stage {st.name} ({manifest.seconds(st.name) / 60:.1f} min)"
+    if stages.commit_outputs(repo, [a.docs, a.figures, a.results], message):
+        print(f"=== {st.name}: committed", flush=True)
 
 
 def select(plan: Plan, a) -> list[Stage]:
-    phases = a.stages.split(",") if a.stages else PHASES
-    unknown = set(phases) - set(PHASES)
-    if unknown:
-        raise SystemExit(f"--stages: unknown {sorted(unknown)}; phases are {','.join(PHASES)}")
-    chosen = [s for s in plan.stages if s.phase in phases]
-    if a.only:
-        patterns = a.only.split(",")
-        chosen = [s for s in chosen if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
-    return chosen
+    return stages.select(plan.stages, PHASES, a.stages, a.only)
 
 
 def settings_of(a) -> Settings:
@@ -172,17 +103,17 @@ def parser():
 def main(argv=None):
     a = parser().parse_args(argv)
     plan = Plan(a, settings_of(a))
-    stages = select(plan, a)
+    todo = select(plan, a)
     if a.list:
-        for st in stages:
+        for st in todo:
             print(f"{'done' if plan.done(st) else 'todo'}  {st.phase:<7} {st.name:<34} ~{st.minutes:5.1f} min")
-        left = sum(st.minutes for st in stages if not plan.done(st))
+        left = sum(st.minutes for st in todo if not plan.done(st))
         print(f"to do: ~{left / 60:.1f} h on a 2-core CPU")
         return
-    repo = git_root(a) if a.commit else None
-    manifest = Manifest(Path(a.docs) / "manifest.json")
+    repo = stages.git_root(a.docs) if a.commit else None
+    manifest = stages.Manifest(Path(a.docs) / "manifest.json")
     deadline = None if a.max_minutes is None else time.time() + 60 * a.max_minutes
-    for st in stages:
+    for st in todo:
         if plan.done(st):
             print(f"=== {st.name}: done, skipped")
             continue
@@ -192,7 +123,7 @@ def main(argv=None):
         if not run_stage(plan, st, manifest, deadline):
             return
         if repo is not None:
-            commit_stage(a, st, repo)
+            commit_stage(a, st, repo, manifest)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,11 @@ from nanogdrt.tokenizer import Tokenizer
 from nanogdrt.trie import Trie
 
 
-def dataset_of(name, data_dir, synthetic_size="full"):
-    """The whole dataset (no split is subsampled): rows are looked up by index."""
-    return load_dataset(name, data_dir=data_dir, synthetic=synthetic.config_for(name, synthetic_size))
+def dataset_of(name, data_dir, synthetic_size="full", skip_bad=False):
+    """The whole dataset (no split is subsampled): rows are looked up by index. skip_bad: as train.py's
+    --skip-bad (Books: the empty title of item 5746 leaves the catalogue, its windows are dropped)."""
+    return load_dataset(name, data_dir=data_dir, synthetic=synthetic.config_for(name, synthetic_size),
+                        skip_bad=skip_bad)
 
 
 class Loaded(NamedTuple):
@@ -85,6 +87,10 @@ class Rows:
             self._users[folder] = Users([json.loads(x) for x in lines], self.by_row, self.titles, self.item_group)
         return self._users[folder]
 
+    def has(self, folder) -> bool:
+        """Whether the row has been decoded on the test users."""
+        return (self.docs / folder / "test_predictions.jsonl").exists()
+
     def point(self, folder) -> dict:
         """The row's metrics on all of its users."""
         return point(self.users(folder))
@@ -116,7 +122,7 @@ def draw_test_users(n_split: int, n: int, seed: int) -> list[int]:
 
 
 def groups(a):
-    ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size)
+    ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size, a.skip_bad)
     model_dir, model, tokenizer = load_model(a.model, device=a.device, dtype=a.dtype)
     item_group = relevance.dataset_item_groups(model, PromptBuilder(tokenizer, a.dataset), ds)
     out = Path(a.out)
@@ -129,7 +135,7 @@ def groups(a):
 
 
 def decode(a):
-    ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size)
+    ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size, a.skip_bad)
     users = json.loads(Path(a.users_file).read_text())
     interactions = [ds.test[i] for i in users["index"][:a.n]]
     _, model, tokenizer = load_model(a.model, a.adapter, a.device, a.dtype)
@@ -152,6 +158,7 @@ def main(argv=None):
     p.add_argument("--dataset", default="toy")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--synthetic-size", default="full", choices=["full", "small"])
+    p.add_argument("--skip-bad", action="store_true", help="as train.py's: malformed rows and blank titles leave")
     p.add_argument("--model", default=None, help="base model folder (default: embedded SmolLM2-135M)")
     p.add_argument("--adapter", default=None, help="LoRA adapter folder (decode; default: the base model)")
     p.add_argument("--users", type=int, default=1000, help="groups: test users drawn")

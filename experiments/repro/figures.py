@@ -112,7 +112,8 @@ def composition(a, labels, docs, ds_name, data_dir) -> list[dict] | None:
         return None
     cfg = json.loads((docs / labels["GDRT"] / "train_results.json").read_text())["config"]
     ds = load_dataset(ds_name, data_dir=data_dir, train_file=cfg["train_file"], train_samples=cfg["train_samples"],
-                      seed=cfg["seed"], synthetic=config_for(ds_name, cfg["synthetic_size"]))
+                      seed=cfg["seed"], synthetic=config_for(ds_name, cfg["synthetic_size"]),
+                      skip_bad=cfg.get("skip_bad", False))
     _, model, tokenizer = load_model(cfg["model"], device=a.device)
     builder = PromptBuilder(tokenizer, ds_name)
     groups = relevance.dataset_groups(model, builder, ds, cfg["groups"], cfg["grouping"], cfg["seed"]).token_groups
@@ -142,7 +143,7 @@ def softmax_figure(a, docs, rows, labels, figs) -> dict | None:
 def figures(a):
     docs, figs = Path(a.docs), Path(a.figures)
     figs.mkdir(parents=True, exist_ok=True)
-    ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size)
+    ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size, a.skip_bad)
     item_group = read_item_groups(docs)
     labels = row_names(docs, a.grid)
     numbers = {"rows": labels}

@@ -211,7 +211,7 @@ def mass(a):
         run_folder.check_writable(a.out, "file")
     except files.OutputError as e:
         raise SystemExit(f"error: {e}") from None
-    ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size)
+    ds = dataset_of(a.dataset, a.data_dir, a.synthetic_size, a.skip_bad)
     users = json.loads(Path(a.users_file).read_text())
     interactions = [ds.test[i] for i in users["index"][:a.n]]
     builder = prompt_builder(a.model, a.dataset)          # the same tokenizer under every adapter
@@ -232,6 +232,7 @@ def main(argv=None):
     p.add_argument("--dataset", default="toy")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--synthetic-size", default="full", choices=["full", "small"])
+    p.add_argument("--skip-bad", action="store_true", help="as train.py's: malformed rows and blank titles leave")
     p.add_argument("--model", default=None, help="base model folder (default: embedded SmolLM2-135M)")
     p.add_argument("--docs", default="docs/repro", help="the row folders (<row>/adapter)")
     p.add_argument("--rows", required=True, help="comma-separated row folders; base = no adapter")

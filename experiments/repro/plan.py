@@ -68,6 +68,8 @@ class Plan:
         args = ["--dataset", a.dataset] + (["--data-dir", a.data_dir] if a.data_dir else [])
         if a.dataset == "synthetic":
             args += ["--synthetic-size", a.synthetic_size]
+        if a.skip_bad:
+            args += ["--skip-bad"]
         return args + (["--model", a.model] if a.model else []) + ["--device", a.device]
 
     def train_argv(self, row, method, seed, extra=()):
@@ -151,8 +153,11 @@ class Plan:
         for t in a.msl_taus:
             self.add_train("baselines", msl_row(t), "msl", 0, ("--tau-msl", str(t)))
         self.add_train("baselines", "msl-gdrt-s0", "msl+gdrt", 0, self.msl_gdrt_extra)
-        self.add_train("baselines", "reweight-s0", "reweight", 0, ("--reweight-power", str(a.reweight_power)))
-        for row in ("msl-gdrt-s0", "reweight-s0"):
+        self.add_train("baselines", "reweight-s0", "reweight", 0,          # our v2 variant: Eq. 2's groups
+                       ("--reweight-power", str(a.reweight_power), "--reweight-groups", "eq2"))
+        self.add_train("baselines", "reweight-pop-s0", "reweight", 0,      # IFairLRS's popularity groups
+                       ("--reweight-power", str(a.reweight_power), "--reweight-groups", "popularity"))
+        for row in ("msl-gdrt-s0", "reweight-s0", "reweight-pop-s0"):
             self.add_test("baselines", row, a.other_test_users)
         self.stages.append(Stage("test:msl", "baselines", lambda plan: plan.decode_argv(
             plan.chosen("msl"), a.other_test_users), [], self.test_minutes(a.other_test_users)))
@@ -162,7 +167,8 @@ class Plan:
             self.stages.append(Stage(row, "baselines", [
                 sys.executable, "-m", "nanogdrt.baselines.sasrec", "--dataset", a.dataset,
                 *(["--data-dir", a.data_dir] if a.data_dir else []),
-                *(["--synthetic-size", a.synthetic_size] if a.dataset == "synthetic" else []), "--loss", loss,
+                *(["--synthetic-size", a.synthetic_size] if a.dataset == "synthetic" else []),
+                *(["--skip-bad"] if a.skip_bad else []), "--loss", loss,
                 "--test-samples", str(a.other_test_users), "--seed", "0", "--device", a.device,
                 "--item-groups", str(docs / "item_groups.json"), "--out", str(docs / row), *a.sasrec_extra],
                 [docs / row / "results.json"], 15, collect=lambda row=row: self.collect_sasrec(row)))

@@ -7,10 +7,10 @@ A row is a folder of docs/repro/ (`sft-s0`, `gdrt-G5-tau0.5-s0`, ...); a report 
 "GDRT", ...) names the row a table shows (`row_names`).
 """
 
-import hashlib
 import json
 from pathlib import Path
 
+from nanogdrt.infra.stages import sha256
 from nanogdrt.stats import SELECT_KEYS, TABLE_KEYS, choose
 
 __all__ = ["TABLE_KEYS", "SELECT_KEYS", "parse_grid", "gdrt_row", "control_row", "msl_row", "sha256",
@@ -38,10 +38,6 @@ def msl_row(tau, seed=0) -> str:
     return f"msl-tau{tau:g}-s{seed}"
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def best_valid(train_results: Path) -> dict:
     """Validation metrics of a run's best epoch (train.py's results.json)."""
     r = json.loads(Path(train_results).read_text())
@@ -57,10 +53,12 @@ def chosen(docs, rows) -> str | None:
 
 def row_names(docs, grid: str) -> dict:
     """Report label -> docs/repro folder, for the rows that exist (tested). GDRT: the grid's chosen
-    row; MSL: the chosen one of the MSL taus that were trained."""
+    row; MSL: the chosen one of the MSL taus that were trained. Reweight: IFairLRS's popularity groups;
+    the Eq. 2 variant (our v2 row) is a labelled extra."""
     docs = Path(docs)
     msl = sorted(p.name for p in docs.glob("msl-tau*-s0"))
     gdrt = chosen(docs, [gdrt_row(g, t) for g, t in parse_grid(grid)])
     labels = {"Base model": "base", "SFT": "sft-s0", "GDRT": gdrt, "MSL": chosen(docs, msl), "MSL+GDRT": "msl-gdrt-s0",
-              "Reweight": "reweight-s0", "SFT+D3": "sft-d3", "SASRec": "sasrec", "SASRec++": "sasrec-pp"}
+              "Reweight": "reweight-pop-s0", "Reweight (Eq. 2 groups)": "reweight-s0", "SFT+D3": "sft-d3",
+              "SASRec": "sasrec", "SASRec++": "sasrec-pp"}
     return {k: v for k, v in labels.items() if v and (docs / v / "test_predictions.jsonl").exists()}

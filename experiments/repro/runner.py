@@ -15,45 +15,15 @@ experiments/repro: it imports the plan and nothing imports it.
 """
 
 import argparse
-import fnmatch
-import json
 import os
-import platform
 import shlex
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from experiments.repro.plan import PHASES, Plan, Stage
-from experiments.repro.rows import sha256
-from nanogdrt import files
+from nanogdrt.infra import stages
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class Manifest:
-    """docs/repro/manifest.json: per stage, its exact command, wall time, machine, and the sha256
-    of every file it left in docs/repro (adapters included), rewritten atomically after each."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.stages = json.loads(path.read_text()) if path.exists() else {}
-
-    def record(self, name, argv, seconds, outputs: list[Path]):
-        checksums = {}
-        for out in outputs:   # a row's whole folder (adapter included); a shared file by itself
-            found = [out] if out.parent == self.path.parent else sorted(out.parent.rglob("*"))
-            for f in found:
-                if f.is_file():
-                    checksums[os.path.relpath(f, self.path.parent)] = sha256(f)
-        argv = ["python" if a == sys.executable else a for a in argv]   # the same on any machine
-        self.stages[name] = {"command": shlex.join(argv), "seconds": round(seconds, 1),
-                             "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                             "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
-                             "sha256": checksums}
-        files.write_json(self.path, self.stages)
 
 
 def run_stage(plan, s, manifest, deadline) -> bool:
@@ -66,56 +36,25 @@ def run_stage(plan, s, manifest, deadline) -> bool:
     # Eq. 2/3 scores of the catalogue under the base model (~0.8 MB for Toy, ~25 min to compute
     # on 2 cores) live beside the committed outputs, so another machine reuses them.
     env = {**os.environ, "NANOGDRT_CACHE": os.environ.get("NANOGDRT_CACHE", str((ROOT / plan.docs / "relevance-cache").resolve()))}
-    proc = subprocess.Popen(argv, cwd=ROOT, start_new_session=True, env=env)
-    try:
-        rc = proc.wait(timeout=None if deadline is None else max(deadline - time.time(), 1))
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)              # the stage's own process group only
-        proc.wait()
+    if not stages.run_command(argv, ROOT, env, deadline):
         print(f"=== {s.name}: stopped at --max-minutes; rerun to continue", flush=True)
         return False
-    if rc:
-        raise SystemExit(f"stage {s.name} failed (exit {rc}): {shlex.join(argv)}")
     if s.collect:
         s.collect()
-    manifest.record(s.name, argv, time.time() - start, plan.outputs(s))
+    manifest.record(s.name, {"command": stages.plain_command(argv)}, time.time() - start, plan.outputs(s))
     return True
 
 
-def git_root(a) -> Path:
-    """--commit: the git work tree that holds the outputs, checked before any stage runs."""
-    here = Path(a.docs).resolve()
-    while not here.exists():                            # the first run: docs/repro not made yet
-        here = here.parent
-    found = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True)
-    if found.returncode:
-        raise SystemExit(f"error: --commit: {a.docs} is not inside a git work tree")
-    return Path(found.stdout.strip())
-
-
-def commit_stage(a, s, repo: Path):
+def commit_stage(a, s, repo: Path, manifest):
     """--commit: one commit per finished stage, of the committed outputs only (docs, figures,
     report), so that the next session continues from it on any machine."""
-    paths = [str(Path(p).resolve()) for p in (a.docs, a.figures, a.results) if Path(p).exists()]
-    subprocess.run(["git", "add", "--", *paths], cwd=repo, check=True)
-    if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=repo).returncode == 0:
-        return                                          # the stage changed nothing that is committed
-    took = json.loads((Path(a.docs) / "manifest.json").read_text()).get(s.name, {}).get("seconds", 0) / 60
-    subprocess.run(["git", "commit", "-q", "-m", f"Reproduction: stage {s.name} ({took:.1f} min)", "--", *paths],
-                   cwd=repo, check=True)
-    print(f"=== {s.name}: committed", flush=True)
+    message = f"Reproduction: stage {s.name} ({manifest.seconds(s.name) / 60:.1f} min)"
+    if stages.commit_outputs(repo, [a.docs, a.figures, a.results], message):
+        print(f"=== {s.name}: committed", flush=True)
 
 
 def select(plan, a) -> list[Stage]:
-    phases = a.stages.split(",") if a.stages else PHASES
-    unknown = set(phases) - set(PHASES)
-    if unknown:
-        raise SystemExit(f"--stages: unknown {sorted(unknown)}; phases are {','.join(PHASES)}")
-    chosen = [s for s in plan.stages if s.phase in phases]
-    if a.only:
-        patterns = a.only.split(",")
-        chosen = [s for s in chosen if any(fnmatch.fnmatchcase(s.name, p) for p in patterns)]
-    return chosen
+    return stages.select(plan.stages, PHASES, a.stages, a.only)
 
 
 def parser():
@@ -124,6 +63,8 @@ def parser():
     p.add_argument("--dataset", default="toy")
     p.add_argument("--data-dir", default="../shared/data/toy")
     p.add_argument("--synthetic-size", default="small", choices=["full", "small"], help="synthetic only")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="every command drops malformed rows and blank titles, counted (Books: item 5746)")
     p.add_argument("--model", default=None, help="base model folder (default: embedded SmolLM2-135M)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--train-file", default="train_1000.csv")
@@ -167,17 +108,17 @@ def main(argv=None):
     if a.dataset == "synthetic":
         a.data_dir = None
     plan = Plan(a)
-    stages = select(plan, a)
+    todo = select(plan, a)
     if a.list:
-        for s in stages:
+        for s in todo:
             print(f"{'done' if plan.done(s) else 'todo'}  {s.phase:<10} {s.name:<28} ~{plan.minutes(s):5.0f} min")
-        left = sum(plan.minutes(s) for s in stages if not plan.done(s))
+        left = sum(plan.minutes(s) for s in todo if not plan.done(s))
         print(f"to do: ~{left / 60:.1f} h on a 2-core CPU")
         return
-    repo = git_root(a) if a.commit else None
-    manifest = Manifest(Path(a.docs) / "manifest.json")
+    repo = stages.git_root(a.docs) if a.commit else None
+    manifest = stages.Manifest(Path(a.docs) / "manifest.json")
     deadline = None if a.max_minutes is None else time.time() + 60 * a.max_minutes
-    for s in stages:
+    for s in todo:
         if plan.done(s):
             print(f"=== {s.name}: done, skipped")
             continue
@@ -187,7 +128,7 @@ def main(argv=None):
         if not run_stage(plan, s, manifest, deadline):
             return
         if repo is not None:
-            commit_stage(a, s, repo)
+            commit_stage(a, s, repo, manifest)
 
 
 if __name__ == "__main__":

@@ -217,9 +217,7 @@ def compare(runs: list[Run], ds, item_group: dict | None, ks, B: int, seed: int,
     L += ["", "## Verdicts", "", "Rule: the paired 95% interval of A - B wholly on the claimed side of 0: "
           "reproduced; wholly on the other side: not reproduced; containing 0: not resolved at this scale.", ""]
     L += verdicts(table, names, keys)
-    popularity = {}
-    for x in ds.train:                                       # phi(i): training windows whose target is i
-        popularity[x.target] = popularity.get(x.target, 0) + 1
+    popularity = metrics.target_popularity(x.target for x in ds.train)   # phi(i): training windows whose target is i
     at = {run.name: AtK(run.records, [by_row[x["row"]].target for x in run.records], ds.titles, ks, popularity,
                         len(ds.titles)) for run in runs}
     t = at_k_table(at, ref, B, seed)

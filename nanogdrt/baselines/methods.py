@@ -7,6 +7,9 @@
     msl+gdrt    MSL's masked softmax                 Q(g_t) / N_{g_t}
     reweight    NLL                                  w_{b(t)} / N  (IFairLRS's weight of the example)
     group-mean  NLL                                  (1 / G') / N_{g_t}  (G' = groups present)
+    cft         CFT's l_t (two forwards, cft.py)     1 / N  (= CFT's weighted mean: l_t carries w_t / w_bar)
+    llara       NLL, LLaRA's hybrid prompt (llara.py)  1 / N
+    llara+gdrt  NLL, LLaRA's hybrid prompt             Q(g_t) / N_{g_t}
 
 `group-mean` is our control, not the paper's: GDRT's token groups with the worst case taken out,
 i.e. Q fixed uniform (the tau -> inf limit of Eq. 5), so every group's mean loss counts equally.
@@ -23,8 +26,10 @@ constants, a batch split into micro-batches and ranks gives the same sum as one 
 all of it. Every weighting is computed by `loss.gdrt_loss` or `loss.sft_loss` (`method_loss`):
 no method has its own copy of Eq. 1 or Eq. 5.
 
-The per-token losses are `loss.token_nll` and `msl.msl_token_loss`; the weights of
-Reweight are `reweight.reweight_group_weights` over the item groups of Eq. 2.
+The per-token losses are `loss.token_nll`, `msl.msl_token_loss` and `cft.cft_token_loss` (its
+token mean is CFT's position-weighted mean: cft.py); the weights of Reweight are
+`reweight.reweight_group_weights` over item groups: IFairLRS's popularity groups (the default,
+`train.py --reweight-groups popularity`) or the Eq. 2 groups of the metrics (our v2 variant).
 """
 
 import math
@@ -33,11 +38,11 @@ from typing import NamedTuple
 import torch
 
 from nanogdrt import loss
-from nanogdrt.baselines import msl, reweight
+from nanogdrt.baselines import cft, msl, reweight
 
 
 class Method(NamedTuple):
-    per_token: str   # "nll" | "msl"
+    per_token: str   # "nll" | "msl" | "cft"
     weighting: str   # "mean" | "groups" | "examples"
 
 
@@ -48,6 +53,9 @@ METHODS = {
     "msl+gdrt": Method("msl", "groups"),
     "reweight": Method("nll", "examples"),
     "group-mean": Method("nll", "uniform-groups"),
+    "cft": Method("cft", "mean"),
+    "llara": Method("nll", "mean"),          # the input differs (item slots): llara.LLaRALoss, not TargetLoss
+    "llara+gdrt": Method("nll", "groups"),
 }
 GROUP_WEIGHTINGS = ("groups", "uniform-groups")   # the weightings that weight each group's mean loss
 
@@ -57,13 +65,18 @@ class TargetLoss(torch.nn.Module):
     hooks a module's forward to know which backward it must synchronise).
 
     `trie` and `tau_msl` are needed by MSL only: `nodes` (B, T) then holds, at each target
-    position, the trie node before that token (`target_nodes_of`), zeros elsewhere."""
+    position, the trie node before that token (`target_nodes_of`), zeros elsewhere.
+    `counterfactual_prompt` (P,) is needed by CFT only (`cft.counterfactual_prompt`): both of
+    CFT's forwards run inside this one, so that DDP sees one forward per backward."""
 
-    def __init__(self, model, per_token="nll", trie=None, tau_msl=1.0):
+    def __init__(self, model, per_token="nll", trie=None, tau_msl=1.0, counterfactual_prompt=None):
         super().__init__()
         self.model, self.per_token, self.trie, self.tau_msl = model, per_token, trie, tau_msl
+        self.counterfactual_prompt = counterfactual_prompt
 
     def forward(self, ids, target_mask, nodes=None) -> loss.TokenNLL:
+        if self.per_token == "cft":
+            return cft.cft_token_loss(self.model, ids, target_mask, self.counterfactual_prompt)
         hidden = self.model.hidden_states(ids)                          # right padding: no mask needed
         if self.per_token == "nll":
             return loss.token_nll(self.model.logits, hidden, ids, target_mask)   # (N,) target tokens only

@@ -8,6 +8,11 @@ weighted by the item group g of its target,
 
 so groups that are targets more often than users interacted with them weigh less, pulling the
 learned group distribution towards the history distribution (what MGU/DGU measure).
+
+The groups are IFairLRS's popularity groups (grouping.popularity_groups, over the dataset's whole
+training file; `train.py --reweight-groups popularity`, the default). `--reweight-groups eq2` uses
+the Eq. 2 groups of MGU/DGU instead: our earlier variant, kept as a labelled extra; it makes Reweight
+nearly SFT on Toy (its weights are close to 1) and judges it with the groups it was weighted by.
 """
 
 from typing import Mapping, Sequence

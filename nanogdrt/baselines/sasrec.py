@@ -353,6 +353,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="training CSV in the folder (default: train.csv, else the largest train*.csv)")
     p.add_argument("--synthetic-size", default="full", choices=["full", "small"],
                    help="synthetic only: full (2,000 items) or small (120 items), as train.py's")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="drop malformed rows and items with blank titles, counted in results.json (as train.py's)")
     p.add_argument("--loss", default="ce", choices=list(LOSSES),
                    help="bce: SASRec; ce: SASRec++ (full softmax); dros: SASRec's bce + DROS's robust term")
     p.add_argument("--dros-alpha", type=N(float, min=0), default=None,
@@ -399,7 +401,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     ds = load_dataset(args.dataset, data_dir=args.data_dir, train_file=args.train_file,
                       valid_samples=args.valid_samples, test_samples=args.test_samples, seed=args.seed,
-                      synthetic=synthetic.config_for(args.dataset, args.synthetic_size))
+                      synthetic=synthetic.config_for(args.dataset, args.synthetic_size), skip_bad=args.skip_bad)
     item_group = ({int(k): int(v) for k, v in json.loads(Path(args.item_groups).read_text()).items()}
                   if args.item_groups else None)
     cfg = SASRecConfig(len(ds.titles), args.hidden, args.blocks, args.heads, args.maxlen, args.dropout)
@@ -415,7 +417,8 @@ def main(argv=None):
     files.write_jsonl(out / "test_records.jsonl", records)
     results = {"model": LOSSES[args.loss], "config": vars(args),
                "model_config": asdict(cfg), "dataset": {"name": ds.name, "source": ds.source,
-               "train": len(ds.train), "valid": len(ds.valid), "test": len(ds.test), "items": len(ds.titles)},
+               "train": len(ds.train), "valid": len(ds.valid), "test": len(ds.test), "items": len(ds.titles),
+               "skipped": ds.skipped},
                "best_epoch": best["epoch"], "epochs_run": len(best["history"]), "valid": best["valid"],
                "metrics": test, "history": best["history"], "wall_time_s": time.perf_counter() - start,
                "versions": _versions(), "command": " ".join(sys.argv)}

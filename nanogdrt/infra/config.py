@@ -15,8 +15,12 @@ import typing
 from dataclasses import dataclass, field
 
 from nanogdrt.baselines.d3 import DECODINGS, assistant_problem
+from nanogdrt.baselines.llara import METHODS as LLARA_METHODS
 from nanogdrt.baselines.methods import METHODS
-from nanogdrt.infra.validate import DEVICE, RANGE_KEYS, ArgumentError, check_config, describe
+from nanogdrt.data import DATASET_NAME, dataset_template, find_dataset_dir
+from nanogdrt.infra.step_log import tensorboard_problem
+from nanogdrt.infra.validate import (DEVICE, RANGE_KEYS, STANDARD_CUTOFFS, ArgumentError, check_config, check_cutoffs,
+                                     describe)
 
 
 def option(default, help, **argparse_kwargs):
@@ -31,8 +35,9 @@ def option(default, help, **argparse_kwargs):
 class RunConfig:
     """Every setting of a run, saved in results.json. A None count is filled per dataset below."""
     dataset: str = option("synthetic", "toy | clothing | book | synthetic (embedded, offline) | controlled "
-                                       "(the embedded world with a planted shortcut, nanogdrt/controlled.py)",
-                          pattern="toy|clothing|book|synthetic|controlled")
+                                       "(the embedded world with a planted shortcut, nanogdrt/controlled.py) | "
+                                       "any other name: your own folder (--data-dir) with a prompt.json "
+                                       "(docs/data_format.md)", pattern=DATASET_NAME.pattern)
     data_dir: str | None = option(None, "dataset folder (default: $NANOGDRT_DATA/<name> or data/<name>)")
     train_file: str | None = option(None, "which train*.csv of the folder (toy: train_1000.csv)")
     shortcut: float = option(0.0, "controlled only: P(the next item is a generic one whatever the history), "
@@ -42,8 +47,9 @@ class RunConfig:
     synthetic_size: str = option("full", "synthetic only: full (2,000 items) or small (120 items, for "
                                          "tutorials and smoke tests)", choices=["full", "small"])
     method: str = option("gdrt", "SFT (Eq. 1), GDRT (Eq. 5), MSL's masked softmax, MSL with GDRT's group "
-                                 "weights, IFairLRS's reweighting, or group-mean (our control: GDRT's groups, Q "
-                                 "fixed uniform) (nanogdrt/baselines/methods.py)", choices=list(METHODS))
+                                 "weights, IFairLRS's reweighting, CFT's counterfactual fine-tuning, or "
+                                 "group-mean (our control: GDRT's groups, Q fixed uniform) "
+                                 "(nanogdrt/baselines/methods.py)", choices=list(METHODS))
     model: str | None = option(None, "Hugging Face Llama folder (default: embedded SmolLM2-135M-Instruct)")
     train_samples: int | None = option(None, "seeded sample of training windows (MSL's recipe: 10,000; the GDRT "
                                                "paper gives none)", min=1)
@@ -69,8 +75,12 @@ class RunConfig:
                                      "compute it", choices=["step", "micro", "rank-micro"])
     tau_msl: float = option(4.5, "MSL's softmax temperature (MSL's recipe for Toy: 4.5)", above=0)
     reweight_power: float = option(1.0, "Reweight: IFairLRS's group weights raised to this power (our knob, "
-                                        "not IFairLRS's): 1 = IFairLRS, 0 = uniform = SFT. Item groups: Eq. 2's",
-                                   min=0)
+                                        "not IFairLRS's): 1 = IFairLRS, 0 = uniform = SFT", min=0)
+    reweight_groups: str = option("popularity", "Reweight's item groups: popularity = IFairLRS's (training-target "
+                                                "frequency quintiles over the dataset's whole training file, "
+                                                "grouping.popularity_groups); eq2 = Eq. 2 under the base model (the "
+                                                "fairness metric's own groups: our v2 variant, a labelled extra)",
+                                  choices=["eq2", "popularity"])
     grouping: str = option("kmeans", "how tokens are split by relevance", choices=["kmeans", "quantile"])
     regroup_every_epoch: bool = option(False, "re-score Eq. 3 with the current model at each later epoch "
                                              "(default: the base model scores Eq. 2/3 once)")
@@ -79,10 +89,17 @@ class RunConfig:
     lora_dropout: float = option(0.05, "dropout on the LoRA path (MSL's recipe)", min=0, below=1)
     lora_targets: list[str] = option(["q_proj", "v_proj"], "module names that get LoRA (MSL's recipe)", nargs="+")
     beams: int = option(10, "beam width of constrained beam search (paper and MSL: 10)", min=1)
+    k: list[int] = option([5, 10], "cut-offs K of the metrics @K (validation and test); must include 5 and 10 "
+                                   "(validation selects on NDCG@5, the table shows @5 and @10); others <= --beams",
+                          nargs="+", min=1)
+    beyond_accuracy: bool = option(False, "also Coverage@K, ARP@K, Tail@K and Gini@K (nanogdrt/metrics.py; "
+                                          "popularity: the training windows' targets) in results.json and the table")
     eval_batch_size: int = option(32, "users decoded at once (slots refilled as users finish)", min=1)
     decoding: str = option("cbs", "decoding of the test (validation: cbs): constrained beam search or D3 "
                                   "(Bao et al. 2024, nanogdrt/baselines/d3.py)", choices=DECODINGS)
     assistant: str | None = option(None, "d3: SASRec folder (python -m nanogdrt.baselines.sasrec), weighted by --alpha")
+    sasrec: str | None = option(None, "llara, llara+gdrt: SASRec folder (python -m nanogdrt.baselines.sasrec) whose "
+                                      "frozen item embeddings, projected, fill the prompt's item slots")
     alpha: float = option(0.0, "d3: step score (1 - alpha) log p_LM + alpha log p_assistant (D3's code: 0)",
                           min=0, max=1)
     seed: int = option(0, "seed of sampling, batching, LoRA init and dropout", min=0)
@@ -97,6 +114,9 @@ class RunConfig:
     snapshot_every: int = option(0, "also save the LoRA adapter every N optimizer steps to "
                                     "<out>/snapshots/step-<k>/ (0: off), e.g. for the top-1 share over "
                                     "training steps (the paper's Fig. 4/9)", min=0)
+    tensorboard: bool = option(False, "also write every step's log (<out>/steps.jsonl) as TensorBoard scalars in "
+                                      "<out>: tensorboard --logdir <out> (the optional extra: pip install -e "
+                                      "\".[tensorboard]\")")
     max_steps: int | None = option(None, "stop after N optimizer steps in all (then --resume)", min=1)
     skip_bad: bool = option(False, "skip malformed data rows (counted in results.json)")
     group_by_length: bool = option(True, "batch examples in plain random order (default: random pools of "
@@ -146,4 +166,22 @@ def parse_args(argv=None, description: str = "") -> RunConfig:
         args["out"] = f"runs/{args['dataset']}-{args['method']}"
     if args["dataset"] != "controlled" and (args["shortcut"] or args["world_seed"]):
         raise ArgumentError("--shortcut and --world-seed set the controlled world: use them with --dataset controlled")
-    return check_config(RunConfig(**args), checks={"assistant": assistant_problem})   # before any work
+    if (args["method"] in LLARA_METHODS) != (args["sasrec"] is not None):
+        raise ArgumentError(f"--method {args['method']}: --sasrec DIR goes with --method llara or llara+gdrt, "
+                            "and only with them")
+    args["k"] = sorted(set(args["k"]))
+    cfg = check_config(RunConfig(**args), checks={"assistant": assistant_problem, "sasrec": assistant_problem,
+                                                  "tensorboard": tensorboard_problem})   # before any work
+    check_cutoffs(cfg.k, cfg.beams, required=STANDARD_CUTOFFS)
+    return check_dataset_folder(cfg)
+
+
+def check_dataset_folder(cfg: RunConfig) -> RunConfig:
+    """A folder dataset's folder and prompt template (nanogdrt.data), before the run folder, the
+    model or any row is touched: a misspelt name or a missing prompt.json ends the run here."""
+    if cfg.dataset not in ("synthetic", "controlled"):
+        try:
+            dataset_template(cfg.dataset, find_dataset_dir(cfg.dataset, cfg.data_dir))
+        except (OSError, ValueError) as e:
+            raise ArgumentError(f"--dataset {cfg.dataset}: {e}") from None
+    return cfg

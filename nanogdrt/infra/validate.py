@@ -14,7 +14,8 @@ regular-expression match), e.g. `--device`.
 Some values are checked against the machine or the disk, still before any work: `--device` must
 name a device this machine has (`device_problem`), `--assistant` a SASRec run folder
 (nanogdrt.baselines.d3.assistant_problem), and `--lora-targets` / `--lora-r` must fit the layers that the model's
-config.json declares (`check_lora`: a meta-device model, no weights read). `check_config` runs the
+config.json declares (`check_lora`: a meta-device model, no weights read). `--k` is checked against
+`--beams` (`check_cutoffs`: a cut-off past the list's length would only repeat a shorter one). `check_config` runs the
 device check on a `device` field (CHECKS) and any other given to it; argparse CLIs use `device`
 and `checked(problem)` as `type=`.
 """
@@ -100,9 +101,37 @@ def check_config(config, checks=None):
                 why = f"expected {pattern.replace('|', ' | ')}"
             if not why and f.name in checks:
                 why = checks[f.name](v)
-            if why:
-                raise ArgumentError(f"{flag(f.name)} {v}: {why}")
+            if why:   # a switch is named alone: "--tensorboard: ...", not "--tensorboard True: ..."
+                raise ArgumentError(f"{flag(f.name)}{'' if isinstance(v, bool) else f' {v}'}: {why}")
     return config
+
+
+# The cut-offs of the paper's tables: train.py selects on NDCG@5 and prints @5 and @10.
+STANDARD_CUTOFFS = (5, 10)
+
+
+def check_cutoffs(ks, beams, required=()) -> None:
+    """--k against --beams: a list holds at most --beams items, so @K past it would only repeat
+    @beams. Raise ArgumentError when a `required` cut-off is missing or any other K exceeds
+    --beams; a standard one (5, 10) past --beams is kept as before, with `cutoff_warning`."""
+    missing = [k for k in required if k not in ks]
+    if missing:
+        raise ArgumentError(f"--k {' '.join(map(str, ks))}: must include {' and '.join(map(str, missing))} "
+                            f"(validation selects on NDCG@5; the results table shows @5 and @10)")
+    over = [k for k in ks if k > beams and k not in STANDARD_CUTOFFS]
+    if over:
+        raise ArgumentError(f"--k {max(over)}: above --beams {beams}: the lists hold at most {beams} items, so "
+                            f"@{max(over)} would repeat @{beams}; use --beams >= {max(over)}")
+
+
+def cutoff_warning(ks, beams) -> str | None:
+    """One line when a standard cut-off exceeds --beams (e.g. --beams 4): it is computed as it always
+    was, on the lists of at most --beams items."""
+    short = [k for k in ks if k > beams]
+    if not short:
+        return None
+    return (f"warning: --beams {beams}: the lists hold at most {beams} items, so "
+            f"{', '.join(f'@{k}' for k in short)} count only the top {beams} (--beams >= {max(short)} for all of them)")
 
 
 def checked(problem_of):
