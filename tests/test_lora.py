@@ -370,3 +370,37 @@ def test_load_into_merged_model_fails(nano, saved):
     merge_lora(nano)
     with pytest.raises(ValueError, match="unmerge_lora"):
         load_adapter(nano, saved)
+
+
+# ----------------------------------------------------------------------------- an adapter trained elsewhere, decoded
+
+def test_peft_adapter_on_every_linear_decodes_like_transformers(nano, hf, tmp_path):
+    """A PEFT adapter on other targets than ours (every linear layer; r 4, alpha 16, dropout 0.05,
+    bias "none"), loaded into nanogdrt: the same top-10 lists and scores as transformers'
+    constrained `generate` with PEFT's model (tests/references.py), on 12 titles with shared prefixes."""
+    from nanogdrt.beam import beam_search
+    from nanogdrt.trie import Trie
+    from tests.references import hf_constrained_beam_search
+
+    lc = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.05, target_modules=list(ALL_LINEAR),
+                         bias="none", task_type="CAUSAL_LM")
+    ref = peft.get_peft_model(hf, lc)
+    randomize((p for n, p in ref.named_parameters() if "lora_B" in n), std=0.3)
+    ref.save_pretrained(tmp_path)
+    eos, g = 2, torch.Generator().manual_seed(3)
+    titles, seen = {}, set()
+    while len(titles) < 12:
+        ids = tuple(torch.randint(5, 14, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist())
+        if ids not in seen:
+            seen.add(ids)
+            titles[100 + len(titles)] = list(ids) + [eos]
+    trie = Trie.from_token_ids(titles, eos)
+    prompts = [[1, 40, 41, 42, 7], [1, 50, 51, 52, 53, 54, 9]]
+    base = beam_search(nano.eval(), prompts, trie, beams=10, top_k=10)
+    load_adapter(nano, tmp_path)
+    recs = beam_search(nano.eval(), prompts, trie, beams=10, top_k=10)
+    assert [r.scores for r in recs] != [r.scores for r in base]      # the adapter matters (fixed seeds)
+    for prompt, rec in zip(prompts, recs):
+        items, scores = hf_constrained_beam_search(ref.eval(), prompt, trie, 10, eos)
+        assert rec.item_ids == items
+        assert max(abs(a - b) for a, b in zip(rec.scores, scores)) <= 1e-4
